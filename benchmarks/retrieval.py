@@ -1,0 +1,325 @@
+r"""Retrieval benchmark: exact, FAISS, ScaNN and coarse-to-fine search side by side on one gallery.
+
+  pip install -r requirements-bench.txt  # faiss-cpu, for the FAISS rows only.
+  python benchmarks/retrieval.py --sizes=10000,100000,1000000 --dim=768 --queries=1000 \
+      --out=benchmarks/results/retrieval.json --plot=benchmarks/results/retrieval.png
+
+Gallery: G vectors whose coordinate i has std 1 / (1 + i / 16), a decaying spectrum like a Matryoshka
+head's (the leading coordinates carry most of the signal). Queries: noisy copies of random gallery items
+(noise std --query_noise times each coordinate's std), so the exact neighbour structure is meaningful.
+Ground truth: the exact full-dim cosine top-10 (the `exact_numpy` row, recall 1 by construction).
+
+Per method and size: build time (normalisation, training and adding included), index memory (array
+sizes; ScaNN's serialised size), single-query p50/p99 latency over --latency_queries queries one at a
+time, batched queries/s over all queries in one call, and recall@10 against the exact top-10.
+
+--threads=1 (the default) limits BLAS, XLA, FAISS and ScaNN to one thread each, for a like-for-like
+comparison; --threads=0 lets each library use every core. Give it as --threads=N (one argument): BLAS
+sizes its pool when numpy loads, before absl parses flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo root.
+
+
+def _early_threads() -> int:
+  for arg in sys.argv[1:]:
+    if arg.startswith('--threads='):
+      return int(arg.split('=', 1)[1])
+  return 1
+
+
+THREADS = _early_threads()
+if THREADS > 0:
+  for _var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ[_var] = str(THREADS)
+  if THREADS == 1:
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
+import functools
+import json
+import platform
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hivlp_jax import retrieval
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('sizes', ['10000', '100000', '1000000'], 'Gallery sizes.')
+flags.DEFINE_integer('dim', 768, 'Embedding dim.')
+flags.DEFINE_integer('queries', 1000, 'Queries per size (batched throughput and recall).')
+flags.DEFINE_integer('latency_queries', 200, 'Queries searched one at a time for p50/p99 latency.')
+flags.DEFINE_float('query_noise', 0.5, 'Query noise std, relative to each coordinate\'s std.')
+flags.DEFINE_integer('threads', 1, 'Threads per library; 0: every core. See the module docstring.')
+flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'scann', 'scann_prefix',
+                              'two_stage', 'funnel'], 'Methods to run.')
+flags.DEFINE_list('two_stage', ['64:1000', '16:1000'], 'two_stage rows, each coarse_dim:shortlist.')
+flags.DEFINE_list('prefix', ['64:1000'], 'scann_prefix rows, each dim:shortlist (ScaNN truncate mode).')
+flags.DEFINE_list('funnel', ['16:1000/64:100'], 'funnel rows, each dim:shortlist/dim:shortlist/...')
+flags.DEFINE_float('ivf_nprobe_fraction', 0.1, 'FAISS IVF: fraction of the sqrt(G) lists probed.')
+flags.DEFINE_integer('seed', 0, 'Data seed.')
+flags.DEFINE_string('out', 'benchmarks/results/retrieval.json', 'JSON results (empty: none).')
+flags.DEFINE_string('plot', 'benchmarks/results/retrieval.png', 'Recall vs queries/s plot (empty: none).')
+
+K = 10
+
+
+def synthetic_data(num_items: int, dim: int, num_queries: int, noise: float, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Gallery [G, dim] with variance 1 / (1 + i / 16)^2 on coordinate i; queries [Q, dim], noisy copies."""
+  rng = np.random.default_rng(seed)
+  std = (1.0 / (1.0 + np.arange(dim) / 16.0)).astype(np.float32)
+  gallery = np.empty((num_items, dim), np.float32)
+  for start in range(0, num_items, 65536):  # In chunks: no float64 temporaries at 1M x 768.
+    block = rng.standard_normal((min(65536, num_items - start), dim), np.float32)
+    gallery[start:start + len(block)] = block * std
+  sources = rng.choice(num_items, num_queries, replace=False)
+  queries = gallery[sources] + noise * rng.standard_normal((num_queries, dim), np.float32) * std
+  return gallery, queries
+
+
+def directory_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def scann_bytes(searcher) -> int:
+  """Size of the serialised searcher: its hashed codes, tree, codebooks and float32 re-scoring data."""
+  with tempfile.TemporaryDirectory() as tmp:
+    searcher.serialize(tmp)
+    return directory_bytes(tmp)
+
+
+def scann_settings() -> retrieval.ScannSettings:
+  return retrieval.ScannSettings(threads=THREADS)
+
+
+@dataclasses.dataclass
+class Method:
+  name: str
+  build: Callable[[np.ndarray], Any]  # gallery [G, D] -> index
+  search: Callable[[Any, np.ndarray], np.ndarray]  # index, queries [Q, D] -> indices [Q, K]
+  nbytes: Callable[[Any], int]
+
+
+def exact_numpy() -> Method:
+  return Method('exact_numpy', lambda g: retrieval.normalized_prefix_np(g, g.shape[1]),
+                lambda g, q: _numpy_top_k(g, retrieval.normalized_prefix_np(q, q.shape[1])),
+                lambda g: g.nbytes)
+
+
+def _numpy_top_k(g: np.ndarray, q: np.ndarray, chunk: int = 64) -> np.ndarray:
+  out = np.empty((len(q), K), np.int64)
+  for start in range(0, len(q), chunk):
+    s = q[start:start + chunk] @ g.T
+    top = np.argpartition(-s, K - 1, axis=1)[:, :K]
+    order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
+    out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _jax_top_k(q: jnp.ndarray, g: jnp.ndarray, k: int) -> jnp.ndarray:
+  q = q / jnp.sqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-6)
+  return jax.lax.top_k(q @ g.T, k)[1]
+
+
+def exact_jax(chunk: int = 64) -> Method:
+  def search(g, q):
+    if len(q) == 1:
+      return np.asarray(_jax_top_k(jnp.asarray(q), g, K))
+    out = []
+    for start in range(0, len(q), chunk):  # Fixed chunk shape: one compilation.
+      block = q[start:start + chunk]
+      padded = np.pad(block, ((0, chunk - len(block)), (0, 0)), constant_values=1.0)
+      out.append(np.asarray(_jax_top_k(jnp.asarray(padded), g, K))[:len(block)])
+    return np.concatenate(out)
+  return Method('exact_jax', lambda g: jax.device_put(retrieval.normalized_prefix_np(g, g.shape[1])), search,
+                lambda g: g.nbytes)
+
+
+def _faiss_search(index, q: np.ndarray) -> np.ndarray:
+  return index.search(retrieval.normalized_prefix_np(q, q.shape[1]), K)[1]
+
+
+def faiss_flat() -> Method:
+  import faiss
+
+  def build(g):
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(retrieval.normalized_prefix_np(g, g.shape[1]))
+    return index
+  return Method('faiss_flat', build, _faiss_search, lambda index: index.ntotal * index.d * 4)
+
+
+def faiss_ivf() -> Method:
+  import faiss
+
+  def build(g):
+    num_lists = max(1, round(np.sqrt(len(g))))
+    g = retrieval.normalized_prefix_np(g, g.shape[1])
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(g.shape[1]), g.shape[1], num_lists,
+                               faiss.METRIC_INNER_PRODUCT)
+    # 40 points per list is above FAISS's minimum (39) and keeps k-means at 1M affordable.
+    sample = np.random.default_rng(0).choice(len(g), min(len(g), 40 * num_lists), replace=False)
+    index.train(g[np.sort(sample)])
+    index.add(g)
+    index.nprobe = max(1, int(np.ceil(FLAGS.ivf_nprobe_fraction * num_lists)))
+    return index
+  return Method(f'faiss_ivf_p{FLAGS.ivf_nprobe_fraction:g}', build, _faiss_search,
+                # Vectors and 8-byte ids in the lists, plus the centroids.
+                lambda index: index.ntotal * (index.d * 4 + 8) + index.nlist * index.d * 4)
+
+
+def scann_full() -> Method:
+  def search(searcher, q):
+    q = retrieval.normalized_prefix_np(q, q.shape[1])
+    return retrieval.scann_search(searcher, q, K, threads=THREADS)[1]
+  return Method('scann', lambda g: retrieval.build_scann(retrieval.normalized_prefix_np(g, g.shape[1]), K,
+                                                         scann_settings()), search, scann_bytes)
+
+
+def scann_prefix(spec: str) -> Method:
+  dim, shortlist = (int(x) for x in spec.split(':'))
+  mode = retrieval.ScannPrefixSearch(dim, shortlist, scann_settings())
+  return Method(mode.name, mode.build, lambda index, q: index.search(q, K)[1],
+                lambda index: scann_bytes(index.searcher))
+
+
+def coarse_to_fine(mode: retrieval.FunnelSearch) -> Method:
+  def nbytes(index):
+    return (scann_bytes(index.searcher) + index.gallery.nbytes
+            + sum(v.nbytes for v in index.inverse_norms.values()))
+  return Method(mode.name, mode.build, lambda index, q: index.search(q, K)[1], nbytes)
+
+
+def methods() -> list[Method]:
+  out = []
+  for name in FLAGS.methods:
+    if name == 'two_stage':
+      out += [coarse_to_fine(retrieval.TwoStageSearch(*(int(x) for x in spec.split(':')), scann_settings()))
+              for spec in FLAGS.two_stage]
+    elif name == 'funnel':
+      out += [coarse_to_fine(retrieval.FunnelSearch(
+          [tuple(int(x) for x in stage.split(':')) for stage in spec.split('/')], settings=scann_settings()))
+              for spec in FLAGS.funnel]
+    elif name == 'scann_prefix':
+      out += [scann_prefix(spec) for spec in FLAGS.prefix]
+    else:
+      out.append({'exact_numpy': exact_numpy, 'exact_jax': exact_jax, 'faiss_flat': faiss_flat,
+                  'faiss_ivf': faiss_ivf, 'scann': scann_full}[name]())
+  return out
+
+
+def measure(method: Method, gallery: np.ndarray, queries: np.ndarray) -> tuple[dict, np.ndarray]:
+  start = time.perf_counter()
+  index = method.build(gallery)
+  build_s = time.perf_counter() - start
+  method.search(index, queries[:1])  # Warm-up (JAX compiles each shape once).
+  method.search(index, queries[:2])
+  latencies = []
+  for i in range(min(FLAGS.latency_queries, len(queries))):
+    start = time.perf_counter()
+    method.search(index, queries[i:i + 1])
+    latencies.append(time.perf_counter() - start)
+  start = time.perf_counter()
+  top = method.search(index, queries)
+  batched_s = time.perf_counter() - start
+  row = {'method': method.name, 'build_s': build_s, 'index_bytes': int(method.nbytes(index)),
+         'p50_ms': 1e3 * float(np.percentile(latencies, 50)),
+         'p99_ms': 1e3 * float(np.percentile(latencies, 99)), 'qps': len(queries) / batched_s}
+  del index
+  return row, np.asarray(top)
+
+
+def format_table(size: int, rows: list[dict]) -> str:
+  lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"}',
+           f'{"method":<28}{"build_s":>9}{"index_MiB":>11}{"p50_ms":>9}{"p99_ms":>9}{"qps":>10}'
+           f'{"recall@10":>11}']
+  for r in rows:
+    lines.append(f'{r["method"]:<28}{r["build_s"]:>9.2f}{r["index_bytes"] / 2**20:>11.1f}{r["p50_ms"]:>9.3f}'
+                 f'{r["p99_ms"]:>9.3f}{r["qps"]:>10.0f}{r["recall_at_10"]:>11.3f}')
+  return '\n'.join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import lines
+  from matplotlib import patches
+  import matplotlib.pyplot as plt
+  names = list(dict.fromkeys(r['method'] for r in results))
+  sizes = sorted({r['size'] for r in results})
+  colors = plt.get_cmap('tab10')
+  markers = 'osD^v<>'
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  for r in results:
+    ax.scatter(r['qps'], r['recall_at_10'], color=colors(names.index(r['method']) % 10),
+               marker=markers[sizes.index(r['size']) % len(markers)], s=50)
+  handles = [patches.Patch(color=colors(i % 10), label=name) for i, name in enumerate(names)]
+  handles += [lines.Line2D([], [], color='gray', marker=markers[j % len(markers)], linestyle='',
+                           label=f'G={size:,}') for j, size in enumerate(sizes)]
+  ax.set_xscale('log')
+  ax.set_xlabel('batched queries/s (log)')
+  ax.set_ylabel('recall@10 vs exact full-dim top-10')
+  ax.set_title(f'D={FLAGS.dim}, {FLAGS.queries} queries, threads={THREADS or "all"}')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(handles=handles, fontsize=7, loc='lower left')
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=120)
+
+
+def main(argv):
+  del argv
+  if THREADS > 0 and any(m.startswith('faiss') for m in FLAGS.methods):
+    import faiss
+    faiss.omp_set_num_threads(THREADS)
+  if any(m.startswith(('scann', 'two_stage', 'funnel')) for m in FLAGS.methods):
+    import scann  # pylint: disable=unused-import  # Imports TensorFlow (seconds): not in a build time.
+  results = []
+  for size in (int(s) for s in FLAGS.sizes):
+    gallery, queries = synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
+    rows, tops = [], []
+    for method in methods():
+      logging.info('G=%d: %s', size, method.name)
+      row, top = measure(method, gallery, queries)
+      rows.append(row)
+      tops.append(top)
+      print(f'  G={size} {method.name}: build {row["build_s"]:.1f} s, {row["qps"]:.0f} queries/s', flush=True)
+    # The exact_numpy row is the ground truth; without it, compute it.
+    exact_top = next((t for r, t in zip(rows, tops) if r['method'] == 'exact_numpy'), None)
+    if exact_top is None:
+      exact_top = retrieval.exact_top_k(queries, gallery, K)[1]
+    for row, top in zip(rows, tops):
+      row['recall_at_10'] = retrieval.shortlist_recall(top[:, :K], exact_top)
+    print(format_table(size, rows), flush=True)
+    results += [{'size': size, **r} for r in rows]
+    del gallery, queries
+
+  config = {'dim': FLAGS.dim, 'queries': FLAGS.queries, 'latency_queries': FLAGS.latency_queries,
+            'query_noise': FLAGS.query_noise, 'threads': THREADS, 'seed': FLAGS.seed, 'k': K,
+            'two_stage': FLAGS.two_stage, 'prefix': FLAGS.prefix, 'funnel': FLAGS.funnel,
+            'ivf_nprobe_fraction': FLAGS.ivf_nprobe_fraction, 'cpu_count': os.cpu_count(),
+            'machine': platform.machine(), 'python': platform.python_version()}
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
+    with open(FLAGS.out, 'w') as f:
+      json.dump({'config': config, 'results': results}, f, indent=2)
+  if FLAGS.plot:
+    plot(results, FLAGS.plot)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,100 @@
+r"""Benchmark of the pmapped train step: median step time, examples/s and FLOP utilisation.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/train_step.py \
+      --config=configs/default.py --steps=20 --out=benchmarks/results/train_step.json
+
+Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline). FLOPs are
+XLA's cost analysis of the compiled step (forward, backward and optimizer, summed over devices); the peak is
+a measured float32 matmul on the same devices.
+"""
+
+import json
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import flax
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from hivlp_jax import config_lib
+from hivlp_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config to benchmark.')
+flags.DEFINE_integer('steps', 20, 'Timed steps after 3 warm-up steps.')
+flags.DEFINE_integer('vocab_size', 1000, 'Vocabulary size of the text tower.')
+flags.DEFINE_string('out', '', 'Append the result as one JSON line to this file.')
+
+
+def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of a float32 [size, size] matmul on every local device at once (pmap)."""
+  n = jax.local_device_count()
+  a = jnp.ones((n, size, size), jnp.float32)
+  matmul = jax.pmap(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 * n / statistics.median(times)
+
+
+def step_flops(p_step, state, batch) -> float:
+  analysis = p_step.lower(state, batch).compile().cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config_lib.validate(config)
+  model = train.create_model(config, FLAGS.vocab_size)
+  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(0)))
+  num_params = sum(x.size for x in jax.tree.leaves(train.unreplicate(state).params))
+  devices = jax.local_device_count()
+  per_device = config.batch_size // devices
+  rng = np.random.default_rng(0)
+  size, max_len = config.model.image_size, config.model.text.max_len
+  batch = {
+      'image': rng.integers(0, 256, (devices, per_device, size, size, 3), dtype=np.uint8),
+      'text': rng.integers(5, FLAGS.vocab_size, (devices, per_device, max_len), dtype=np.int32),
+  }
+  p_step = train.make_pmapped_train_step(config)
+  flops = step_flops(p_step, state, batch) * devices
+  for _ in range(3):
+    state, metrics = p_step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    state, metrics = p_step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  peak = measured_matmul_peak()
+  result = {
+      'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+      'backend': jax.default_backend(), 'devices': devices, 'global_batch': config.batch_size,
+      'params_millions': num_params / 1e6, 'median_step_s': median,
+      'p10_step_s': float(np.percentile(times, 10)), 'p90_step_s': float(np.percentile(times, 90)),
+      'examples_per_s': config.batch_size / median, 'step_gflops': flops / 1e9,
+      'achieved_gflops_per_s': flops / median / 1e9, 'matmul_peak_gflops_per_s': peak / 1e9,
+      'fraction_of_peak': flops / median / peak,
+  }
+  print(json.dumps(result, indent=2))
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
+    with open(FLAGS.out, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,29 @@
+"""ViT-B/16 (224 px) + BERT-base sized towers with 768-d nested heads, for real pre-training.
+
+Until the web-shard and COCO/Flickr30K readers land, the data section points at the embedded scenes
+(resized to 224 px on device), which lets the model run end to end. Accelerator-sized defaults:
+  python -m hivlp_jax.main --config=configs/base_b16.py --workdir=runs/base
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.vocab_size = 30522  # The size of the BERT-base uncased vocabulary.
+  config.model.image_size = 224
+  config.model.embed_dim = 768
+  config.model.nested_dims = (32, 64, 128, 256, 512, 768)
+  config.model.dtype = 'bfloat16'
+  config.model.image.update(dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
+  config.model.text.update(dict(max_len=64, width=768, depth=12, num_heads=12, mlp_dim=3072))
+  config.loss.dim_weights = (1.0,) * 6
+  config.batch_size = 4096
+  config.num_train_steps = 100_000
+  config.optimizer.learning_rate = 5e-4
+  config.optimizer.warmup_steps = 5_000
+  config.optimizer.weight_decay = 0.05
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2_000
+  config.eval.batch_size = 1024
+  return config

@@ -1,0 +1,58 @@
+"""Default experiment: the embedded procedural scenes, a small two-tower model, CPU-sized.
+
+  python -m hivlp_jax.main --config=configs/default.py --workdir=runs/default
+Override any field on the command line, e.g. --config.num_train_steps=500.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'embedded_scenes'
+  config.data.builder_config = 'default'  # 'tiny' for tests.
+  config.data.data_dir = 'data'  # Generated here on first use.
+  config.data.vocab_file = ''  # Empty: train a WordPiece vocabulary on the training captions.
+  config.data.vocab_size = 1000
+
+  config.model = ml_collections.ConfigDict()
+  config.model.image_size = 32
+  config.model.embed_dim = 256
+  config.model.nested_dims = (16, 32, 64, 128, 256)
+  config.model.dtype = 'float32'
+  config.model.temperature_init = 0.07
+  config.model.temperature_min = 0.001
+  config.model.temperature_max = 0.5
+  config.model.image = ml_collections.ConfigDict(
+      dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512))
+  config.model.text = ml_collections.ConfigDict(
+      dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512))
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.
+
+  config.batch_size = 256  # Global, over all devices and hosts.
+  config.num_train_steps = 900
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.end_learning_rate_fraction = 0.01
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.98
+  config.optimizer.grad_clip_norm = 1.0
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.max_checkpoints_to_keep = 2
+  # A step whose loss is not finite is skipped; this many in a row stop the run.
+  config.max_consecutive_nonfinite_steps = 10
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'test'
+  config.eval.batch_size = 500
+  config.eval.ks = (1, 5, 10)
+  return config

@@ -1,0 +1,72 @@
+"""Config checks that fail at start-up with a message naming the bad field."""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from hivlp_jax.models import matryoshka
+
+# Fields that may change when a run is resumed in the same workdir; any other difference is an error.
+RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
+                    'max_consecutive_nonfinite_steps', 'data.data_dir', 'eval.')
+CONFIG_FILE = 'config.json'
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  """{'model.image.width': 128, ...}, with sequences as strings (for hparams and comparisons)."""
+  flat = {}
+  for key, value in config.items():
+    name = prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten(value, name + '.'))
+    else:
+      is_scalar = value is None or isinstance(value, (int, float, str, bool))
+      flat[name] = value if is_scalar else str(tuple(value))
+  return flat
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field when the config cannot run on the devices at hand."""
+  dims = matryoshka.validate_dims(config.model.nested_dims, config.model.embed_dim)
+  if len(config.loss.dim_weights) != len(dims):
+    raise ValueError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
+                     f'config.model.nested_dims has {len(dims)}: give one weight per nested dim.')
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
+                     f'use a multiple of {devices}.')
+  if config.model.image_size % config.model.image.patch_size:
+    raise ValueError(f'config.model.image_size={config.model.image_size} is not a multiple of '
+                     f'config.model.image.patch_size={config.model.image.patch_size}.')
+  for tower in ('image', 'text'):
+    width, heads = config.model[tower].width, config.model[tower].num_heads
+    if width % heads:
+      raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
+  if config.num_train_steps < 0:
+    raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+  keys = sorted(set(saved) | set(current))
+  changed = [k for k in keys if saved.get(k) != current.get(k)]
+  return [k for k in changed if not any(k == f or (f.endswith('.') and k.startswith(f)) for f in RESUMABLE_FIELDS)]
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the config in `workdir`, or checks it against the one a previous run recorded there."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(json.dumps(flatten(config)))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    bad = _differences(saved, current)
+    if bad:
+      details = '; '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in bad[:8])
+      raise ValueError(f'Workdir {workdir!r} holds a run of another config ({details}). '
+                       'Use a new --workdir, or pass the same config to resume that run.')
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)

@@ -1,0 +1,137 @@
+"""Input pipeline: image-caption splits in memory, a resumable training order, padded evaluation batches.
+
+The training order is a pure function of (seed, step): the batch of step s is the same whether the run
+went straight to s or was resumed from a checkpoint, so resuming never restarts or repeats the data order.
+"""
+
+import dataclasses
+import os
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from hivlp_jax.data import embedded_scenes
+from hivlp_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class ImageTextSplit:
+  """One split, held in memory.
+
+  images: uint8 [num_images, H, W, 3].
+  tokens: int32 [num_images, captions_per_image, max_len].
+  """
+  images: np.ndarray
+  tokens: np.ndarray
+
+  @property
+  def num_images(self) -> int:
+    return self.images.shape[0]
+
+  @property
+  def captions_per_image(self) -> int:
+    return self.tokens.shape[1]
+
+
+def vocab_file(config: ml_collections.ConfigDict) -> str:
+  return config.data.vocab_file or os.path.join(
+      config.data.data_dir, f'{config.data.name}-{config.data.builder_config}-vocab.txt')
+
+
+def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+  """Loads the tokenizer, training it on the training captions the first time."""
+  path = vocab_file(config)
+  if config.data.vocab_file or os.path.exists(path):
+    return tokenizer_lib.Tokenizer(path)
+  train = _load_raw(config, 'train')
+  texts = (c for captions in train['captions'] for c in captions)
+  return tokenizer_lib.train_tokenizer(texts, path, vocab_size=config.data.vocab_size)
+
+
+def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
+  if config.data.name != 'embedded_scenes':
+    raise ValueError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes.')
+  return embedded_scenes.load_split(config.data.data_dir, split, config.data.builder_config)
+
+
+def load_split(config: ml_collections.ConfigDict, split: str,
+               tokenizer: tokenizer_lib.Tokenizer) -> ImageTextSplit:
+  raw = _load_raw(config, split)
+  captions = raw['captions']
+  per_image = len(captions[0])
+  flat = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
+  return ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1))
+
+
+class TrainOrder:
+  """Deterministic epoch-wise shuffled order of (image, caption) pairs, indexed by step."""
+
+  def __init__(self, num_images: int, captions_per_image: int, global_batch: int, seed: int):
+    self.num_images = num_images
+    self.captions_per_image = captions_per_image
+    self.global_batch = global_batch
+    self.seed = seed
+    self._epoch = None
+
+  def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    if self._epoch != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._order = (rng.permutation(self.num_images),
+                     rng.integers(0, self.captions_per_image, self.num_images))
+      self._epoch = epoch
+    return self._order
+
+  def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (image index, caption index), each int [global_batch], of training step `step`."""
+    positions = step * self.global_batch + np.arange(self.global_batch)
+    epochs, offsets = np.divmod(positions, self.num_images)
+    image_idx = np.empty(self.global_batch, np.int64)
+    caption_idx = np.empty(self.global_batch, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      order, captions = self._epoch_order(int(epoch))
+      image_idx[sel] = order[offsets[sel]]
+      caption_idx[sel] = captions[image_idx[sel]]
+    return image_idx, caption_idx
+
+
+def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step: int
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
+
+  Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L].
+  """
+  num_hosts, host = jax.process_count(), jax.process_index()
+  local_batch = global_batch // num_hosts
+  order = TrainOrder(data.num_images, data.captions_per_image, global_batch, seed)
+  step = start_step
+  while True:
+    image_idx, caption_idx = order.indices(step)
+    mine = slice(host * local_batch, (host + 1) * local_batch)
+    image_idx, caption_idx = image_idx[mine], caption_idx[mine]
+    yield shard({'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx]})
+    step += 1
+
+
+def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Reshapes leading axis B to [local_devices, B // local_devices]."""
+  devices = jax.local_device_count()
+  return jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
+
+
+def padded_batches(array: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Splits `array` [N, ...] into batches of exactly `batch_size` rows, padding the last one.
+
+  Yields (batch [batch_size, ...], mask bool [batch_size]); padded rows repeat row 0 and have mask False,
+  so no example is dropped or counted twice.
+  """
+  for start in range(0, array.shape[0], batch_size):
+    chunk = array[start:start + batch_size]
+    mask = np.zeros(batch_size, bool)
+    mask[:chunk.shape[0]] = True
+    if chunk.shape[0] < batch_size:
+      pad = np.repeat(array[:1], batch_size - chunk.shape[0], axis=0)
+      chunk = np.concatenate([chunk, pad], axis=0)
+    yield chunk, mask

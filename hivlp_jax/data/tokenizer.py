@@ -1,0 +1,64 @@
+"""WordPiece text tokenizer: trained on a data set's captions, or loaded from a BERT-style `vocab.txt`."""
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import BertWordPieceTokenizer
+
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+class Tokenizer:
+  """Turns captions into fixed-length id arrays: [CLS] tokens [SEP] [PAD]...
+
+  The id of [PAD] is 0, as in BERT vocabularies, so `ids != 0` is the attention mask.
+  """
+
+  def __init__(self, vocab_file: str, lowercase: bool = True):
+    if not os.path.exists(vocab_file):
+      raise FileNotFoundError(
+          f'Tokenizer vocabulary {vocab_file!r} does not exist. Train one with '
+          '`hivlp_jax.data.tokenizer.train_tokenizer` or point `config.data.vocab_file` at a BERT vocab.txt.')
+    self.vocab_file = vocab_file
+    self._tokenizer = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    vocab = self._tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+      raise ValueError(f'Vocabulary {vocab_file!r} lacks the special tokens {missing}.')
+    if vocab['[PAD]'] != 0:
+      raise ValueError(f'Vocabulary {vocab_file!r} must have [PAD] at id 0, found {vocab["[PAD]"]}.')
+    self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS}
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size()
+
+  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Returns int32 [len(texts), max_len]; longer texts are cut (keeping the final [SEP])."""
+    empty = [i for i, t in enumerate(texts) if not t or not t.strip()]
+    if empty:
+      raise ValueError(f'Empty caption at positions {empty[:10]} (of {len(texts)}): every caption needs text.')
+    ids = np.zeros((len(texts), max_len), np.int32)
+    for row, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
+      tokens = encoding.ids
+      if len(tokens) > max_len:
+        tokens = tokens[:max_len - 1] + [self.special_ids['[SEP]']]
+      ids[row, :len(tokens)] = tokens
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids if i != 0])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_file: str, vocab_size: int = 1000) -> Tokenizer:
+  """Trains a WordPiece vocabulary on `texts` and writes it to `vocab_file` (BERT vocab.txt format)."""
+  tokenizer = BertWordPieceTokenizer(lowercase=True)
+  tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
+                                special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+  directory = os.path.dirname(vocab_file) or '.'
+  os.makedirs(directory, exist_ok=True)
+  # save_model writes '<dir>/<prefix>-vocab.txt'; move it to the requested name atomically.
+  written, = tokenizer.save_model(directory, prefix=os.path.basename(vocab_file) + '.tmp')
+  os.replace(written, vocab_file)
+  return Tokenizer(vocab_file)

@@ -1,0 +1,99 @@
+"""Retrieval evaluation: embed a split, score it with retrieval modes, compute recall.
+
+Protocol (Flickr30K/COCO): image-to-text is a hit when any of the image's captions is in the top K;
+text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways.
+"""
+
+import json
+import os
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hivlp_jax import retrieval
+from hivlp_jax.data import pipeline
+
+
+def best_positive_ranks(similarity: np.ndarray, positives: np.ndarray) -> np.ndarray:
+  """0-based rank of each query's best-scoring positive; ties count against the query.
+
+  Args:
+    similarity: [Q, G] scores (-inf for items a mode did not retrieve).
+    positives: bool [Q, G], True where the gallery item is a correct answer.
+  Returns:
+    int [Q]: the number of negatives scoring at least as high as the best positive. A query whose
+    positives all score -inf gets rank G (never a hit).
+  """
+  best = np.max(np.where(positives, similarity, -np.inf), axis=1, keepdims=True)
+  ranks = np.sum((similarity >= best) & ~positives, axis=1)
+  return np.where(np.isneginf(best[:, 0]), similarity.shape[1], ranks)
+
+
+def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+  ranks = best_positive_ranks(similarity, positives)
+  return {k: float(np.mean(ranks < k)) for k in ks}
+
+
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
+                      mode: retrieval.RetrievalMode, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Recall both ways for one retrieval mode.
+
+  Args:
+    image_embeddings: [N, D]; text_embeddings: [T, D]; text_image_ids: int [T], the image of each caption.
+  Returns:
+    'i2t_r{k}', 't2i_r{k}' for each k, 'rsum' and 'mean_recall'.
+  """
+  positives_t2i = text_image_ids[:, None] == np.arange(image_embeddings.shape[0])[None, :]  # [T, N]
+  i2t = recall_at_k(mode.similarity(image_embeddings, text_embeddings), positives_t2i.T, ks)
+  t2i = recall_at_k(mode.similarity(text_embeddings, image_embeddings), positives_t2i, ks)
+  metrics = {f'i2t_r{k}': v for k, v in i2t.items()} | {f't2i_r{k}': v for k, v in t2i.items()}
+  metrics['rsum'] = 100.0 * sum(metrics.values())
+  metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
+  return metrics
+
+
+def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.ImageTextSplit, batch_size: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Embeds every image and caption of a split with pmapped embedding functions.
+
+  `embed_images(images [devices, b, H, W, 3])` and `embed_texts(tokens [devices, b, L])` return
+  [devices, b, D]. Returns image embeddings [N, D], text embeddings [N * captions, D] and the image
+  id of each caption [N * captions].
+  """
+  devices = jax.local_device_count()
+  batch_size = max(devices, batch_size // devices * devices)
+
+  def run(fn, array):
+    outputs = []
+    for batch, mask in pipeline.padded_batches(array, batch_size):
+      out = np.asarray(fn(pipeline.shard({'x': batch})['x']))
+      outputs.append(out.reshape(batch_size, -1)[mask])
+    return np.concatenate(outputs)
+
+  tokens = data.tokens.reshape(-1, data.tokens.shape[-1])
+  text_image_ids = np.repeat(np.arange(data.num_images), data.captions_per_image)
+  return run(embed_images, data.images), run(embed_texts, tokens), text_image_ids
+
+
+def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
+             modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int]) -> dict[str, dict[str, float]]:
+  return {mode.name: retrieval_metrics(image_embeddings, text_embeddings, text_image_ids, mode, ks)
+          for mode in modes}
+
+
+def write_metrics_json(path: str, results: Mapping, step: int) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'step': step, **results}, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:
+  columns = [f'i2t_r{k}' for k in ks] + [f't2i_r{k}' for k in ks] + ['rsum']
+  lines = [f'{"mode":<16}' + ''.join(f'{c:>9}' for c in columns)]
+  for name, metrics in results.items():
+    lines.append(f'{name:<16}' + ''.join(
+        f'{metrics[c]:>9.1f}' if c == 'rsum' else f'{metrics[c]:>9.3f}' for c in columns))
+  return '\n'.join(lines)

@@ -1,0 +1,44 @@
+r"""Runs a training + evaluation job from a config file.
+
+  python -m hivlp_jax.main --config=configs/default.py --workdir=runs/default [--config.num_train_steps=N]
+
+On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device_count=N (see
+launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from hivlp_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU/GPU, SLURM).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries:
+  """Drops the INFO chatter of orbax and TFDS (one line per file written) from the run's log."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info('JAX devices: %d local of %d on %d processes (%s).', jax.local_device_count(),
+               jax.device_count(), jax.process_count(), jax.devices()[0].platform)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,241 @@
+"""Training loop: data-parallel (`jax.pmap`, axis 'batch') hierarchical two-tower pre-training."""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from hivlp_jax import config_lib
+from hivlp_jax import evaluate
+from hivlp_jax import losses
+from hivlp_jax import retrieval
+from hivlp_jax.data import pipeline
+from hivlp_jax.models import two_towers
+
+AXIS = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  # Consecutive skipped (non-finite) steps, a 0-d array so that it checkpoints and restores.
+  nonfinite_steps: jnp.ndarray = None
+
+
+def unreplicate(tree):
+  """First replica of a pmapped pytree (flax.jax_utils.unreplicate keeps a leading axis on 1 device)."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towers.TwoTowers:
+  return two_towers.TwoTowers(config.model, vocab_size=vocab_size)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  opt = config.optimizer
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      decay_steps=max(config.num_train_steps, opt.warmup_steps + 1),
+      end_value=opt.learning_rate * opt.end_learning_rate_fraction)
+
+
+def weight_decay_mask(params) -> Any:
+  """Decay matrices only: no biases, LayerNorm scales, position embeddings, [CLS] or temperature."""
+  def decay(path, leaf):
+    name = path[-1].key
+    return leaf.ndim > 1 and name not in ('pos_embedding', 'cls')
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn) -> optax.GradientTransformation:
+  opt = config.optimizer
+  return optax.chain(
+      optax.clip_by_global_norm(opt.grad_clip_norm),
+      optax.adamw(learning_rate_fn, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                  mask=weight_decay_mask))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng) -> TrainState:
+  size, max_len = config.model.image_size, config.model.text.max_len
+  params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
+                               jnp.ones((1, max_len), jnp.int32))['params']
+  tx = create_optimizer(config, create_learning_rate_fn(config))
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def loss_and_grads(params, apply_fn, batch: dict, *, nested_dims, dim_weights):
+  """Global-batch hierarchical contrastive loss and its gradient, averaged over the 'batch' axis.
+
+  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L] (this device's part of the global batch).
+  Returns ((loss, metrics), grads), identical on every device.
+  """
+  local_batch = batch['image'].shape[0]
+  offset = jax.lax.axis_index(AXIS) * local_batch
+
+  def loss_fn(params):
+    image_embedding, text_embedding, extras = apply_fn({'params': params}, batch['image'], batch['text'])
+    # The positives of this device's rows sit at offset + i of the gathered global batch.
+    global_image = jax.lax.all_gather(image_embedding, AXIS, tiled=True)
+    global_text = jax.lax.all_gather(text_embedding, AXIS, tiled=True)
+    loss, metrics = losses.matryoshka_info_nce(
+        image_embedding, text_embedding, global_image, global_text, extras['temperature'],
+        nested_dims, dim_weights, offset)
+    metrics['temperature'] = extras['temperature']
+    return loss, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return jax.lax.pmean((loss, metrics), AXIS), jax.lax.pmean(grads, AXIS)
+
+
+def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, learning_rate_fn):
+  """One data-parallel step; call under `jax.pmap(axis_name='batch')`.
+
+  A step whose loss or gradient is not finite leaves the state unchanged except `nonfinite_steps`.
+  """
+  (loss, metrics), grads = loss_and_grads(state.params, state.apply_fn, batch, nested_dims=nested_dims,
+                                          dim_weights=dim_weights)
+  updated = state.apply_gradients(grads=grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+  new_state = new_state.replace(nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1))
+
+  metrics.update(
+      loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+      update_norm=optax.tree.norm(jax.tree.map(jnp.subtract, updated.params, state.params)),
+      learning_rate=learning_rate_fn(state.step), nonfinite=1.0 - finite.astype(jnp.float32))
+  return new_state, metrics
+
+
+def make_pmapped_train_step(config: ml_collections.ConfigDict, devices=None):
+  """The train step pmapped over `devices` (default: all local devices)."""
+  step = functools.partial(train_step, nested_dims=tuple(config.model.nested_dims),
+                           dim_weights=tuple(config.loss.dim_weights),
+                           learning_rate_fn=create_learning_rate_fn(config))
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+
+
+def make_pmapped_embedders(model: two_towers.TwoTowers):
+  embed_images = jax.pmap(lambda params, x: model.apply({'params': params}, x, method=model.embed_images))
+  embed_texts = jax.pmap(lambda params, x: model.apply({'params': params}, x, method=model.embed_texts))
+  return embed_images, embed_texts
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """Restores the newest readable checkpoint; an unreadable one is reported and the next older tried."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+      logging.info('Resumed from the checkpoint of step %d in %s.', step, manager.directory)
+      return restored
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Checkpoint of step %d in %s could not be restored (%s: %s); trying an older one. '
+                    'Delete that folder to silence this.', step, manager.directory, type(e).__name__, e)
+  if manager.all_steps():
+    raise RuntimeError(f'No checkpoint in {manager.directory} could be restored (steps '
+                       f'{manager.all_steps()}); move the folder away to start afresh.')
+  return state
+
+
+def evaluate_model(config, model, params_replicated, data: pipeline.ImageTextSplit):
+  """Embeds `data` and computes exact-search recall at every nested dim."""
+  embed_images, embed_texts = make_pmapped_embedders(model)
+  image_emb, text_emb, text_image_ids = evaluate.embed_split(
+      functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
+      data, config.eval.batch_size)
+  modes = [retrieval.ExactSearch(dim) for dim in config.model.nested_dims]
+  return evaluate.evaluate(image_emb, text_emb, text_image_ids, modes, config.eval.ks)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_step: Optional[int] = None) -> Optional[dict]:
+  """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates. Returns the results.
+
+  With `stop_after_step` (for time-limited jobs), training checkpoints at that step and returns None
+  before evaluating; running again in the same workdir resumes from there.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  config_lib.check_workdir_config(workdir, config)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+
+  tokenizer = pipeline.get_tokenizer(config)
+  train_data = pipeline.load_split(config, 'train', tokenizer)
+  logging.info('Training data: %d images, %d captions each; vocabulary of %d.', train_data.num_images,
+               train_data.captions_per_image, tokenizer.vocab_size)
+
+  model = create_model(config, tokenizer.vocab_size)
+  state = create_train_state(config, model, jax.random.key(config.seed))
+  manager = checkpoint_manager(workdir, config)
+  state = restore_latest(manager, state)
+  start_step = int(state.step)
+  if start_step == 0:
+    writer.write_hparams(config_lib.flatten(config))
+  state = flax.jax_utils.replicate(state)
+
+  p_train_step = make_pmapped_train_step(config)
+  batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
+                                                    every_steps=config.log_every_steps, every_secs=None)
+  logging.info('Training from step %d to %d on %d devices (%d local).', start_step, config.num_train_steps,
+               jax.device_count(), jax.local_device_count())
+  pending_metrics = []
+  window_start = time.perf_counter()
+  end_step = config.num_train_steps if stop_after_step is None else min(stop_after_step, config.num_train_steps)
+  for step in range(start_step + 1, end_step + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = p_train_step(state, next(batches))
+    pending_metrics.append(metrics)
+    report_progress(step)
+    last = step == end_step
+    if step % config.log_every_steps == 0 or last:
+      summary = {k: float(np.mean([m[k][0] for m in pending_metrics])) for k in pending_metrics[0]}
+      elapsed = time.perf_counter() - window_start
+      summary['examples_per_sec'] = len(pending_metrics) * config.batch_size / elapsed
+      summary['nonfinite_steps'] = summary.pop('nonfinite') * len(pending_metrics)
+      writer.write_scalars(step, summary)
+      pending_metrics, window_start = [], time.perf_counter()
+      nonfinite_run = int(state.nonfinite_steps[0])
+      if nonfinite_run >= config.max_consecutive_nonfinite_steps:
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f'The loss or gradient was not finite for {nonfinite_run} steps in a row up to step {step}; '
+            f'those steps were skipped. The last good checkpoint is in {manager.directory} (steps '
+            f'{manager.all_steps()}). Lower config.optimizer.learning_rate or check the input data.')
+    if step % config.checkpoint_every_steps == 0 or last:
+      manager.save(step, args=ocp.args.StandardSave(unreplicate(state)))
+  manager.wait_until_finished()
+  if end_step < config.num_train_steps:
+    logging.info('Stopped after step %d of %d as asked; run again to resume.', end_step, config.num_train_steps)
+    return None
+
+  logging.info('Evaluating on the %s split.', config.eval.split)
+  eval_data = pipeline.load_split(config, config.eval.split, tokenizer)
+  results = evaluate_model(config, model, state.params, eval_data)
+  final_step = int(state.step[0])
+  if is_chief:
+    for name, metrics in results.items():
+      writer.write_scalars(final_step, {f'eval/{name}/{k}': v for k, v in metrics.items()})
+    evaluate.write_metrics_json(os.path.join(workdir, 'metrics.json'), results, final_step)
+  writer.flush()
+  logging.info('Results at step %d:\n%s', final_step, evaluate.format_table(results, config.eval.ks))
+  return results

@@ -1,0 +1,90 @@
+"""Every config parses and runs one step; bad configs fail at start-up with a message naming the field."""
+
+import glob
+import os
+
+from absl import flags
+import flax
+import jax
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from hivlp_jax import config_lib
+from hivlp_jax import train
+from tests.conftest import tiny_config
+
+CONFIGS = sorted(p for p in glob.glob('configs/*.py') if not p.endswith('__init__.py'))
+
+
+def _parse(*argv):
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True)
+  flag_values(['prog', *argv])
+  return flag_values.config
+
+
+def test_configs_are_found():
+  assert {'configs/default.py', 'configs/base_b16.py'} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
+  """Smoke mode: the config's widths, patch size, dims and dtype, with one block per tower and a tiny batch."""
+  config = _parse(f'--config={path}', '--config.num_train_steps=1')
+  config_lib.validate(config)
+  config.model.image.depth = config.model.text.depth = 1
+  config.batch_size = jax.local_device_count()
+  model = train.create_model(config, vocab_size=64)
+  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  size, max_len = 32, config.model.text.max_len  # Stored images are 32 px; the model resizes them.
+  batch = {'image': rng.integers(0, 256, (jax.local_device_count(), 1, size, size, 3), dtype=np.uint8),
+           'text': rng.integers(5, 64, (jax.local_device_count(), 1, max_len), dtype=np.int32)}
+  state, metrics = train.make_pmapped_train_step(config)(state, batch)
+  assert np.isfinite(float(metrics['loss'][0]))
+  assert int(state.step[0]) == 1
+
+
+def test_unknown_config_key_is_named():
+  with pytest.raises(flags.UnrecognizedFlagError, match='config.model.no_such_key'):
+    _parse('--config=configs/default.py', '--config.model.no_such_key=3')
+
+
+def test_nested_dims_not_increasing_are_named():
+  config = _parse('--config=configs/default.py', '--config.model.nested_dims=(64,32)',
+                  '--config.loss.dim_weights=(1.,1.)')
+  with pytest.raises(ValueError, match=r'nested_dims=\(64, 32\) must be positive and strictly increasing'):
+    config_lib.validate(config)
+
+
+def test_nested_dim_larger_than_head_is_named():
+  config = _parse('--config=configs/default.py', '--config.model.nested_dims=(32,512)',
+                  '--config.loss.dim_weights=(1.,1.)')
+  with pytest.raises(ValueError, match='larger than the head'):
+    config_lib.validate(config)
+
+
+def test_dim_weights_must_match_nested_dims():
+  config = _parse('--config=configs/default.py', '--config.loss.dim_weights=(1.,1.)')
+  with pytest.raises(ValueError, match='dim_weights has 2 entries'):
+    config_lib.validate(config)
+
+
+def test_batch_not_divisible_by_device_count_is_named():
+  assert jax.device_count() == 4
+  config = _parse('--config=configs/default.py', '--config.batch_size=30')
+  with pytest.raises(ValueError, match='batch_size=30 is not divisible by the 4 devices'):
+    config_lib.validate(config)
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  config_lib.check_workdir_config(str(tmp_path), config)
+  config.num_train_steps = 99  # Allowed: extends the run.
+  config_lib.check_workdir_config(str(tmp_path), config)
+  config.model.image.width = 96
+  with pytest.raises(ValueError, match=r'another config \(model.image.width: 64 -> 96\)'):
+    config_lib.check_workdir_config(str(tmp_path), config)
+  assert os.path.exists(tmp_path / config_lib.CONFIG_FILE)

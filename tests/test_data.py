@@ -1,0 +1,108 @@
+"""The embedded data set: deterministic, distinct scenes, captions that describe their images."""
+
+import numpy as np
+import pytest
+
+from hivlp_jax.data import embedded_scenes
+from hivlp_jax.data import pipeline
+from hivlp_jax.data import scenes
+from hivlp_jax.data import tokenizer as tokenizer_lib
+
+
+def _words(caption):
+  return ' ' + caption + ' '
+
+
+def test_examples_are_deterministic():
+  objects = scenes.generate_scenes('test', 20)
+  assert objects == scenes.generate_scenes('test', 20)
+  a = scenes.make_example('test', 7, objects[7], 32)
+  b = scenes.make_example('test', 7, objects[7], 32)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  assert a['captions'] == b['captions']
+
+
+def test_scenes_are_distinct_within_and_across_splits():
+  keys = {split: [scenes.scene_key(s) for s in scenes.generate_scenes(split, n)]
+          for split, n in (('train', 3000), ('validation', 300), ('test', 1000))}
+  for split, split_keys in keys.items():
+    assert len(set(split_keys)) == len(split_keys), split
+  assert not set(keys['train']) & set(keys['test'])
+  assert not set(keys['validation']) & set(keys['test'])
+
+
+def test_every_caption_names_every_object_with_all_attributes():
+  for index, objects in enumerate(scenes.generate_scenes('test', 200)):
+    captions = scenes.make_example('test', index, objects, 32)['captions']
+    assert len(captions) == scenes.NUM_CAPTIONS == len(set(captions))
+    for caption in captions:
+      # Each object is written as one phrase; find a phrase naming all four of its attributes.
+      for obj in objects:
+        phrases = [p for p in caption.replace(' with ', ' and ').replace(' , ', ' and ').split(' and ')]
+        assert any(
+            any(f' {w} ' in _words(p) for w in scenes.SHAPE_WORDS[obj.shape]) and
+            any(f' {w} ' in _words(p) for w in scenes.COLOUR_WORDS[obj.colour]) and
+            any(f' {w} ' in _words(p) for w in scenes.SIZE_WORDS[obj.size]) and
+            any(f' {w} ' in _words(p.replace(' : ', ' ')) for w in scenes.CELL_WORDS[scenes.CELLS[obj.cell]])
+            for p in phrases), (caption, obj)
+      assert caption.count(' a ') + caption.startswith('a ') >= len(objects)
+
+
+def test_rendered_objects_have_their_colour_at_their_cell():
+  for index, objects in enumerate(scenes.generate_scenes('test', 100)):
+    image = scenes.make_example('test', index, objects, 32)['image'].astype(int)
+    for obj in objects:
+      row, col = divmod(obj.cell, 3)
+      cell = image[int(row * 32 / 3):int((row + 1) * 32 / 3), int(col * 32 / 3):int((col + 1) * 32 / 3)]
+      distance = np.abs(cell - np.array(scenes.RGB[obj.colour])).sum(-1)
+      assert (distance < 80).sum() >= 4, (index, obj)  # At least a few pixels of the object's colour.
+
+
+def test_images_sharing_an_attribute_do_not_share_a_caption():
+  all_captions = {}
+  for index, objects in enumerate(scenes.generate_scenes('test', 1000)):
+    for caption in scenes.make_example('test', index, objects, 32)['captions']:
+      assert caption not in all_captions, (caption, index, all_captions.get(caption))
+      all_captions[caption] = index
+
+
+def test_tfds_builder_builds_and_reads_the_tiny_config(data_dir):
+  test = embedded_scenes.load_split(data_dir, 'test', 'tiny')
+  assert test['image'].shape == (64, 32, 32, 3) and test['image'].dtype == np.uint8
+  assert len(test['captions']) == 64 and all(len(c) == 5 for c in test['captions'])
+  objects = scenes.generate_scenes('test', 64)
+  expected = [scenes.make_example('test', i, o, 32) for i, o in enumerate(objects)]
+  for i in range(64):
+    np.testing.assert_array_equal(test['image'][i], expected[i]['image'])
+    assert test['captions'][i] == expected[i]['captions']
+
+
+def test_tokenizer_trains_saves_and_encodes(tmp_path):
+  texts = ['a small red circle in the top left', 'a large blue square at the center'] * 10
+  tok = tokenizer_lib.train_tokenizer(texts, str(tmp_path / 'vocab.txt'), vocab_size=100)
+  reloaded = tokenizer_lib.Tokenizer(str(tmp_path / 'vocab.txt'))
+  ids = reloaded.encode(texts[:2], max_len=12)
+  assert ids.shape == (2, 12) and ids.dtype == np.int32
+  assert ids[0, 0] == tok.special_ids['[CLS]'] and ids[0, 9] == tok.special_ids['[SEP]'] and ids[0, 10] == 0
+  assert reloaded.decode(ids[0][1:9]) == texts[0]
+  cut = reloaded.encode(texts[:1], max_len=5)
+  assert cut[0, -1] == tok.special_ids['[SEP]']
+  with pytest.raises(ValueError, match='Empty caption'):
+    reloaded.encode(['fine', '  '], max_len=8)
+
+
+def test_train_order_is_a_function_of_the_step_and_covers_each_epoch():
+  order = pipeline.TrainOrder(num_images=10, captions_per_image=5, global_batch=4, seed=3)
+  first_epoch = np.concatenate([order.indices(s)[0] for s in range(2)] + [order.indices(2)[0][:2]])
+  assert sorted(first_epoch) == list(range(10))
+  fresh = pipeline.TrainOrder(10, 5, 4, seed=3)
+  for step in (7, 2, 5):
+    np.testing.assert_array_equal(order.indices(step)[0], fresh.indices(step)[0])
+    np.testing.assert_array_equal(order.indices(step)[1], fresh.indices(step)[1])
+
+
+def test_padded_batches_keep_every_row_once():
+  array = np.arange(10)[:, None]
+  rows = [batch[mask] for batch, mask in pipeline.padded_batches(array, 4)]
+  assert [len(b) for b, _ in pipeline.padded_batches(array, 4)] == [4, 4, 4]
+  np.testing.assert_array_equal(np.concatenate(rows), array)

@@ -1,0 +1,62 @@
+"""Losses equal plain numpy computations of their definitions."""
+
+import numpy as np
+import pytest
+
+from hivlp_jax import losses
+
+
+def _normalise(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def numpy_info_nce(image, text, temperature):
+  """(i2t + t2i) / 2 with positives on the diagonal, written out plainly."""
+  logits = image @ text.T / temperature
+  def ce(rows):
+    total = 0.0
+    for i, row in enumerate(rows):
+      total += np.log(np.sum(np.exp(row - row.max()))) + row.max() - row[i]
+    return total / len(rows)
+  return (ce(logits) + ce(logits.T)) / 2
+
+
+def test_symmetric_info_nce_equals_numpy():
+  rng = np.random.default_rng(0)
+  image, text = _normalise(rng.normal(size=(8, 16))), _normalise(rng.normal(size=(8, 16)))
+  loss, metrics = losses.symmetric_info_nce(image, text, image, text, 0.1)
+  np.testing.assert_allclose(loss, numpy_info_nce(image, text, 0.1), rtol=1e-5)
+  assert 0.0 <= metrics['accuracy_i2t'] <= 1.0
+
+
+def test_local_rows_against_global_batch_average_to_the_global_loss():
+  """Each device's rows against the gathered batch, averaged over devices, is the one-device loss."""
+  rng = np.random.default_rng(1)
+  image, text = _normalise(rng.normal(size=(12, 8))), _normalise(rng.normal(size=(12, 8)))
+  per_device = [losses.symmetric_info_nce(image[i:i + 3], text[i:i + 3], image, text, 0.05, offset=i)[0]
+                for i in range(0, 12, 3)]
+  np.testing.assert_allclose(np.mean(per_device), numpy_info_nce(image, text, 0.05), rtol=1e-5)
+
+
+def test_matryoshka_loss_is_weighted_sum_over_renormalised_prefixes():
+  rng = np.random.default_rng(2)
+  image, text = rng.normal(size=(6, 32)), rng.normal(size=(6, 32))
+  dims, weights = (4, 8, 32), (0.5, 1.0, 2.0)
+  total, metrics = losses.matryoshka_info_nce(image, text, image, text, 0.07, dims, weights)
+  expected = [numpy_info_nce(_normalise(image[:, :d]), _normalise(text[:, :d]), 0.07) for d in dims]
+  np.testing.assert_allclose(total, sum(w * e for w, e in zip(weights, expected)), rtol=1e-5)
+  for d, e in zip(dims, expected):
+    np.testing.assert_allclose(metrics[f'loss_dim{d}'], e, rtol=1e-5)
+
+
+def test_perfect_alignment_gives_low_loss_and_full_accuracy():
+  image = _normalise(np.eye(8) * 3 + 0.01)
+  loss, metrics = losses.symmetric_info_nce(image, image, image, image, 0.01)
+  assert loss < 1e-3
+  assert metrics['accuracy_i2t'] == 1.0 and metrics['accuracy_t2i'] == 1.0
+
+
+@pytest.mark.parametrize('temperature', [0.01, 1.0])
+def test_cross_entropy_rows_is_stable_for_large_logits(temperature):
+  logits = np.array([[1000.0, 0.0], [0.0, 1000.0]]) / temperature
+  np.testing.assert_allclose(losses.cross_entropy_rows(logits, np.array([0, 1])), [0.0, 0.0], atol=1e-6)
