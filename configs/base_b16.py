@@ -26,4 +26,6 @@ def get_config():
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2_000
   config.eval.batch_size = 1024
+  config.eval.two_stage = ((64, 100),)
+  config.eval.funnel = ((32, 1000), (128, 100))
   return config

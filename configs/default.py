@@ -55,4 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.split = 'test'
   config.eval.batch_size = 500
   config.eval.ks = (1, 5, 10)
+  # Coarse-to-fine modes besides exact search at every nested dim: ScaNN over the coarse prefix gives a
+  # shortlist, exact full-dim similarity re-ranks it. (coarse_dim, shortlist) pairs; funnel stages.
+  config.eval.two_stage = ((32, 50),)
+  config.eval.funnel = ((16, 200), (64, 50))
   return config

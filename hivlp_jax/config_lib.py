@@ -1,5 +1,6 @@
 """Config checks that fail at start-up with a message naming the bad field."""
 
+import importlib.util
 import json
 import os
 
@@ -25,6 +26,29 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
       is_scalar = value is None or isinstance(value, (int, float, str, bool))
       flat[name] = value if is_scalar else str(tuple(value))
   return flat
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as --config=path loads it (no ':arg' suffix)."""
+  spec = importlib.util.spec_from_file_location('hivlp_config', path.split(':', 1)[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> list[str]:
+  """The `--config.a.b=...` overrides in argv whose key path does not exist in `config`."""
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node = config
+    for key in arg[len('--config.'):].split('=', 1)[0].split('.'):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        unknown.append(arg.split('=', 1)[0][2:])
+        break
+      node = node[key]
+  return unknown
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

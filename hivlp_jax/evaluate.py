@@ -9,7 +9,6 @@ import os
 from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hivlp_jax import retrieval
@@ -75,6 +74,16 @@ def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.Im
   tokens = data.tokens.reshape(-1, data.tokens.shape[-1])
   text_image_ids = np.repeat(np.arange(data.num_images), data.captions_per_image)
   return run(embed_images, data.images), run(embed_texts, tokens), text_image_ids
+
+
+def modes_from_config(config) -> list[retrieval.RetrievalMode]:
+  """Exact search at every nested dim, then the coarse-to-fine modes that config.eval asks for."""
+  modes: list[retrieval.RetrievalMode] = [retrieval.ExactSearch(d) for d in config.model.nested_dims]
+  for coarse_dim, shortlist in config.eval.two_stage:
+    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist))
+  if config.eval.funnel:
+    modes.append(retrieval.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel)))
+  return modes
 
 
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,

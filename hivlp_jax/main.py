@@ -6,12 +6,16 @@ On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
 """
 
+import re
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from hivlp_jax import config_lib
 from hivlp_jax import train
 
 FLAGS = flags.FLAGS
@@ -40,5 +44,19 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a one-line error naming a misspelt --config.x override."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    unknown = config_lib.unknown_override_keys(config_lib.load_config_file(paths[-1]), argv) if paths else []
+    if not unknown:
+      raise
+    suggestion = re.search(r'Did you mean "(\w+)"', str(e))
+    hint = f' Did you mean {suggestion.group(1)!r}?' if suggestion else ''
+    sys.exit(f'Unknown config key {unknown[0]!r} on the command line.{hint} The config file lists the keys.')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

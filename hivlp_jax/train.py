@@ -21,7 +21,6 @@ import orbax.checkpoint as ocp
 from hivlp_jax import config_lib
 from hivlp_jax import evaluate
 from hivlp_jax import losses
-from hivlp_jax import retrieval
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import two_towers
 
@@ -156,13 +155,13 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
 
 
 def evaluate_model(config, model, params_replicated, data: pipeline.ImageTextSplit):
-  """Embeds `data` and computes exact-search recall at every nested dim."""
+  """Embeds `data` and computes recall with every retrieval mode of the config."""
   embed_images, embed_texts = make_pmapped_embedders(model)
   image_emb, text_emb, text_image_ids = evaluate.embed_split(
       functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
       data, config.eval.batch_size)
-  modes = [retrieval.ExactSearch(dim) for dim in config.model.nested_dims]
-  return evaluate.evaluate(image_emb, text_emb, text_image_ids, modes, config.eval.ks)
+  return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(config),
+                           config.eval.ks)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 
 from absl import flags
 import flax
@@ -20,8 +22,10 @@ CONFIGS = sorted(p for p in glob.glob('configs/*.py') if not p.endswith('__init_
 
 def _parse(*argv):
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True)
-  flag_values(['prog', *argv])
+  argv = ['prog', *argv]
+  # sys_argv: config_flags reads the config path first, so that --config.x overrides are known flags.
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
   return flag_values.config
 
 
@@ -48,8 +52,15 @@ def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
 
 
 def test_unknown_config_key_is_named():
-  with pytest.raises(flags.UnrecognizedFlagError, match='config.model.no_such_key'):
-    _parse('--config=configs/default.py', '--config.model.no_such_key=3')
+  result = subprocess.run(
+      [sys.executable, '-m', 'hivlp_jax.main', '--config=configs/default.py', '--workdir=unused',
+       '--config.model.nestd_dims=(8,16)'], capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      "Unknown config key 'config.model.nestd_dims' on the command line. Did you mean 'nested_dims'? "
+      'The config file lists the keys.')
+  assert config_lib.unknown_override_keys(config_lib.load_config_file('configs/default.py'),
+                                          ['--config.model.image.width=3', '--config.nope.x=1']) == ['config.nope.x']
 
 
 def test_nested_dims_not_increasing_are_named():
