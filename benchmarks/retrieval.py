@@ -13,6 +13,19 @@ Per method and size: build time (normalisation, training and adding included), i
 sizes; ScaNN's serialised size), single-query p50/p99 latency over --latency_queries queries one at a
 time, batched queries/s over all queries in one call, and recall@10 against the exact top-10.
 
+Trained embeddings instead (--from_workdir=RUN, e.g. a run of configs/default.py): the gallery is the
+run's --from_split image embeddings (its model's full dim; --dim is ignored) followed by copies of them
+with Gaussian noise (std --replica_noise times each coordinate's std over the split's images) up to each
+size; the queries are --queries of the split's caption embeddings (text-to-image, as served). The
+config is the run's own (its config.json), or --config=FILE.
+
+  python benchmarks/retrieval.py --from_workdir=runs/default --sizes=10000,100000,1000000 --queries=1000
+
+A gallery of G items holds about G / N noisy copies of each of the N real images, so a query's exact
+top-10 is mostly copies of its one or two best images and recall@10 measures how well a method orders
+near-duplicates: harder for a coarse prefix than a real gallery of distinct images. Results go to
+retrieval_trained.json / .png beside the synthetic ones unless --out / --plot say otherwise.
+
 --threads=1 (the default) limits BLAS, XLA, FAISS and ScaNN to one thread each, for a like-for-like
 comparison; --threads=0 lets each library use every core. Give it as --threads=N (one argument): BLAS
 sizes its pool when numpy loads, before absl parses flags.
@@ -72,6 +85,11 @@ flags.DEFINE_float('ivf_nprobe_fraction', 0.1, 'FAISS IVF: fraction of the sqrt(
 flags.DEFINE_integer('seed', 0, 'Data seed.')
 flags.DEFINE_string('out', 'benchmarks/results/retrieval.json', 'JSON results (empty: none).')
 flags.DEFINE_string('plot', 'benchmarks/results/retrieval.png', 'Recall vs queries/s plot (empty: none).')
+flags.DEFINE_string('from_workdir', '', 'A training run: benchmark on its model\'s embeddings (see above).')
+flags.DEFINE_string('config', '', 'With --from_workdir: the run\'s config file (default: its config.json).')
+flags.DEFINE_string('from_split', 'test', 'With --from_workdir: the split embedded.')
+flags.DEFINE_float('replica_noise', 0.1, 'With --from_workdir: noise std of the copies, relative to each '
+                   'coordinate\'s std.')
 
 K = 10
 
@@ -88,6 +106,41 @@ def synthetic_data(num_items: int, dim: int, num_queries: int, noise: float, see
   sources = rng.choice(num_items, num_queries, replace=False)
   queries = gallery[sources] + noise * rng.standard_normal((num_queries, dim), np.float32) * std
   return gallery, queries
+
+
+def trained_embeddings(workdir: str, config_file: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Image [N, D] and caption [N * captions, D] embeddings of `split` by the latest checkpoint of `workdir`."""
+  from hivlp_jax import config_lib
+  from hivlp_jax import evaluate
+  from hivlp_jax import query
+  from hivlp_jax.data import pipeline
+  run = query.load_run(workdir, config_lib.load_config_file(config_file) if config_file else None)
+  data = pipeline.load_split(run.config, split, run.tokenizer)
+  images, texts, _ = evaluate.embed_split(*run.embedders(), data, run.config.eval.batch_size)
+  logging.info('Embedded %d images and %d captions of %s (step %d, dim %d).', len(images), len(texts), split,
+               run.step, images.shape[1])
+  return images, texts
+
+
+def replicated_data(images: np.ndarray, texts: np.ndarray, num_items: int, num_queries: int, noise: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Gallery [G, D]: the N `images`, then noisy copies (item i copies image i mod N); queries [Q, D], `texts`.
+
+  A copy adds Gaussian noise of std `noise` times each coordinate's std over the N images. Queries are
+  sampled without replacement (with, when Q exceeds the captions).
+  """
+  rng = np.random.default_rng(seed)
+  images = images.astype(np.float32)
+  std = images.std(axis=0)
+  gallery = np.empty((num_items, images.shape[1]), np.float32)
+  for start in range(0, num_items, 65536):
+    rows = np.arange(start, min(num_items, start + 65536))
+    block = images[rows % len(images)]
+    copies = rows >= len(images)  # The first N rows are the real embeddings.
+    block[copies] += noise * rng.standard_normal((int(copies.sum()), images.shape[1]), np.float32) * std
+    gallery[rows] = block
+  picks = rng.choice(len(texts), num_queries, replace=num_queries > len(texts))
+  return gallery, texts[picks].astype(np.float32)
 
 
 def directory_bytes(path: str) -> int:
@@ -288,9 +341,20 @@ def main(argv):
     faiss.omp_set_num_threads(THREADS)
   if any(m.startswith(('scann', 'two_stage', 'funnel')) for m in FLAGS.methods):
     import scann  # pylint: disable=unused-import  # Imports TensorFlow (seconds): not in a build time.
+  trained = None
+  if FLAGS.from_workdir:
+    trained = trained_embeddings(FLAGS.from_workdir, FLAGS.config, FLAGS.from_split)
+    FLAGS.dim = trained[0].shape[1]  # Tables and plots show the model's dim.
+    for name, suffix in (('out', '.json'), ('plot', '.png')):
+      path = getattr(FLAGS, name)
+      if not FLAGS[name].present and path.endswith(suffix):  # Keep the synthetic results.
+        setattr(FLAGS, name, path[:-len(suffix)] + '_trained' + suffix)
   results = []
   for size in (int(s) for s in FLAGS.sizes):
-    gallery, queries = synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
+    if trained is None:
+      gallery, queries = synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
+    else:
+      gallery, queries = replicated_data(*trained, size, FLAGS.queries, FLAGS.replica_noise, FLAGS.seed)
     rows, tops = [], []
     for method in methods():
       logging.info('G=%d: %s', size, method.name)
@@ -312,6 +376,8 @@ def main(argv):
             'query_noise': FLAGS.query_noise, 'threads': THREADS, 'seed': FLAGS.seed, 'k': K,
             'two_stage': FLAGS.two_stage, 'prefix': FLAGS.prefix, 'funnel': FLAGS.funnel,
             'ivf_nprobe_fraction': FLAGS.ivf_nprobe_fraction, 'cpu_count': os.cpu_count(),
+            'data': f'trained:{FLAGS.from_workdir}:{FLAGS.from_split}' if trained is not None else 'synthetic',
+            'replica_noise': FLAGS.replica_noise if trained is not None else None,
             'machine': platform.machine(), 'python': platform.python_version()}
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)

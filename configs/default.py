@@ -34,8 +34,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.
 
+  # Momentum contrast (MoCo/ALBEF instance level) and COTS task-level alignment. queue_size = 0 trains with
+  # in-batch negatives only and leaves every other field here unused.
+  config.contrastive = ml_collections.ConfigDict()
+  # Pairs in each of the image and text queues of momentum embeddings (sharded over the devices); a
+  # multiple of batch_size. MoCo and ALBEF use 65,536; COTS does not say.
+  config.contrastive.queue_size = 0
+  config.contrastive.momentum = 0.995  # EMA of the momentum towers (ALBEF; MoCo v2 uses 0.999).
+  config.contrastive.momentum_schedule = 'constant'  # Or 'cosine': raised to 1 at num_train_steps (MoCo v3).
+  # Momentum distillation (ALBEF): weight of the momentum towers' soft targets, ramped up linearly over
+  # distill_warmup_steps (ALBEF: 0.4 over the first epoch). 0: hard targets only.
+  config.contrastive.distill_weight = 0.0
+  config.contrastive.distill_warmup_steps = 0
+  # Task-level alignment (COTS): weight of the KL between the image-to-text and text-to-image distributions
+  # over [the pair, the queue]. 0: off. Direction: 'i2t_t2i' = KL(p_i2t || p_t2i), 't2i_i2t', or 'symmetric'
+  # (their mean); 'target' stops the gradient through the first argument of each KL, 'none' does not.
+  config.contrastive.kl_weight = 0.0
+  config.contrastive.kl_direction = 'symmetric'
+  config.contrastive.kl_stop_gradient = 'none'
+  # Adaptive momentum filter (COTS): pairs whose momentum-tower similarity is below mean - filter_k * std
+  # (running statistics, EMA with filter_stats_momentum) are left out of the losses and of the queues.
+  config.contrastive.filter_noisy_pairs = False
+  config.contrastive.filter_k = 2.0
+  config.contrastive.filter_stats_momentum = 0.99
+
   config.batch_size = 256  # Global, over all devices and hosts.
-  config.num_train_steps = 900
+  config.num_train_steps = 700
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 100

@@ -7,6 +7,9 @@ import os
 import jax
 import ml_collections
 
+from hivlp_jax import losses
+from hivlp_jax import momentum
+from hivlp_jax import queues
 from hivlp_jax.models import matryoshka
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
@@ -70,6 +73,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
   if config.num_train_steps < 0:
     raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
+  validate_contrastive(config)
+
+
+def validate_contrastive(config: ml_collections.ConfigDict) -> None:
+  """Checks config.contrastive (momentum queues, distillation, KL alignment, noisy-pair filter)."""
+  c = config.contrastive
+  if c.queue_size < 0:
+    raise ValueError(f'config.contrastive.queue_size={c.queue_size} must be >= 0 (0: in-batch negatives only).')
+  if c.queue_size == 0:
+    for name in ('distill_weight', 'kl_weight', 'filter_noisy_pairs'):
+      if c[name]:
+        raise ValueError(f'config.contrastive.{name}={c[name]!r} needs the momentum queues: set '
+                         f'config.contrastive.queue_size to a multiple of config.batch_size.')
+    return
+  queues.validate_size(c.queue_size, config.batch_size)
+  if not 0.0 <= c.momentum <= 1.0:
+    raise ValueError(f'config.contrastive.momentum={c.momentum} must be in [0, 1].')
+  choices = {'momentum_schedule': momentum.SCHEDULES, 'kl_direction': losses.KL_DIRECTIONS,
+             'kl_stop_gradient': losses.KL_STOP_GRADIENTS}
+  for name, allowed in choices.items():
+    if c[name] not in allowed:
+      raise ValueError(f'config.contrastive.{name}={c[name]!r} is not one of {allowed}.')
+  if not 0.0 <= c.distill_weight <= 1.0:
+    raise ValueError(f'config.contrastive.distill_weight={c.distill_weight} must be in [0, 1].')
+  for name in ('distill_warmup_steps', 'kl_weight', 'filter_k'):
+    if c[name] < 0:
+      raise ValueError(f'config.contrastive.{name}={c[name]} must be >= 0.')
+  if not 0.0 <= c.filter_stats_momentum < 1.0:
+    raise ValueError(f'config.contrastive.filter_stats_momentum={c.filter_stats_momentum} must be in [0, 1).')
 
 
 def _differences(saved: dict, current: dict) -> list[str]:

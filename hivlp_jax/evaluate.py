@@ -61,19 +61,25 @@ def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.Im
   [devices, b, D]. Returns image embeddings [N, D], text embeddings [N * captions, D] and the image
   id of each caption [N * captions].
   """
-  devices = jax.local_device_count()
-  batch_size = max(devices, batch_size // devices * devices)
-
-  def run(fn, array):
-    outputs = []
-    for batch, mask in pipeline.padded_batches(array, batch_size):
-      out = np.asarray(fn(pipeline.shard({'x': batch})['x']))
-      outputs.append(out.reshape(batch_size, -1)[mask])
-    return np.concatenate(outputs)
-
   tokens = data.tokens.reshape(-1, data.tokens.shape[-1])
   text_image_ids = np.repeat(np.arange(data.num_images), data.captions_per_image)
-  return run(embed_images, data.images), run(embed_texts, tokens), text_image_ids
+  return (embed_batches(embed_images, data.images, batch_size), embed_batches(embed_texts, tokens, batch_size),
+          text_image_ids)
+
+
+def embed_batches(embed: Callable, array: np.ndarray, batch_size: int) -> np.ndarray:
+  """Runs a pmapped embedding function over `array` [N, ...] in padded batches -> [N, D].
+
+  `embed(x [devices, b, ...])` returns [devices, b, D]. `batch_size` is rounded down to a multiple of the
+  local device count (at least one row per device); the last batch is padded and its padding dropped.
+  """
+  devices = jax.local_device_count()
+  batch_size = max(devices, batch_size // devices * devices)
+  outputs = []
+  for batch, mask in pipeline.padded_batches(array, batch_size):
+    out = np.asarray(embed(pipeline.shard({'x': batch})['x']))
+    outputs.append(out.reshape(batch_size, -1)[mask])
+  return np.concatenate(outputs)
 
 
 def modes_from_config(config) -> list[retrieval.RetrievalMode]:

@@ -2,7 +2,9 @@
 
 An index directory holds
   manifest.json   format, checkpoint step, sha1 fingerprint / shape / dtype of the embeddings, coarse
-                  dim, shortlist and the resolved ScaNN settings;
+                  dim, shortlist, the resolved ScaNN settings and, when the caller gives one, `source`:
+                  what the embeddings were computed from (e.g. fingerprints of the gallery's inputs and
+                  of the model's parameters);
   embeddings.npy  the gallery [G, D] (full dim, unnormalised) that the exact re-ranking stages read;
   scann/          `searcher.serialize(dir, relative_path=True)` over the normalised coarse prefixes.
 A directory whose manifest does not match what is asked for (another checkpoint, other embeddings,
@@ -11,6 +13,9 @@ that is renamed into place, so a crash never leaves a half-written index behind 
 
   stored = index_store.load_or_build('runs/x/index', gallery, step, coarse_dim=16, shortlist=1000)
   index = retrieval.TwoStageSearch(16, 1000).build(stored.embeddings, searcher=stored.searcher)
+
+The saved embeddings double as a cache: `cached_embeddings(directory, step, source)` returns them when
+they were computed at `step` from `source`, so a caller can skip embedding the gallery again.
 """
 
 import dataclasses
@@ -36,11 +41,15 @@ class StoredIndex:
   embeddings: np.ndarray  # [G, D], as saved.
   manifest: dict
   rebuilt: bool  # False when it was loaded from disk.
+  stale_reasons: list[str] = dataclasses.field(default_factory=list)  # Why a saved index was rebuilt.
 
 
 def make_manifest(embeddings: np.ndarray, step: int, coarse_dim: int, shortlist: int,
-                  settings: Optional[retrieval.ScannSettings] = None) -> dict:
-  """What identifies an index: it is reused only when all of this matches."""
+                  settings: Optional[retrieval.ScannSettings] = None, source: Optional[dict] = None) -> dict:
+  """What identifies an index: it is reused only when all of this matches.
+
+  `source` (JSON-serialisable, compared as saved) describes what the embeddings were computed from.
+  """
   num_neighbors = min(shortlist, embeddings.shape[0])  # As `FunnelSearch.build_searcher` builds it.
   settings = (settings or retrieval.ScannSettings()).resolve(embeddings.shape[0], num_neighbors)
   scann_settings = dataclasses.asdict(settings)
@@ -54,7 +63,7 @@ def make_manifest(embeddings: np.ndarray, step: int, coarse_dim: int, shortlist:
       'coarse_dim': int(coarse_dim),
       'shortlist': int(shortlist),
       'scann_settings': scann_settings,
-  }
+  } | ({} if source is None else {'source': source})
 
 
 def read_manifest(directory: str) -> Optional[dict]:
@@ -102,13 +111,31 @@ def load(directory: str) -> StoredIndex:
   return StoredIndex(searcher, embeddings, manifest, rebuilt=False)
 
 
+def cached_embeddings(directory: str, step: int, source: dict) -> Optional[np.ndarray]:
+  """The embeddings [G, D] saved in `directory` when they were computed at checkpoint `step` from
+  `source` (as given to `load_or_build`) and are intact; else None, and the caller embeds afresh."""
+  found = read_manifest(directory)
+  if (found is None or found.get('format') != FORMAT or found.get('step') != int(step)
+      or found.get('source') != json.loads(json.dumps(source))):  # As it reads back from JSON.
+    return None
+  try:
+    embeddings = np.load(os.path.join(directory, EMBEDDINGS))
+  except (OSError, ValueError):
+    return None
+  if list(embeddings.shape) != found.get('shape') or retrieval.fingerprint(embeddings) != found.get('fingerprint'):
+    return None
+  return embeddings
+
+
 def load_or_build(directory: str, embeddings: np.ndarray, step: int, coarse_dim: int, shortlist: int,
-                  settings: Optional[retrieval.ScannSettings] = None) -> StoredIndex:
+                  settings: Optional[retrieval.ScannSettings] = None,
+                  source: Optional[dict] = None) -> StoredIndex:
   """The stage-1 index of `embeddings` [G, D] at checkpoint `step`: loaded when `directory` holds a
-  matching one, else built (over the normalised `coarse_dim`-prefixes, `shortlist` neighbours), saved
-  and returned."""
+  matching one (same `source` too, when given), else built (over the normalised `coarse_dim`-prefixes,
+  `shortlist` neighbours), saved and returned."""
   embeddings = np.ascontiguousarray(embeddings, np.float32)
-  wanted = make_manifest(embeddings, step, coarse_dim, shortlist, settings)
+  wanted = json.loads(json.dumps(make_manifest(embeddings, step, coarse_dim, shortlist, settings, source)))
+  reasons = []
   if os.path.isdir(directory):
     reasons = stale_reasons(read_manifest(directory), wanted)
     if not reasons:
@@ -123,4 +150,4 @@ def load_or_build(directory: str, embeddings: np.ndarray, step: int, coarse_dim:
     logging.info('No index in %s: building it.', directory)
   searcher = retrieval.TwoStageSearch(coarse_dim, shortlist, settings).build_searcher(embeddings)
   save(directory, searcher, embeddings, wanted)
-  return StoredIndex(searcher, embeddings, wanted, rebuilt=True)
+  return StoredIndex(searcher, embeddings, wanted, rebuilt=True, stale_reasons=reasons)

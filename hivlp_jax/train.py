@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from hivlp_jax import config_lib
 from hivlp_jax import evaluate
 from hivlp_jax import losses
+from hivlp_jax import momentum
+from hivlp_jax import queues
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import two_towers
 
@@ -30,11 +32,35 @@ AXIS = 'batch'
 class TrainState(train_state.TrainState):
   # Consecutive skipped (non-finite) steps, a 0-d array so that it checkpoints and restores.
   nonfinite_steps: jnp.ndarray = None
+  # With momentum queues (config.contrastive.queue_size > 0), else None: the momentum towers' parameters,
+  # the queues (whole [Q, D] on the host, a [Q / n, D] shard per device under pmap: see replicate_state)
+  # and the running statistics of the adaptive momentum filter.
+  ema_params: Any = None
+  queues: Optional['queues.QueueState'] = None  # Quoted: the field shadows the module in the class body.
+  filter_stats: Optional['momentum.FilterStats'] = None
 
 
 def unreplicate(tree):
   """First replica of a pmapped pytree (flax.jax_utils.unreplicate keeps a leading axis on 1 device)."""
   return jax.tree.map(lambda x: x[0], tree)
+
+
+def replicate_state(state: TrainState, devices=None) -> TrainState:
+  """Host state -> pmap layout on `devices`: replicated, except the queues, which are split into shards."""
+  devices = devices or jax.local_devices()
+  replicated = flax.jax_utils.replicate(state.replace(queues=None), devices)
+  if state.queues is None:
+    return replicated
+  mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
+  shards = jax.device_put(queues.split_into_shards(state.queues, len(devices)),
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices')))
+  return replicated.replace(queues=shards)
+
+
+def unreplicate_state(state: TrainState) -> TrainState:
+  """Inverse of `replicate_state`: the first replica, with the device shards of the queues joined."""
+  host = unreplicate(state.replace(queues=None))
+  return host if state.queues is None else host.replace(queues=queues.merge_shards(state.queues))
 
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towers.TwoTowers:
@@ -70,8 +96,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
   params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
                                jnp.ones((1, max_len), jnp.int32))['params']
   tx = create_optimizer(config, create_learning_rate_fn(config))
+  momentum_fields = {}
+  if config.contrastive.queue_size:
+    # The momentum towers start equal to the online ones.
+    momentum_fields = dict(ema_params=params,
+                           queues=queues.init(config.contrastive.queue_size, config.model.embed_dim),
+                           filter_stats=momentum.init_filter_stats())
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           nonfinite_steps=jnp.zeros((), jnp.int32))
+                           nonfinite_steps=jnp.zeros((), jnp.int32), **momentum_fields)
 
 
 def loss_and_grads(params, apply_fn, batch: dict, *, nested_dims, dim_weights):
@@ -98,14 +130,72 @@ def loss_and_grads(params, apply_fn, batch: dict, *, nested_dims, dim_weights):
   return jax.lax.pmean((loss, metrics), AXIS), jax.lax.pmean(grads, AXIS)
 
 
-def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, learning_rate_fn):
+def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_weights,
+                            contrastive: ml_collections.FrozenConfigDict):
+  """Momentum contrastive loss against the queues (with the options of `contrastive`) and its gradient.
+
+  batch: as for `loss_and_grads`. Returns ((loss, metrics), grads, updates): loss, metrics and grads
+  averaged over the 'batch' axis, and the new `queues` and `filter_stats` of the state.
+  """
+  local_batch = batch['image'].shape[0]
+  momentum_image, momentum_text, _ = jax.lax.stop_gradient(
+      state.apply_fn({'params': state.ema_params}, batch['image'], batch['text']))  # [b, D] each
+  keep = jnp.ones((local_batch,), jnp.bool_)
+  updates, filter_metrics = {}, {}
+  if contrastive.filter_noisy_pairs:
+    keep, updates['filter_stats'], dropped = momentum.filter_pairs(
+        momentum.positive_similarity(momentum_image, momentum_text), state.filter_stats, k=contrastive.filter_k,
+        stats_momentum=contrastive.filter_stats_momentum, axis_name=AXIS)
+    filter_metrics = dict(filter_dropped_fraction=dropped, filter_mean=updates['filter_stats'].mean,
+                          filter_std=jnp.sqrt(updates['filter_stats'].var))
+  distill_weight = None
+  if contrastive.distill_weight:
+    ramp = jnp.minimum(1.0, state.step / max(contrastive.distill_warmup_steps, 1))
+    distill_weight = contrastive.distill_weight * (ramp if contrastive.distill_warmup_steps else 1.0)
+  global_momentum_image = jax.lax.all_gather(momentum_image, AXIS, tiled=True)
+  global_momentum_text = jax.lax.all_gather(momentum_text, AXIS, tiled=True)
+
+  def loss_fn(params):
+    image_embedding, text_embedding, extras = state.apply_fn({'params': params}, batch['image'], batch['text'])
+    global_image = jax.lax.all_gather(image_embedding, AXIS, tiled=True)
+    global_text = jax.lax.all_gather(text_embedding, AXIS, tiled=True)
+    loss, metrics = losses.momentum_info_nce(
+        image_embedding, text_embedding, global_image, global_text, global_momentum_image,
+        global_momentum_text, state.queues, extras['temperature'], nested_dims, dim_weights, axis_name=AXIS,
+        keep=keep if contrastive.filter_noisy_pairs else None, distill_weight=distill_weight,
+        kl_weight=contrastive.kl_weight, kl_direction=contrastive.kl_direction,
+        kl_stop_gradient=contrastive.kl_stop_gradient)
+    metrics['temperature'] = extras['temperature']
+    return loss, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics.update(filter_metrics)
+  if distill_weight is not None:
+    metrics['distill_weight'] = distill_weight
+  updates['queues'] = queues.enqueue(state.queues, momentum_image, momentum_text, keep, AXIS)
+  return jax.lax.pmean((loss, metrics), AXIS), jax.lax.pmean(grads, AXIS), updates
+
+
+def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, learning_rate_fn,
+               contrastive: Optional[ml_collections.FrozenConfigDict] = None, num_train_steps: int = 0):
   """One data-parallel step; call under `jax.pmap(axis_name='batch')`.
 
+  contrastive: config.contrastive when it has queues (queue_size > 0), else None (in-batch negatives only).
   A step whose loss or gradient is not finite leaves the state unchanged except `nonfinite_steps`.
   """
-  (loss, metrics), grads = loss_and_grads(state.params, state.apply_fn, batch, nested_dims=nested_dims,
-                                          dim_weights=dim_weights)
-  updated = state.apply_gradients(grads=grads)
+  if contrastive is None:
+    (loss, metrics), grads = loss_and_grads(state.params, state.apply_fn, batch, nested_dims=nested_dims,
+                                            dim_weights=dim_weights)
+    updated = state.apply_gradients(grads=grads)
+  else:
+    (loss, metrics), grads, updates = momentum_loss_and_grads(state, batch, nested_dims=nested_dims,
+                                                              dim_weights=dim_weights, contrastive=contrastive)
+    updated = state.apply_gradients(grads=grads)
+    ema_momentum = momentum.momentum_at(state.step, contrastive.momentum, contrastive.momentum_schedule,
+                                        num_train_steps)
+    updated = updated.replace(ema_params=momentum.ema_update(state.ema_params, updated.params, ema_momentum),
+                              **updates)
+    metrics['momentum'] = ema_momentum
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
@@ -120,9 +210,13 @@ def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, lear
 
 def make_pmapped_train_step(config: ml_collections.ConfigDict, devices=None):
   """The train step pmapped over `devices` (default: all local devices)."""
+  contrastive = None
+  if config.contrastive.queue_size:
+    contrastive = ml_collections.FrozenConfigDict(config.contrastive)
   step = functools.partial(train_step, nested_dims=tuple(config.model.nested_dims),
                            dim_weights=tuple(config.loss.dim_weights),
-                           learning_rate_fn=create_learning_rate_fn(config))
+                           learning_rate_fn=create_learning_rate_fn(config), contrastive=contrastive,
+                           num_train_steps=config.num_train_steps)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
@@ -189,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   if start_step == 0:
     writer.write_hparams(config_lib.flatten(config))
-  state = flax.jax_utils.replicate(state)
+  state = replicate_state(state)
 
   p_train_step = make_pmapped_train_step(config)
   batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step)
@@ -221,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'those steps were skipped. The last good checkpoint is in {manager.directory} (steps '
             f'{manager.all_steps()}). Lower config.optimizer.learning_rate or check the input data.')
     if step % config.checkpoint_every_steps == 0 or last:
-      manager.save(step, args=ocp.args.StandardSave(unreplicate(state)))
+      manager.save(step, args=ocp.args.StandardSave(unreplicate_state(state)))
   manager.wait_until_finished()
   if end_step < config.num_train_steps:
     logging.info('Stopped after step %d of %d as asked; run again to resume.', end_step, config.num_train_steps)

@@ -6,7 +6,7 @@ went straight to s or was resumed from a checkpoint, so resuming never restarts 
 
 import dataclasses
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import jax
 import ml_collections
@@ -22,9 +22,11 @@ class ImageTextSplit:
 
   images: uint8 [num_images, H, W, 3].
   tokens: int32 [num_images, captions_per_image, max_len].
+  captions: num_images lists of captions_per_image str, the text of `tokens` (for display).
   """
   images: np.ndarray
   tokens: np.ndarray
+  captions: Optional[list[list[str]]] = dataclasses.field(default=None, repr=False)
 
   @property
   def num_images(self) -> int:
@@ -62,7 +64,7 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   captions = raw['captions']
   per_image = len(captions[0])
   flat = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
-  return ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1))
+  return ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
 
 
 class TrainOrder:

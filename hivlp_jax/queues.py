@@ -1,0 +1,184 @@
+"""Sharded momentum queues and the softmax over [global batch, queue] they need (MoCo/ALBEF/COTS).
+
+The queues hold momentum embeddings of earlier pairs: slot k of the image queue and slot k of the text
+queue always come from the same pair, so image-to-text and text-to-image distributions over the queues
+share a support (the COTS task-level alignment relies on it). Embeddings are stored at the full embed dim,
+unnormalised, as the heads produce them; a nested dim reads a prefix and re-normalises it.
+
+Layout. Under `jax.pmap` each of the n devices holds S = Q / n slots (Q = the queue size, a multiple of the
+global batch B = n * b). Each step every device writes the momentum embeddings of its own b pairs into its
+own shard, at the same local slot, so the queue is never all-gathered: only the small global query batch
+is. The host copy (for checkpoints) is the device shards concatenated in device order, [Q, D].
+
+Softmax. A query row's support is split in two parts (see `Logits`): columns every device holds in full
+(the gathered momentum batch, computed for this device's rows only) and this device's queue slots (computed
+for every row of the gathered global batch). `logsumexp`, `expectation` and `kl_divergence` combine the
+shards with collectives (pmax of the local maxima, psum of the exp-sums, reduce-scattered to the rows'
+devices), so their values and gradients equal those of one device holding the whole queue.
+"""
+
+from typing import NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logit of an empty slot: exp() of it underflows to exactly 0, and it stays finite, so gradients do too.
+EMPTY_SLOT_LOGIT = -1e9
+
+
+@flax.struct.dataclass
+class QueueState:
+  """Index-aligned image and text queues. S = Q on the host, Q / n on each device."""
+  image: jnp.ndarray  # [S, D] float32, momentum image embeddings.
+  text: jnp.ndarray  # [S, D] float32, momentum text embeddings of the same pairs.
+  filled: jnp.ndarray  # [S] bool: the slot holds a pair (empty slots are left out of every softmax).
+  # 0-d int32, the ring pointer in global units: pairs written since the ring last wrapped (a multiple of
+  # the global batch). Each device writes its b rows at local slot position / n.
+  position: jnp.ndarray
+
+
+def validate_size(queue_size: int, global_batch: int) -> None:
+  if queue_size <= 0 or queue_size % global_batch:
+    raise ValueError(f'config.contrastive.queue_size={queue_size} must be a positive multiple of the global '
+                     f'batch (config.batch_size={global_batch}), so that every step writes whole rows of '
+                     f'every device shard; e.g. {max(1, queue_size // global_batch) * global_batch}.')
+
+
+def init(queue_size: int, embed_dim: int) -> QueueState:
+  """Empty host queues of `queue_size` pairs at the full embedding dim."""
+  return QueueState(image=jnp.zeros((queue_size, embed_dim), jnp.float32),
+                    text=jnp.zeros((queue_size, embed_dim), jnp.float32),
+                    filled=jnp.zeros((queue_size,), jnp.bool_),
+                    position=jnp.zeros((), jnp.int32))
+
+
+def split_into_shards(queues: QueueState, num_devices: int) -> QueueState:
+  """Host queues [Q, ...] -> per-device shards stacked on a leading axis [n, Q / n, ...] (pmap layout)."""
+  size = queues.image.shape[0]
+  if size % num_devices:
+    raise ValueError(f'A queue of {size} pairs cannot be split over {num_devices} devices evenly.')
+  shard = lambda x: np.asarray(x).reshape((num_devices, size // num_devices) + x.shape[1:])
+  return QueueState(image=shard(queues.image), text=shard(queues.text), filled=shard(queues.filled),
+                    position=np.full((num_devices,), np.asarray(queues.position), np.int32))
+
+
+def merge_shards(queues: QueueState) -> QueueState:
+  """Inverse of `split_into_shards`: stacked device shards [n, S, ...] -> host queues [n * S, ...]."""
+  queues = jax.device_get(queues)
+  merge = lambda x: jnp.asarray(x.reshape((-1,) + x.shape[2:]))
+  return QueueState(image=merge(queues.image), text=merge(queues.text), filled=merge(queues.filled),
+                    position=jnp.asarray(queues.position[0], jnp.int32))
+
+
+def bytes_per_device(queue_size: int, embed_dim: int, num_devices: int) -> int:
+  """Memory of one device's queue shard in bytes, from the arrays' shapes and dtypes (nothing allocated)."""
+  total = 0
+  for leaf in jax.tree.leaves(jax.eval_shape(lambda: init(queue_size, embed_dim))):
+    # Queue arrays are split over the devices along their first axis; the 0-d pointer is replicated.
+    shard_shape = (leaf.shape[0] // num_devices,) + leaf.shape[1:] if leaf.ndim else ()
+    total += int(np.prod(shard_shape)) * leaf.dtype.itemsize
+  return total
+
+
+def enqueue(queues: QueueState, image_keys: jnp.ndarray, text_keys: jnp.ndarray, keep: jnp.ndarray,
+            axis_name: str) -> QueueState:
+  """Writes this device's pairs into its shard at the ring pointer; call under pmap.
+
+  Args:
+    queues: this device's shard, S slots.
+    image_keys, text_keys: [b, D] momentum embeddings of this device's pairs (full dim).
+    keep: [b] bool. A pair that is not kept (filtered as noisy) is not enqueued: its slot keeps the pair
+      it held before (or stays empty), so slot k of both queues still holds one and the same pair.
+  Returns the updated shard; the pointer advances by the global batch, wrapping at Q.
+  """
+  local_batch = image_keys.shape[0]
+  num_devices = jax.lax.axis_size(axis_name)
+  start = queues.position // num_devices
+
+  def write(queue, rows):
+    old = jax.lax.dynamic_slice_in_dim(queue, start, local_batch)
+    mask = keep.reshape((-1,) + (1,) * (rows.ndim - 1))
+    return jax.lax.dynamic_update_slice_in_dim(queue, jnp.where(mask, rows.astype(queue.dtype), old), start, 0)
+
+  filled = jax.lax.dynamic_slice_in_dim(queues.filled, start, local_batch) | keep
+  queue_size = queues.image.shape[0] * num_devices
+  return QueueState(image=write(queues.image, jax.lax.stop_gradient(image_keys)),
+                    text=write(queues.text, jax.lax.stop_gradient(text_keys)),
+                    filled=jax.lax.dynamic_update_slice_in_dim(queues.filled, filled, start, 0),
+                    position=(queues.position + num_devices * local_batch) % queue_size)
+
+
+def queue_logits(queries: jnp.ndarray, queue: jnp.ndarray, filled: jnp.ndarray,
+                 temperature: jnp.ndarray) -> jnp.ndarray:
+  """Normalised queries [B, d] against a normalised queue shard [S, d] -> [B, S]; empty slots get -1e9."""
+  return jnp.where(filled[None, :], queries @ queue.T / temperature, EMPTY_SLOT_LOGIT)
+
+
+class Logits(NamedTuple):
+  """Logits of this device's b query rows over a support split between the devices.
+
+  batch: [b, K], columns that every device holds in full (e.g. the gathered momentum batch), for this
+    device's rows only.
+  queue: [B, S], every row of the gathered global batch (B = n * b, device-major, this device's rows at
+    axis_index * b) against this device's S queue slots. The other devices hold the other slots.
+  """
+  batch: jnp.ndarray
+  queue: jnp.ndarray
+
+
+def _own_rows(x: jnp.ndarray, local_batch: int, axis_name: str) -> jnp.ndarray:
+  """[B, ...] replicated over devices -> this device's rows [b, ...]."""
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis_name) * local_batch, local_batch)
+
+
+def _sum_over_shards(per_row: jnp.ndarray, axis_name: str) -> jnp.ndarray:
+  """[B] partial sums over this device's slots -> [b] sums over every device's slots, for this device's rows."""
+  return jax.lax.psum_scatter(per_row, axis_name, scatter_dimension=0, tiled=True)
+
+
+def row_max(logits: Logits, axis_name: str) -> jnp.ndarray:
+  """[b]: the largest logit of each of this device's rows over the whole support (no gradient)."""
+  local_batch = logits.batch.shape[0]
+  queue_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits.queue, axis=1)), axis_name)  # [B]
+  batch_max = jax.lax.stop_gradient(jnp.max(logits.batch, axis=1))
+  return jnp.maximum(batch_max, _own_rows(queue_max, local_batch, axis_name))
+
+
+def logsumexp(logits: Logits, axis_name: str) -> jnp.ndarray:
+  """[b]: log sum exp of each of this device's rows over [batch columns, the whole queue]."""
+  local_batch = logits.batch.shape[0]
+  # The shifts only keep exp() in range; they carry no gradient, so any value gives the exact result.
+  queue_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits.queue, axis=1)), axis_name)  # [B]
+  queue_sum = _sum_over_shards(jnp.sum(jnp.exp(logits.queue - queue_max[:, None]), axis=1), axis_name)
+  queue_max = _own_rows(queue_max, local_batch, axis_name)
+  shift = jnp.maximum(jax.lax.stop_gradient(jnp.max(logits.batch, axis=1)), queue_max)
+  total = jnp.sum(jnp.exp(logits.batch - shift[:, None]), axis=1) + queue_sum * jnp.exp(queue_max - shift)
+  return shift + jnp.log(total)
+
+
+def expectation(weight_logits: Logits, values: Logits, axis_name: str,
+                weight_logsumexp: jnp.ndarray | None = None) -> jnp.ndarray:
+  """[b]: sum_k softmax(weight_logits)_k * values_k over the whole support, for this device's rows.
+
+  `values` has the layout of `weight_logits`; `weight_logsumexp` ([b], optional) saves recomputing it.
+  """
+  if weight_logsumexp is None:
+    weight_logsumexp = logsumexp(weight_logits, axis_name)
+  all_rows_logsumexp = jax.lax.all_gather(weight_logsumexp, axis_name, tiled=True)  # [B]
+  batch_part = jnp.sum(jnp.exp(weight_logits.batch - weight_logsumexp[:, None]) * values.batch, axis=1)
+  queue_part = _sum_over_shards(
+      jnp.sum(jnp.exp(weight_logits.queue - all_rows_logsumexp[:, None]) * values.queue, axis=1), axis_name)
+  return batch_part + queue_part
+
+
+def kl_divergence(p_logits: Logits, q_logits: Logits, axis_name: str) -> jnp.ndarray:
+  """[b]: KL(softmax(p) || softmax(q)) per row, over a support that p and q share column by column.
+
+  KL(p || q) = sum_k p_k (p_logit_k - q_logit_k) - logsumexp(p) + logsumexp(q).
+  """
+  p_logsumexp = logsumexp(p_logits, axis_name)
+  difference = jax.tree.map(jnp.subtract, p_logits, q_logits)
+  return (expectation(p_logits, difference, axis_name, p_logsumexp) - p_logsumexp
+          + logsumexp(q_logits, axis_name))
