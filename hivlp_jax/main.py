@@ -13,15 +13,21 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from hivlp_jax import config_lib
 from hivlp_jax import train
+from hivlp_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU/GPU, SLURM).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU/GPU, SLURM). '
+                  'On TPU VMs and under SLURM the coordinator is found automatically.')
+flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0, when not automatic.')
+flags.DEFINE_integer('num_processes', None, 'With --distributed: number of processes, when not automatic.')
+flags.DEFINE_integer('process_id', None, 'With --distributed: this process, when not automatic.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -38,7 +44,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  if jax.process_count() > 1:
+    # One process generates the data set and trains the tokenizer; the others wait, then read them.
+    if jax.process_index() == 0:
+      pipeline.get_tokenizer(FLAGS.config)
+    multihost_utils.sync_global_devices('hivlp_jax: data prepared')
   logging.info('JAX devices: %d local of %d on %d processes (%s).', jax.local_device_count(),
                jax.device_count(), jax.process_count(), jax.devices()[0].platform)
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

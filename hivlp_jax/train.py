@@ -41,8 +41,12 @@ class TrainState(train_state.TrainState):
 
 
 def unreplicate(tree):
-  """First replica of a pmapped pytree (flax.jax_utils.unreplicate keeps a leading axis on 1 device)."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """First replica of a pmapped pytree, as host numpy arrays.
+
+  Host arrays, because orbax cannot save the host-local arrays of a multi-process pmap, and
+  flax.jax_utils.unreplicate keeps a leading axis on one device.
+  """
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
 
 
 def replicate_state(state: TrainState, devices=None) -> TrainState:

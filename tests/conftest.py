@@ -8,7 +8,7 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-from configs import default as default_config  # pylint: disable=g-import-not-at-top
+from configs import tiny  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope='session')
@@ -21,19 +21,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir: str):
-  """The default config shrunk to a model and data set that train in seconds on CPU."""
-  config = default_config.get_config()
+  """configs/tiny.py with its data in the session's data dir."""
+  config = tiny.get_config()
   config.data.data_dir = data_dir
-  config.data.builder_config = 'tiny'
-  config.model.embed_dim = 64
-  config.model.nested_dims = (8, 16, 32, 64)
-  config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0)
-  config.model.image.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128))
-  config.model.text.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128))
-  config.batch_size = 32
-  config.num_train_steps = 6
-  config.optimizer.warmup_steps = 2
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 3
-  config.eval.batch_size = 64
   return config

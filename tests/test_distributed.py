@@ -1,0 +1,63 @@
+"""A real multi-process run: 2 processes x 2 CPU devices on localhost, through jax.distributed.
+
+It must train exactly like one process with 4 devices: the same global batches, the same losses.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from hivlp_jax.data import pipeline
+from tests.conftest import tiny_config
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _losses(log: str) -> dict[int, float]:
+  """{step: loss} from the run's metric log lines ('[step] ... loss=X, ...')."""
+  return {int(step): float(loss) for step, loss in re.findall(r'\] \[(\d+)\] .*?\bloss=([-\d.e]+)', log)}
+
+
+def _command(workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'hivlp_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+          f'--config.data.data_dir={data_dir}', *extra]
+
+
+def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_path):
+  pipeline.get_tokenizer(tiny_config(data_dir))  # Prepared once, as a shared filesystem would hold it.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  processes = [
+      subprocess.Popen(_command(multi, data_dir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+                                '--num_processes=2', f'--process_id={i}'),
+                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=400)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for i, (p, log) in enumerate(zip(processes, logs)):
+    assert p.returncode == 0, f'process {i} failed:\n{log[-3000:]}'
+  assert 'JAX devices: 2 local of 4 on 2 processes' in logs[0]
+
+  single = str(tmp_path / 'single')
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+  reference = subprocess.run(_command(single, data_dir), env=env, capture_output=True, text=True, timeout=400)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  multi_losses, single_losses = _losses(logs[0]), _losses(reference.stderr + reference.stdout)
+  assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6]
+  np.testing.assert_allclose([multi_losses[s] for s in (2, 4, 6)], [single_losses[s] for s in (2, 4, 6)],
+                             rtol=1e-4)
+  assert os.path.exists(os.path.join(multi, 'metrics.json'))
+  assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
