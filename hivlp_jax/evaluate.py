@@ -107,8 +107,9 @@ def write_metrics_json(path: str, results: Mapping, step: int) -> None:
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:
   columns = [f'i2t_r{k}' for k in ks] + [f't2i_r{k}' for k in ks] + ['rsum']
-  lines = [f'{"mode":<16}' + ''.join(f'{c:>9}' for c in columns)]
+  width = max(len(name) for name in list(results) + ['mode']) + 2
+  lines = [f'{"mode":<{width}}' + ''.join(f'{c:>9}' for c in columns)]
   for name, metrics in results.items():
-    lines.append(f'{name:<16}' + ''.join(
+    lines.append(f'{name:<{width}}' + ''.join(
         f'{metrics[c]:>9.1f}' if c == 'rsum' else f'{metrics[c]:>9.3f}' for c in columns))
   return '\n'.join(lines)

@@ -6,6 +6,7 @@ On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
 """
 
+import logging as std_logging
 import re
 import sys
 
@@ -35,7 +36,7 @@ class _QuietLibraries:
   """Drops the INFO chatter of orbax and TFDS (one line per file written) from the run's log."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
 
