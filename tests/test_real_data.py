@@ -1,0 +1,102 @@
+"""Real-data readers on tiny files in the real formats, written here: Karpathy JSON + JPEGs, webdataset tars."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from hivlp_jax.data import flickr30k
+from hivlp_jax.data import scenes
+from hivlp_jax.data import webdataset
+
+
+def _jpeg(index: int) -> bytes:
+  rng = np.random.default_rng(index)
+  image = scenes.render(scenes.sample_scene(rng), 48, rng)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='JPEG')
+  return buffer.getvalue()
+
+
+def _write_flickr_manual_dir(root, splits):
+  os.makedirs(root / flickr30k.IMAGES_DIR)
+  images = []
+  for i, split in enumerate(splits):
+    (root / flickr30k.IMAGES_DIR / f'{1000 + i}.jpg').write_bytes(_jpeg(i))
+    images.append({'filename': f'{1000 + i}.jpg', 'split': split, 'imgid': i,
+                   'sentences': [{'raw': f'image {i} caption {c}', 'tokens': []} for c in range(5)]})
+  (root / flickr30k.SPLITS_FILE).write_text(json.dumps({'images': images, 'dataset': 'flickr30k'}))
+
+
+def test_flickr30k_builder_reads_karpathy_splits(tmp_path):
+  manual = tmp_path / 'manual'
+  _write_flickr_manual_dir(manual, ['train'] * 3 + ['restval'] * 2 + ['val'] * 2 + ['test'] * 4)
+  builder = flickr30k.Flickr30k(data_dir=str(tmp_path / 'data'))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+  sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
+  assert sizes == {'train': 5, 'validation': 2, 'test': 4}
+  test = tfds.as_numpy(builder.as_dataset(split='test', batch_size=-1))
+  assert test['image'].shape[1:] == (48, 48, 3)
+  for filename, captions in zip(test['image/filename'], test['captions']):
+    index = int(filename.decode()[:-4]) - 1000
+    assert [c.decode() for c in captions] == [f'image {index} caption {c}' for c in range(5)]
+    assert 7 <= index <= 10  # The test images are the last four.
+
+
+def test_flickr30k_missing_manual_files_say_what_to_download(tmp_path):
+  builder = flickr30k.Flickr30k(data_dir=str(tmp_path / 'data'))
+  with pytest.raises(Exception, match='dataset_flickr30k.json'):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path)))
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shards(root, num_shards=4, per_shard=5):
+  """Shards of img2dataset layout; sample 00001 has a corrupt JPEG and 00007 an empty caption."""
+  paths = []
+  for shard in range(num_shards):
+    path = root / f'{shard:05d}.tar'
+    with tarfile.open(path, 'w') as tar:
+      for j in range(per_shard):
+        key = f'{shard * per_shard + j:05d}'
+        image = b'\xff\xd8 not a jpeg' if key == '00001' else _jpeg(int(key))
+        caption = '' if key == '00007' else f'caption of {key}'
+        _add(tar, f'{key}.jpg', image)
+        if j % 2:
+          _add(tar, f'{key}.json', json.dumps({'caption': caption, 'url': 'x'}).encode())
+        else:
+          _add(tar, f'{key}.txt', caption.encode())
+    paths.append(str(path))
+  return paths
+
+
+def test_webdataset_reader_skips_and_counts_bad_samples(tmp_path):
+  shards = _write_shards(tmp_path)
+  stats = webdataset.ReadStats()
+  samples = list(webdataset.read_shards(shards, stats))
+  assert stats.as_dict() == {'samples': 18, 'corrupt_images': 1, 'empty_captions': 1, 'missing_parts': 0}
+  keys = [key for key, _, _ in samples]
+  assert '00001' not in keys and '00007' not in keys and len(keys) == 18
+  for key, image, caption in samples:
+    assert caption == f'caption of {key}'
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+  assert 'skipped' in webdataset.count_by_reason(stats)
+
+
+def test_webdataset_hosts_read_disjoint_halves(tmp_path):
+  shards = _write_shards(tmp_path)
+  per_host = [[k for k, _, _ in webdataset.read_shards(webdataset.shards_for_host(shards, host, 2))]
+              for host in range(2)]
+  assert not set(per_host[0]) & set(per_host[1])
+  assert sorted(per_host[0] + per_host[1]) == sorted(k for k, _, _ in webdataset.read_shards(shards))
+  with pytest.raises(ValueError, match='4 shards cannot feed 8 hosts'):
+    webdataset.shards_for_host(shards, 0, 8)
