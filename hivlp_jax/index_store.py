@@ -122,7 +122,8 @@ def cached_embeddings(directory: str, step: int, source: dict) -> Optional[np.nd
     embeddings = np.load(os.path.join(directory, EMBEDDINGS))
   except (OSError, ValueError):
     return None
-  if list(embeddings.shape) != found.get('shape') or retrieval.fingerprint(embeddings) != found.get('fingerprint'):
+  if (list(embeddings.shape) != found.get('shape')
+      or retrieval.fingerprint(embeddings) != found.get('fingerprint')):
     return None
   return embeddings
 

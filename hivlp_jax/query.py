@@ -31,6 +31,7 @@ import hashlib
 import html
 import io
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
@@ -372,13 +373,13 @@ def _tiles(result: QueryResult) -> list[tuple[np.ndarray, str]]:
   """(image, title) per tile of a result's row: the query image first for image queries."""
   tiles = [] if result.query_image is None else [(result.query_image, 'query')]
   gallery = result.gallery
-  for hit in result.hits:
-    tiles.append((gallery.images[gallery.image_ids[hit.index]], f'#{hit.rank} {hit.score:.3f}'))
+  for hit in result.hits:  # Wide gaps: the default font's spaces are narrow.
+    tiles.append((gallery.images[gallery.image_ids[hit.index]], f'#{hit.rank}   {hit.score:.3f}'))
   return tiles
 
 
 def _header(result: QueryResult) -> str:
-  return f'{result.kind}: {result.query}  ->  {result.gallery.name}'
+  return f'{result.kind} query:  {result.query}   ->   {result.gallery.name}'
 
 
 def contact_sheet(results: Sequence[QueryResult], tile: int = 128) -> Image.Image:
@@ -445,6 +446,9 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
     raise ValueError('Give at least one query: a text or an image.')
   if k < 1:
     raise ValueError(f'k={k} must be at least 1.')
+  missing = [path for path in images if not os.path.isfile(path)]
+  if missing:  # Before the seconds it takes to restore the run.
+    raise FileNotFoundError(f'No such image file: {", ".join(missing)}.')
   out = out or sys.stdout
   run = load_run(workdir, config)
   default_dim, default_shortlist = (tuple(run.config.eval.two_stage[0]) if run.config.eval.two_stage
@@ -501,7 +505,8 @@ class _QuietLibraries:
   """Drops the INFO chatter of orbax, TFDS and etils from the log (as hivlp_jax.main does)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or not any(
+    # The standard library's WARNING: absl's `logging.WARNING` is its own verbosity level, -1.
+    return record.levelno >= std_logging.WARNING or not any(
         part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
 
