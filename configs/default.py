@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.temperature_min = 0.001
   config.model.temperature_max = 0.5
   config.model.image = ml_collections.ConfigDict(
-      dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512))
+      dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
+           init_checkpoint=''))  # A public ViT .npz to start from (see models/pretrained.py).
   config.model.text = ml_collections.ConfigDict(
       dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512))
 

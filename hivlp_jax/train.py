@@ -24,6 +24,7 @@ from hivlp_jax import losses
 from hivlp_jax import momentum
 from hivlp_jax import queues
 from hivlp_jax.data import pipeline
+from hivlp_jax.models import pretrained
 from hivlp_jax.models import two_towers
 
 AXIS = 'batch'
@@ -52,12 +53,13 @@ def unreplicate(tree):
 def replicate_state(state: TrainState, devices=None) -> TrainState:
   """Host state -> pmap layout on `devices`: replicated, except the queues, which are split into shards."""
   devices = devices or jax.local_devices()
-  replicated = flax.jax_utils.replicate(state.replace(queues=None), devices)
+  # Named like the pmap axis, the layout equals that of the step's outputs: one compile, not two.
+  replicated = flax.jax_utils.replicate(state.replace(queues=None), devices, axis_name=AXIS)
   if state.queues is None:
     return replicated
-  mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   shards = jax.device_put(queues.split_into_shards(state.queues, len(devices)),
-                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices')))
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
   return replicated.replace(queues=shards)
 
 
@@ -99,6 +101,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
   size, max_len = config.model.image_size, config.model.text.max_len
   params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
                                jnp.ones((1, max_len), jnp.int32))['params']
+  if config.model.image.init_checkpoint:
+    params = dict(params)
+    params['image_tower'], report = pretrained.load_vit_npz(config.model.image.init_checkpoint,
+                                                             params['image_tower'])
+    logging.info('Image tower initialised from %s: %s', config.model.image.init_checkpoint, report)
   tx = create_optimizer(config, create_learning_rate_fn(config))
   momentum_fields = {}
   if config.contrastive.queue_size:

@@ -66,3 +66,15 @@ def test_checkpoint_of_another_size_is_refused_with_the_names(tmp_path):
   _, params = _vit_params(width=64)
   with pytest.raises(ValueError, match=r'embedding/kernel .* has shape \(8, 8, 3, 32\), the model wants'):
     pretrained.load_vit_npz(str(tmp_path / 'vit.npz'), params)
+
+
+def test_train_state_starts_from_the_checkpoint_named_in_the_config(tmp_path, data_dir):
+  from hivlp_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  checkpoint = _checkpoint(np.random.default_rng(1))
+  np.savez(tmp_path / 'vit.npz', **checkpoint)
+  config = tiny_config(data_dir)
+  config.model.image.init_checkpoint = str(tmp_path / 'vit.npz')
+  state = train.create_train_state(config, train.create_model(config, vocab_size=50), jax.random.key(0))
+  np.testing.assert_array_equal(state.params['image_tower']['cls'], checkpoint['cls'])
+  assert 'text_tower' in state.params
