@@ -15,7 +15,6 @@ import time
 
 from absl import app
 from absl import flags
-import flax
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -57,7 +56,7 @@ def main(argv):
   config = FLAGS.config
   config_lib.validate(config)
   model = train.create_model(config, FLAGS.vocab_size)
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(0)))
+  state = train.replicate_state(train.create_train_state(config, model, jax.random.key(0)))
   num_params = sum(x.size for x in jax.tree.leaves(train.unreplicate(state).params))
   devices = jax.local_device_count()
   per_device = config.batch_size // devices

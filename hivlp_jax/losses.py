@@ -140,8 +140,7 @@ def momentum_info_nce(local_image: jnp.ndarray, local_text: jnp.ndarray, global_
   momentum_image, momentum_text = jax.lax.stop_gradient((momentum_image, momentum_text))
   own_rows = lambda x: jax.lax.dynamic_slice_in_dim(x, offset, local_batch)
 
-  total, metrics = 0.0, {}
-  itc_total, kl_total = 0.0, 0.0
+  metrics, itc_total, kl_total = {}, 0.0, 0.0
   for dim, weight in zip(nested_dims, dim_weights):
     prefix = lambda x: matryoshka.normalized_prefix(x, dim)  # pylint: disable=cell-var-from-loop
     image, text = prefix(local_image), prefix(local_text)
@@ -171,7 +170,6 @@ def momentum_info_nce(local_image: jnp.ndarray, local_text: jnp.ndarray, global_
       itc = itc + per_pair / 2
       metrics[f'accuracy_{name}_dim{dim}'] = jnp.mean(positives[name] >= queues.row_max(logits[name], axis_name))
     metrics[f'loss_dim{dim}'] = jnp.sum(row_weights * itc)
-    total = total + weight * metrics[f'loss_dim{dim}']
     itc_total = itc_total + weight * metrics[f'loss_dim{dim}']
     if kl_weight:
       # Column k of both supports holds one pair: first pair i itself, then queue slot k.
@@ -179,7 +177,6 @@ def momentum_info_nce(local_image: jnp.ndarray, local_text: jnp.ndarray, global_
       p_t2i = queues.Logits(batch=positives['t2i'][:, None], queue=logits['t2i'].queue)
       metrics[f'kl_dim{dim}'] = jnp.sum(row_weights * task_kl(p_i2t, p_t2i, kl_direction, kl_stop_gradient,
                                                                axis_name))
-      total = total + weight * kl_weight * metrics[f'kl_dim{dim}']
       kl_total = kl_total + weight * metrics[f'kl_dim{dim}']
     if dim == nested_dims[-1]:
       metrics['positive_similarity'] = jnp.mean(jnp.sum(image * text, axis=-1))
@@ -188,4 +185,4 @@ def momentum_info_nce(local_image: jnp.ndarray, local_text: jnp.ndarray, global_
   if kl_weight:
     metrics['loss_kl'] = kl_total
   metrics['queue_filled_fraction'] = jnp.mean(queue_shard.filled.astype(jnp.float32))
-  return total, metrics
+  return itc_total + kl_weight * kl_total, metrics

@@ -1,0 +1,99 @@
+"""The train step with momentum queues, distillation, KL alignment and the filter: 4 devices equal 1."""
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hivlp_jax import config_lib
+from hivlp_jax import train
+from tests.conftest import tiny_config
+from tests.test_train import _random_batch
+
+
+def _cots_config():
+  config = tiny_config('unused')  # No data is read: batches are random.
+  config.model.nested_dims, config.loss.dim_weights = (8, 64), (1.0, 1.0)
+  config.model.image.depth = config.model.text.depth = 1  # Compiles faster; the towers do not matter here.
+  config.batch_size = 16
+  config.optimizer.warmup_steps = 1
+  config.contrastive.queue_size = 32
+  config.contrastive.distill_weight = 0.4
+  config.contrastive.distill_warmup_steps = 2
+  config.contrastive.kl_weight = 0.5
+  config.contrastive.filter_noisy_pairs = True
+  config.contrastive.filter_k = 1.0
+  config_lib.validate(config)
+  return config
+
+
+def _train(config, initial, batches, num_devices):
+  devices = jax.local_devices()[:num_devices]
+  state = train.replicate_state(initial, devices)
+  p_step = train.make_pmapped_train_step(config, devices=devices)
+  history, hosts = [], []
+  for batch in batches:
+    state, metrics = p_step(state, jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), batch))
+    history.append(jax.tree.map(lambda m: float(m[0]), metrics))
+    hosts.append(train.unreplicate_state(state))
+  return hosts, history
+
+
+def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
+  config = _cots_config()
+  model = train.create_model(config, vocab_size=50)
+  batches = [_random_batch(config, 16, 50, seed=seed) for seed in range(3)]
+  initial = train.create_train_state(config, model, jax.random.key(0))
+  hosts4, history4 = _train(config, initial, batches, 4)
+  hosts1, history1 = _train(config, initial, batches, 1)
+
+  keys = ('loss', 'loss_itc', 'loss_kl', 'loss_dim8', 'loss_dim64', 'kl_dim8', 'grad_norm', 'temperature',
+          'filter_dropped_fraction', 'filter_mean', 'queue_filled_fraction', 'distill_weight', 'momentum')
+  for m4, m1 in zip(history4, history1):
+    for key in keys:
+      np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  assert all(np.isfinite(m['loss']) and m['nonfinite'] == 0 for m in history1)
+  assert [m['distill_weight'] for m in history1] == pytest.approx([0.0, 0.2, 0.4])
+  # The queue holds 2 global batches: empty at step 1, then the pairs the filter kept.
+  dropped = [m['filter_dropped_fraction'] for m in history1]
+  assert 0 < max(dropped) < 0.5
+  expected_filled = [0.0, (1 - dropped[0]) / 2, (2 - dropped[0] - dropped[1]) / 2]
+  np.testing.assert_allclose([m['queue_filled_fraction'] for m in history1], expected_filled, atol=1e-6)
+  for host in (hosts1[-1], hosts4[-1]):
+    # Slots of step 3's dropped pairs keep step 1's pair, or stay empty if it was dropped too.
+    assert 16 * (2 - dropped[1] - dropped[2]) <= int(host.queues.filled.sum()) <= 32
+    assert int(host.queues.position) == (3 * 16) % 32
+  np.testing.assert_array_equal(np.sort(hosts4[-1].queues.filled), np.sort(hosts1[-1].queues.filled))
+
+  # The EMA after the first step: m * initial + (1 - m) * the updated online params.
+  m = config.contrastive.momentum
+  for ema, start, online in zip(jax.tree.leaves(hosts1[0].ema_params), jax.tree.leaves(initial.params),
+                                jax.tree.leaves(hosts1[0].params)):
+    np.testing.assert_allclose(ema, m * np.asarray(start) + (1 - m) * np.asarray(online), rtol=1e-6, atol=1e-7)
+
+  # The host state (queues joined from the 4 shards, bool mask, 0-d counters) checkpoints and restores.
+  manager = ocp.CheckpointManager(os.path.abspath(tmp_path / 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(3, args=ocp.args.StandardSave(hosts4[-1]))
+  manager.wait_until_finished()
+  restored = manager.restore(3, args=ocp.args.StandardRestore(initial))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(hosts4[-1])):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert restored.queues.filled.dtype == np.bool_ and restored.queues.position.shape == ()
+
+
+def test_contrastive_config_errors_name_the_field():
+  config = tiny_config('unused')
+  config.contrastive.queue_size = 40
+  with pytest.raises(ValueError, match=r'queue_size=40 must be a positive multiple of the global batch'):
+    config_lib.validate(config)
+  config.contrastive.queue_size = 0
+  config.contrastive.kl_weight = 1.0
+  with pytest.raises(ValueError, match=r'kl_weight=1.0 needs the momentum queues'):
+    config_lib.validate(config)
+  config.contrastive.queue_size = 64
+  config.contrastive.kl_direction = 'backwards'
+  with pytest.raises(ValueError, match=r"kl_direction='backwards' is not one of"):
+    config_lib.validate(config)
