@@ -6,7 +6,6 @@ On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
 """
 
-import logging as std_logging
 import re
 import sys
 
@@ -18,6 +17,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from hivlp_jax import config_lib
+from hivlp_jax import log_filter
 from hivlp_jax import train
 from hivlp_jax.data import pipeline
 
@@ -32,18 +32,10 @@ flags.DEFINE_integer('process_id', None, 'With --distributed: this process, when
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of orbax and TFDS (one line per file written) from the run's log."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  log_filter.quiet_library_logs()
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

@@ -31,7 +31,6 @@ import hashlib
 import html
 import io
 import json
-import logging as std_logging
 import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
@@ -50,6 +49,7 @@ from PIL import ImageFont
 from hivlp_jax import config_lib
 from hivlp_jax import evaluate
 from hivlp_jax import index_store
+from hivlp_jax import log_filter
 from hivlp_jax import retrieval
 from hivlp_jax import train
 from hivlp_jax.data import pipeline
@@ -501,19 +501,10 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['workdir'])
 
 
-class _QuietLibraries:
-  """Drops the INFO chatter of orbax, TFDS and etils from the log (as hivlp_jax.main does)."""
-
-  def filter(self, record) -> bool:
-    # The standard library's WARNING: absl's `logging.WARNING` is its own verbosity level, -1.
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  log_filter.quiet_library_logs()
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   query(FLAGS.workdir, texts=FLAGS.text, images=FLAGS.image, config=FLAGS.config, split=FLAGS.split,
         image_dir=FLAGS.image_dir, k=FLAGS.k, coarse_dim=FLAGS.coarse_dim, shortlist=FLAGS.shortlist,
