@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.data_dir = 'data'  # Generated here on first use.
   config.data.vocab_file = ''  # Empty: train a WordPiece vocabulary on the training captions.
   config.data.vocab_size = 1000
+  # Fraction of training images whose captions are swapped for another image's (noisy web pairs).
+  config.data.noisy_caption_fraction = 0.0
 
   config.model = ml_collections.ConfigDict()
   config.model.image_size = 32

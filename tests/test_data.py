@@ -106,3 +106,22 @@ def test_padded_batches_keep_every_row_once():
   rows = [batch[mask] for batch, mask in pipeline.padded_batches(array, 4)]
   assert [len(b) for b, _ in pipeline.padded_batches(array, 4)] == [4, 4, 4]
   np.testing.assert_array_equal(np.concatenate(rows), array)
+
+
+def test_noisy_caption_option_replaces_exactly_the_recorded_fraction():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(5, 100, (50, 5, 8)).astype(np.int32)
+  data = pipeline.ImageTextSplit(images=np.zeros((50, 4, 4, 3), np.uint8), tokens=tokens,
+                                 captions=[[f'{i}-{c}' for c in range(5)] for i in range(50)])
+  noisy = pipeline.with_replaced_captions(data, 0.2, seed=0)
+  assert noisy.replaced.sum() == 10
+  changed = np.any(noisy.tokens != tokens, axis=(1, 2))
+  np.testing.assert_array_equal(changed, noisy.replaced)
+  # Every replaced image got the full caption set of another image; clean ones are untouched.
+  for i in np.flatnonzero(noisy.replaced):
+    donor = int(noisy.captions[i][0].split('-')[0])
+    assert donor != i and noisy.replaced[donor]
+    np.testing.assert_array_equal(noisy.tokens[i], tokens[donor])
+  assert pipeline.with_replaced_captions(data, 0.2, seed=0).replaced.tolist() == noisy.replaced.tolist()
+  with pytest.raises(ValueError, match='noisy_caption_fraction=1.5'):
+    pipeline.with_replaced_captions(data, 1.5, seed=0)

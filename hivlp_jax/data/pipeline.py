@@ -27,6 +27,8 @@ class ImageTextSplit:
   images: np.ndarray
   tokens: np.ndarray
   captions: Optional[list[list[str]]] = dataclasses.field(default=None, repr=False)
+  # bool [num_images]: True where the captions were replaced by another image's (noisy-pair option).
+  replaced: Optional[np.ndarray] = None
 
   @property
   def num_images(self) -> int:
@@ -64,7 +66,35 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   captions = raw['captions']
   per_image = len(captions[0])
   flat = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
-  return ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
+  data = ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
+  if split == 'train' and config.data.noisy_caption_fraction:
+    data = with_replaced_captions(data, config.data.noisy_caption_fraction, config.seed)
+  return data
+
+
+def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> ImageTextSplit:
+  """Noisy pairs, as in web data: `fraction` of the images get all the captions of another image.
+
+  The chosen images pass their captions round in a random cycle, so none keeps its own, and
+  `replaced` records which they are (to measure a noisy-pair filter against).
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'config.data.noisy_caption_fraction={fraction} must be in [0, 1).')
+  rng = np.random.default_rng([seed, 7])
+  chosen = rng.choice(data.num_images, size=int(round(fraction * data.num_images)), replace=False)
+  if len(chosen) < 2:
+    return data
+  donors = np.roll(chosen, 1)
+  tokens = data.tokens.copy()
+  tokens[chosen] = data.tokens[donors]
+  captions = None
+  if data.captions is not None:
+    captions = list(data.captions)
+    for target, donor in zip(chosen, donors):
+      captions[target] = data.captions[donor]
+  replaced = np.zeros(data.num_images, bool)
+  replaced[chosen] = True
+  return dataclasses.replace(data, tokens=tokens, captions=captions, replaced=replaced)
 
 
 class TrainOrder:
