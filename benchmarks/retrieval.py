@@ -81,6 +81,8 @@ flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_i
 flags.DEFINE_list('two_stage', ['64:1000', '16:1000'], 'two_stage rows, each coarse_dim:shortlist.')
 flags.DEFINE_list('prefix', ['64:1000'], 'scann_prefix rows, each dim:shortlist (ScaNN truncate mode).')
 flags.DEFINE_list('funnel', ['16:1000/64:100'], 'funnel rows, each dim:shortlist/dim:shortlist/...')
+flags.DEFINE_integer('scann_leaves', 0, 'ScaNN tree leaves (0: ScannSettings default, sqrt(G)).')
+flags.DEFINE_integer('scann_leaves_to_search', 0, 'ScaNN leaves searched per query (0: ScannSettings default).')
 flags.DEFINE_float('ivf_nprobe_fraction', 0.1, 'FAISS IVF: fraction of the sqrt(G) lists probed.')
 flags.DEFINE_integer('seed', 0, 'Data seed.')
 flags.DEFINE_string('out', 'benchmarks/results/retrieval.json', 'JSON results (empty: none).')
@@ -155,7 +157,8 @@ def scann_bytes(searcher) -> int:
 
 
 def scann_settings() -> retrieval.ScannSettings:
-  return retrieval.ScannSettings(threads=THREADS)
+  return retrieval.ScannSettings(threads=THREADS, num_leaves=FLAGS.scann_leaves or None,
+                                 leaves_to_search=FLAGS.scann_leaves_to_search or None)
 
 
 @dataclasses.dataclass
