@@ -1,7 +1,6 @@
 """Training loop: data-parallel (`jax.pmap`, axis 'batch') hierarchical two-tower pre-training."""
 
 import functools
-import json
 import os
 import time
 from typing import Any, Optional

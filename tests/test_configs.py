@@ -8,7 +8,6 @@ import sys
 from absl import flags
 import flax
 import jax
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import pytest
 
 from hivlp_jax import evaluate
 from hivlp_jax import train
