@@ -196,11 +196,11 @@ def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, lear
   if contrastive is None:
     (loss, metrics), grads = loss_and_grads(state.params, state.apply_fn, batch, nested_dims=nested_dims,
                                             dim_weights=dim_weights)
-    updated = state.apply_gradients(grads=grads)
   else:
     (loss, metrics), grads, updates = momentum_loss_and_grads(state, batch, nested_dims=nested_dims,
                                                               dim_weights=dim_weights, contrastive=contrastive)
-    updated = state.apply_gradients(grads=grads)
+  updated = state.apply_gradients(grads=grads)
+  if contrastive is not None:
     ema_momentum = momentum.momentum_at(state.step, contrastive.momentum, contrastive.momentum_schedule,
                                         num_train_steps)
     updated = updated.replace(ema_params=momentum.ema_update(state.ema_params, updated.params, ema_momentum),
