@@ -18,6 +18,8 @@ def get_config():
   config.model.image.update(dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
   config.model.text.update(dict(max_len=64, width=768, depth=12, num_heads=12, mlp_dim=3072))
   config.loss.dim_weights = (1.0,) * 6
+  config.mvlm.min_block_patches = 16  # BEiT, of the 196 patches of a 224 px image.
+  config.visual_tokenizer.codebook_size = 8192
   config.batch_size = 4096
   config.num_train_steps = 100_000
   config.optimizer.learning_rate = 5e-4

@@ -61,6 +61,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.contrastive.filter_k = 2.0
   config.contrastive.filter_stats_momentum = 0.99
 
+  # Token-level interaction (COTS masked vision-language modeling). Each weight 0: that loss is off.
+  config.mvlm = ml_collections.ConfigDict()
+  config.mvlm.mlm_weight = 0.0  # Masked language modeling, predicted with the paired image's embedding.
+  config.mvlm.mvm_weight = 0.0  # Masked vision modeling of visual-token ids, with the paired text's embedding.
+  config.mvlm.text_mask_ratio = 0.15  # BERT: of the chosen tokens 80% become [MASK], 10% random, 10% kept.
+  config.mvlm.image_mask_ratio = 0.4  # BEiT block-wise masking of the patch grid.
+  config.mvlm.min_block_patches = 2  # BEiT: 16 (of 196 patches); the default grid has only 16 patches.
+
+  # Discrete VAE visual tokenizer, trained as its own stage (main --mode=tokenizer); masked vision modeling
+  # predicts its codes. The codebook must match the ViT patch grid: one code per patch.
+  config.visual_tokenizer = ml_collections.ConfigDict()
+  config.visual_tokenizer.workdir = ''  # The tokenizer stage's workdir (checkpoint and cached codes).
+  config.visual_tokenizer.codes_file = ''  # Or codes made elsewhere: .npy int [num_train_images, grid, grid].
+  config.visual_tokenizer.codebook_size = 512  # BEiT / DALL-E: 8,192 on real images.
+
   config.batch_size = 256  # Global, over all devices and hosts.
   config.num_train_steps = 700
   config.optimizer = ml_collections.ConfigDict()
