@@ -87,3 +87,16 @@ def filter_pairs(scores: jnp.ndarray, stats: FilterStats, *, k: float, stats_mom
   dropped = 1.0 - jax.lax.pmean(jnp.mean(keep.astype(jnp.float32)), axis_name)
   return keep, stats, dropped
 
+
+
+def flag_rates(keep: jnp.ndarray, noisy: jnp.ndarray, axis_name: str) -> dict:
+  """How well the filter finds known noisy pairs, over the global batch; call under pmap.
+
+  keep, noisy: bool [b]. Returns 'filter_flagged_noisy' (fraction of the noisy pairs dropped) and
+  'filter_dropped_clean' (fraction of the clean pairs dropped); 0 when the batch has none of a kind.
+  """
+  dropped = ~keep
+  def fraction(selected):
+    count = jax.lax.psum(jnp.sum(selected), axis_name)
+    return jax.lax.psum(jnp.sum(dropped & selected), axis_name) / jnp.maximum(count, 1)
+  return dict(filter_flagged_noisy=fraction(noisy), filter_dropped_clean=fraction(~noisy))

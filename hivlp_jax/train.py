@@ -158,6 +158,8 @@ def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_
         stats_momentum=contrastive.filter_stats_momentum, axis_name=AXIS)
     filter_metrics = dict(filter_dropped_fraction=dropped, filter_mean=updates['filter_stats'].mean,
                           filter_std=jnp.sqrt(updates['filter_stats'].var))
+    if 'noisy' in batch:
+      filter_metrics.update(momentum.flag_rates(keep, batch['noisy'], AXIS))
   distill_weight = None
   if contrastive.distill_weight:
     ramp = jnp.minimum(1.0, state.step / max(contrastive.distill_warmup_steps, 1))

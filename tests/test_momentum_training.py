@@ -45,12 +45,15 @@ def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
   config = _cots_config()
   model = train.create_model(config, vocab_size=50)
   batches = [_random_batch(config, 16, 50, seed=seed) for seed in range(3)]
+  for seed, batch in enumerate(batches):  # Known-noisy bits, as the noisy-pair data option provides.
+    batch['noisy'] = np.random.default_rng(seed).random(16) < 0.3
   initial = train.create_train_state(config, model, jax.random.key(0))
   hosts4, history4 = _train(config, initial, batches, 4)
   hosts1, history1 = _train(config, initial, batches, 1)
 
   keys = ('loss', 'loss_itc', 'loss_kl', 'loss_dim8', 'loss_dim64', 'kl_dim8', 'grad_norm', 'temperature',
-          'filter_dropped_fraction', 'filter_mean', 'queue_filled_fraction', 'distill_weight', 'momentum')
+          'filter_dropped_fraction', 'filter_mean', 'queue_filled_fraction', 'distill_weight', 'momentum',
+          'filter_flagged_noisy', 'filter_dropped_clean')
   for m4, m1 in zip(history4, history1):
     for key in keys:
       np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
@@ -59,6 +62,10 @@ def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
   # The queue holds 2 global batches: empty at step 1, then the pairs the filter kept.
   dropped = [m['filter_dropped_fraction'] for m in history1]
   assert 0 < max(dropped) < 0.5
+  for m, batch in zip(history1, batches):  # The flag rates split the dropped pairs into noisy and clean.
+    num_noisy = batch['noisy'].sum()
+    np.testing.assert_allclose(m['filter_flagged_noisy'] * num_noisy + m['filter_dropped_clean'] * (16 - num_noisy),
+                               m['filter_dropped_fraction'] * 16, rtol=1e-5, atol=1e-5)
   expected_filled = [0.0, (1 - dropped[0]) / 2, (2 - dropped[0] - dropped[1]) / 2]
   np.testing.assert_allclose([m['queue_filled_fraction'] for m in history1], expected_filled, atol=1e-6)
   for host in (hosts1[-1], hosts4[-1]):

@@ -311,6 +311,16 @@ def test_filter_drops_exactly_the_pairs_under_the_threshold():
     np.testing.assert_allclose(dropped[0], np.mean(~expected_keep), rtol=1e-6)
 
 
+
+def test_flag_rates_count_dropped_noisy_and_clean_pairs_over_all_devices():
+  keep = np.array([[False, True, False, True], [True, True, False, True]])
+  noisy = np.array([[True, True, False, False], [False, False, True, False]])
+  rates = jax.pmap(functools.partial(momentum.flag_rates, axis_name=AXIS), AXIS,
+                   devices=jax.local_devices()[:2])(keep, noisy)
+  # Noisy pairs: 3, of which 2 dropped; clean pairs: 5, of which 1 dropped.
+  np.testing.assert_allclose(rates['filter_flagged_noisy'], [2 / 3, 2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(rates['filter_dropped_clean'], [1 / 5, 1 / 5], rtol=1e-6)
+
 def test_the_queue_is_never_all_gathered():
   """In the compiled 4-device loss step, every all-gather is of the batch (B = 8 rows), none of the queue."""
   inputs = _inputs(queue_size=256)

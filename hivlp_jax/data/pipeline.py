@@ -133,7 +133,8 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
 
-  Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L].
+  Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L],
+  and with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced).
   """
   num_hosts, host = jax.process_count(), jax.process_index()
   local_batch = global_batch // num_hosts
@@ -143,7 +144,10 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
     image_idx, caption_idx = order.indices(step)
     mine = slice(host * local_batch, (host + 1) * local_batch)
     image_idx, caption_idx = image_idx[mine], caption_idx[mine]
-    yield shard({'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx]})
+    batch = {'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx]}
+    if data.replaced is not None:
+      batch['noisy'] = data.replaced[image_idx]  # Only measured against, never trained on.
+    yield shard(batch)
     step += 1
 
 
