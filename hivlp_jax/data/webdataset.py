@@ -6,9 +6,11 @@ skips corrupt images and empty captions instead of crashing, counting both so ru
 
 import collections
 import dataclasses
+import glob
 import io
 import json
 import os
+import re
 import tarfile
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -27,6 +29,30 @@ class ReadStats:
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
+
+
+def expand_shards(pattern: str) -> list[str]:
+  """Shard paths of a pattern, sorted: comma-separated parts, each a glob or a brace range.
+
+  'data/cc3m/{00000..00331}.tar' (webdataset/img2dataset notation; the width of the first bound is kept),
+  'data/web/*.tar', or 'a.tar,b.tar'. Raises FileNotFoundError naming the pattern when nothing matches.
+  """
+  paths = []
+  for part in (p.strip() for p in pattern.split(',')):
+    if not part:
+      continue
+    match = re.search(r'\{(\d+)\.\.(\d+)\}', part)
+    if match:
+      width, (first, last) = len(match.group(1)), (int(match.group(1)), int(match.group(2)))
+      names = [part[:match.start()] + str(i).zfill(width) + part[match.end():] for i in range(first, last + 1)]
+      paths.extend(p for name in names for p in sorted(glob.glob(name)))
+    else:
+      paths.extend(sorted(glob.glob(part)))
+  if not paths:
+    raise FileNotFoundError(f'No webdataset shards match {pattern!r} (config.data.shards). Write shards with '
+                            'img2dataset (--output_format webdataset) and point the pattern at them, e.g. '
+                            "'data/cc3m/{00000..00331}.tar' or 'data/cc3m/*.tar'.")
+  return sorted(dict.fromkeys(paths))
 
 
 def shards_for_host(shards: Sequence[str], process_index: int, process_count: int) -> list[str]:
@@ -64,6 +90,32 @@ def _samples_of_tar(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     yield key, parts
 
 
+def raw_samples(shard: str) -> Iterator[tuple[str, Optional[bytes], Optional[str], str]]:
+  """Yields (key, encoded image bytes, caption, problem) for every sample of one shard, in order, undecoded.
+
+  problem: '' for a usable sample, else the `ReadStats` field that counts it ('missing_parts' or
+  'empty_captions'). Bad samples are yielded too, so that positions in a shard do not depend on decoding.
+  """
+  for key, parts in _samples_of_tar(shard):
+    image_bytes = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    caption = _caption(parts)
+    if image_bytes is None or caption is None:
+      yield key, image_bytes, caption, 'missing_parts'
+    elif not caption:
+      yield key, image_bytes, caption, 'empty_captions'
+    else:
+      yield key, image_bytes, caption, ''
+
+
+def decode_image(image_bytes: bytes) -> Optional[np.ndarray]:
+  """uint8 [H, W, 3], or None for bytes that are not a readable image."""
+  try:
+    with Image.open(io.BytesIO(image_bytes)) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, ValueError, Image.DecompressionBombError):
+    return None
+
+
 def read_shards(shards: Iterable[str], stats: Optional[ReadStats] = None
                 ) -> Iterator[tuple[str, np.ndarray, str]]:
   """Yields (key, uint8 image [H, W, 3], caption) for every good sample of the given shards, in order.
@@ -72,19 +124,12 @@ def read_shards(shards: Iterable[str], stats: Optional[ReadStats] = None
   """
   stats = stats if stats is not None else ReadStats()
   for shard in shards:
-    for key, parts in _samples_of_tar(shard):
-      image_bytes = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-      caption = _caption(parts)
-      if image_bytes is None or caption is None:
-        stats.missing_parts += 1
+    for key, image_bytes, caption, problem in raw_samples(shard):
+      if problem:
+        setattr(stats, problem, getattr(stats, problem) + 1)
         continue
-      if not caption:
-        stats.empty_captions += 1
-        continue
-      try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-          array = np.asarray(image.convert('RGB'))
-      except (OSError, ValueError, Image.DecompressionBombError):
+      array = decode_image(image_bytes)
+      if array is None:
         stats.corrupt_images += 1
         continue
       stats.samples += 1

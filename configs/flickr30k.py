@@ -1,0 +1,47 @@
+"""Fine-tuning and evaluation on Flickr30K (Karpathy splits: 29K train images, 1K test), ViT-B/16 224 px.
+
+The ViT-B/16 + BERT-base towers of base_b16.py, fed by the streaming pipeline (hivlp_jax/data/streaming.py).
+Put Karpathy's dataset_flickr30k.json and the flickr30k-images/ folder in config.data.manual_dir, and a
+BERT-base uncased vocab.txt at config.data.vocab_file:
+  python -m hivlp_jax.main --config=configs/flickr30k.py --workdir=runs/flickr30k \
+      --config.model.image.init_checkpoint=ViT-B_16.npz
+"""
+
+from configs import base_b16
+
+
+def add_streaming_data_fields(config):
+  """The config.data fields of the streaming pipeline, shared by the real-data configs."""
+  data = config.data
+  data.source = 'karpathy'  # 'karpathy': JSON + image folders in manual_dir; 'tfds': a prepared TFDS builder.
+  data.manual_dir = 'data/manual/flickr30k'  # Karpathy's split file and the image folder(s).
+  data.shards = ''  # Web shards (name 'webdataset'): 'dir/{00000..00999}.tar', a glob, or comma-separated.
+  data.eval_name = ''  # The evaluation data set when it is not data.name (web pre-training: flickr30k or coco).
+  data.captions_per_image = 5  # Per evaluation image: the 1K / 5K test protocols use each image's first 5.
+  data.crop_scale = (0.5, 1.0)  # Random resized crop: area fraction (Inception/CLIP-style; ALBEF uses 0.5-1).
+  # The data order: each epoch permutes the host's shards, reads them shards_per_group at a time
+  # interleaved, through a shuffle buffer of shuffle_buffer examples (undecoded, so ~100 KB each). Random-
+  # access sources (karpathy) use one permutation of all examples instead and ignore both fields.
+  data.shards_per_group = 4
+  data.shuffle_buffer = 2000
+  data.num_workers = 8  # Decode threads per host (PIL releases the GIL: threads scale to the cores).
+  data.worker_processes = False  # Processes instead of threads (see benchmarks/input_pipeline.py).
+  data.prefetch = 4  # Host batches ready ahead of the train step.
+  data.device_prefetch = 2  # Batches already on the devices (0: host arrays, pmap copies them).
+  data.vocab_file = 'data/bert-base-uncased-vocab.txt'  # BERT-base uncased WordPiece vocabulary.
+  return config
+
+
+def get_config():
+  config = add_streaming_data_fields(base_b16.get_config())
+  config.data.name = 'flickr30k'
+  # ALBEF fine-tuning: lr 1e-5, about 10 epochs of captions (145K captions / 512 = 283 steps each).
+  config.batch_size = 512
+  config.num_train_steps = 3_000
+  config.optimizer.learning_rate = 1e-5
+  config.optimizer.warmup_steps = 300
+  config.checkpoint_every_steps = 500
+  config.log_every_steps = 50
+  config.eval.split = 'test'  # 1,000 images x 5 captions.
+  config.eval.batch_size = 500
+  return config

@@ -1,0 +1,23 @@
+"""Pre-training on img2dataset webdataset shards (CC3M, CC12M, LAION, ...), ViT-B/16 + BERT-base towers.
+
+Each host reads its own shards (at least one per host), in a resumable order. Evaluates zero-shot on the
+COCO 5K test split from the Karpathy manual dir:
+  python -m hivlp_jax.main --config=configs/web_pretrain.py --workdir=runs/web \
+      --config.data.shards='data/cc3m/{00000..00331}.tar'
+"""
+
+from configs import base_b16
+from configs import flickr30k
+
+
+def get_config():
+  config = flickr30k.add_streaming_data_fields(base_b16.get_config())
+  config.data.name = 'webdataset'
+  config.data.shards = 'data/web/*.tar'
+  config.data.eval_name = 'coco'
+  config.data.manual_dir = 'data/manual/coco'  # For the evaluation split.
+  config.data.shards_per_group = 8  # img2dataset writes 10K samples per shard: 80K examples per group.
+  config.data.shuffle_buffer = 10_000
+  config.data.num_workers = 16
+  config.data.prefetch = 8
+  return config

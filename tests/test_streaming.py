@@ -1,0 +1,297 @@
+"""The streaming pipeline on tiny files in the real formats: web shards, Karpathy JSON + JPEGs, TFDS builds."""
+
+import importlib
+import io
+import json
+import os
+import tarfile
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from hivlp_jax.data import karpathy
+from hivlp_jax.data import streaming
+from hivlp_jax.data import tokenizer as tokenizer_lib
+from tests.test_real_data import _jpeg
+from tests.test_real_data import _write_flickr_manual_dir
+from tests.test_real_data import _write_shards
+
+SIZE = 16
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  texts = [f'caption of {i:05d}' for i in range(40)] + [f'image {i} caption {c}' for i in range(20) for c in range(7)]
+  return tokenizer_lib.train_tokenizer(texts, str(tmp_path_factory.mktemp('vocab') / 'vocab.txt'), vocab_size=200)
+
+
+def _stream(source, tokenizer, **kwargs):
+  options = dict(global_batch=8, image_size=SIZE, max_len=8, seed=3, shards_per_group=2, shuffle_buffer=4,
+                 num_workers=2, prefetch=2)
+  options.update(kwargs)
+  return streaming.TrainStream(source, tokenizer, **options)
+
+
+def _take(stream, n):
+  with stream:
+    batches = []
+    for _ in range(n):
+      batches.append(jax.tree.map(np.asarray, next(stream)))
+      batches[-1]['state'] = stream.get_state()
+  return batches
+
+
+def _keys(tokenizer, batch):
+  """The sample key (web shards) or image index (Karpathy) named in each caption of a batch."""
+  return [tokenizer.decode(t).split()[-1] if 'of' in tokenizer.decode(t) else tokenizer.decode(t).split()[1]
+          for t in batch['text'].reshape(-1, batch['text'].shape[-1])]
+
+
+# -- Image ops.
+
+
+def test_random_resized_crop_box_keeps_scale_and_aspect():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, right, bottom = streaming.random_resized_crop_box(300, 400, rng, scale=(0.5, 1.0))
+    w, h = right - left, bottom - top
+    assert 0 <= left < right <= 400 and 0 <= top < bottom <= 300
+    assert 0.49 <= w * h / (300 * 400) <= 1.0
+    assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+  # A strip no crop fits: the centred crop of the widest allowed aspect.
+  assert streaming.random_resized_crop_box(10, 400, rng, scale=(0.9, 1.0)) == (193, 0, 206, 10)
+
+
+def test_decoded_transforms_equal_the_array_ops_and_are_deterministic():
+  data, size = _jpeg(5), 32  # 48 px to 32: decoded at full scale.
+  image = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+  fused = streaming.decode_for_training(data, size, np.random.default_rng(7))
+  np.testing.assert_array_equal(fused, streaming.random_resized_crop(image, size, np.random.default_rng(7)))
+  np.testing.assert_array_equal(fused, streaming.decode_for_training(data, size, np.random.default_rng(7)))
+  assert not np.array_equal(fused, streaming.decode_for_training(data, size, np.random.default_rng(8)))
+  np.testing.assert_array_equal(streaming.decode_for_eval(data, size), streaming.resize_and_center_crop(image, size))
+  assert fused.shape == (size, size, 3) and fused.dtype == np.uint8
+  assert streaming.decode_for_training(b'\xff\xd8 not a jpeg', size, np.random.default_rng(0)) is None
+
+
+def test_large_jpegs_decode_at_reduced_scale_close_to_full():
+  image = np.asarray(Image.fromarray(np.asarray(Image.open(io.BytesIO(_jpeg(1))))).resize((400, 300)))
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='JPEG', quality=95)
+  reduced = streaming.decode_for_eval(buffer.getvalue(), 32)  # 300 / 32 >= 8: decoded at 1/8 scale.
+  full = streaming.resize_and_center_crop(image, 32)
+  assert np.abs(reduced.astype(int) - full).mean() < 6
+
+
+# -- Web shards.
+
+
+def test_web_stream_batches_in_pmap_layout_and_counts_bad_samples(tmp_path, tokenizer):
+  with pytest.raises(FileNotFoundError, match=r'No webdataset shards match .*config.data.shards.*img2dataset'):
+    streaming.webdataset_source(str(tmp_path / '*.tar'))
+  _write_shards(tmp_path)
+  source = streaming.webdataset_source(str(tmp_path / '{00000..00003}.tar'))
+  with _stream(source, tokenizer, shuffle_buffer=0) as stream:
+    batches = [next(stream) for _ in range(3)]  # 24 of the 18 good samples a pass: into epoch 1.
+    stats = stream.stats.as_dict()
+  devices = jax.local_device_count()
+  assert batches[0]['image'].shape == (devices, 8 // devices, SIZE, SIZE, 3)
+  assert batches[0]['image'].dtype == np.uint8
+  assert batches[0]['text'].shape == (devices, 8 // devices, 8) and batches[0]['text'].dtype == np.int32
+  epoch0 = [k for b in batches for k in _keys(tokenizer, b)][:18]
+  assert sorted(epoch0) == sorted(f'{i:05d}' for i in range(20) if i not in (1, 7))
+  assert stats['corrupt_images'] >= 1 and stats['empty_captions'] >= 1
+
+
+def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
+  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  straight = _take(_stream(source, tokenizer), 7)  # About 3 epochs of 18 good samples.
+  resumed = _take(_stream(source, tokenizer, state=straight[2]['state']), 4)
+  for a, b in zip(straight[3:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['text'], b['text'])
+    assert a['state'] == b['state']
+  assert json.loads(json.dumps(straight[2]['state'])) == straight[2]['state']
+  # The order does not depend on the number of workers, nor on decoding in the producer thread.
+  inline = _take(_stream(source, tokenizer, num_workers=0), 3)
+  np.testing.assert_array_equal(inline[2]['image'], straight[2]['image'])
+  # A transform (e.g. masking) draws from a generator seeded by the batch's position: resumed, it repeats.
+  def mask(rng, batch):
+    return dict(batch, mask=rng.random(batch['text'].shape) < 0.5)
+  masks = [b['mask'] for b in _take(_stream(source, tokenizer, transform=mask), 5)[3:]]
+  resumed = _take(_stream(source, tokenizer, transform=mask, state=straight[2]['state']), 2)
+  np.testing.assert_array_equal(np.stack(masks), np.stack([b['mask'] for b in resumed]))
+  assert masks[0].shape == (jax.local_device_count(), 8 // jax.local_device_count(), 8)
+  # A shuffled order that covers every good sample once per epoch.
+  keys = [k for b in straight for k in _keys(tokenizer, b)]
+  assert sorted(keys[:18]) == sorted(keys[18:36]) and keys[:18] != keys[18:36]
+
+
+def test_state_of_another_stream_is_refused(tmp_path, tokenizer):
+  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  state = _take(_stream(source, tokenizer), 1)[0]['state']
+  with pytest.raises(ValueError, match=r"changed \(saved, now\): \{'seed': \(3, 4\)\}"):
+    _stream(source, tokenizer, seed=4, state=state)
+
+
+def test_hosts_stream_disjoint_shards(tmp_path, tokenizer):
+  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  keys = []
+  for host in range(2):
+    batches = _take(_stream(source, tokenizer, global_batch=8, process_index=host, process_count=2), 2)
+    keys.append({k for b in batches for k in _keys(tokenizer, b)})
+    assert batches[0]['image'].shape[:2] == (jax.local_device_count(), 1)  # Local batch 4.
+  assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_device_prefetch_keeps_the_state_of_the_batch_returned(tmp_path, tokenizer):
+  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  host = _take(_stream(source, tokenizer), 3)
+  with _stream(source, tokenizer, device_prefetch=2) as stream:
+    for expected in host:
+      batch = next(stream)
+      assert isinstance(batch['image'], jax.Array) and len(batch['image'].sharding.device_set) == 4
+      np.testing.assert_array_equal(np.asarray(batch['image']), expected['image'])
+      assert stream.get_state() == expected['state']
+
+
+def test_state_files_round_trip(tmp_path):
+  state = {'epoch': 1, 'group': 2, 'offset': 3, 'process_index': 0}
+  path = streaming.write_state(str(tmp_path), 500, state)
+  assert os.path.basename(path) == 'data_state_500_0.json'
+  assert streaming.read_state(str(tmp_path), 500) == state and streaming.read_state(str(tmp_path), 9) is None
+
+
+# -- Flickr30K and COCO.
+
+
+def _write_coco_manual_dir(root, splits, captions_per_image=5):
+  """dataset_coco.json in Karpathy's format: images in train2014/ or val2014/ named by 'filepath'."""
+  for folder in karpathy.COCO.images_dirs:
+    os.makedirs(root / folder)
+  images = []
+  for i, split in enumerate(splits):
+    folder = 'train2014' if split == 'train' else 'val2014'
+    filename = f'COCO_{folder}_{i:012d}.jpg'
+    (root / folder / filename).write_bytes(_jpeg(i))
+    count = captions_per_image + (i == len(splits) - 1)  # Some COCO images have 6 or 7 captions.
+    images.append({'filepath': folder, 'filename': filename, 'split': split, 'cocoid': i, 'imgid': i,
+                   'sentences': [{'raw': f'image {i} caption {c}.', 'tokens': [], 'sentid': c} for c in range(count)]})
+  (root / karpathy.COCO.splits_file).write_text(json.dumps({'images': images, 'dataset': 'coco'}))
+
+
+def _data_config(name, manual_dir, **data):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.data.manual_dir = str(manual_dir)
+  config.data.update(data)
+  config.model.image_size, config.model.text.max_len, config.batch_size = SIZE, 8, 4
+  config.data.num_workers = 2
+  config.data.device_prefetch = 0
+  return config
+
+
+def test_coco_karpathy_stream_is_a_permutation_of_train_and_restval(tmp_path, tokenizer):
+  _write_coco_manual_dir(tmp_path, ['train'] * 5 + ['restval'] * 3 + ['val'] * 2 + ['test'] * 3)
+  config = _data_config('coco', tmp_path)
+  with streaming.create_train_stream(config, tokenizer) as stream:
+    batches = [next(stream) for _ in range(4)]  # 2 epochs of the 8 training images.
+    state = stream.get_state()
+  keys = [int(k) for b in batches for k in _keys(tokenizer, b)]
+  assert sorted(keys[:8]) == list(range(8)) and sorted(keys[8:]) == list(range(8)) and keys[:8] != keys[8:]
+  assert state == {'epoch': 1, 'group': 0, 'offset': 8, 'seed': 0, 'process_index': 0, 'process_count': 1,
+                   'num_shards': 8, 'source': 'coco'}
+
+  test = streaming.load_eval_split(config, 'test', tokenizer)
+  assert test.images.shape == (3, SIZE, SIZE, 3) and test.tokens.shape == (3, 5, 8)
+  assert test.captions[2] == [f'image 12 caption {c}.' for c in range(5)]  # The 6th caption is left out.
+  assert tokenizer.decode(test.tokens[0, 1]).startswith('image 10 caption 1')
+  config.data.captions_per_image = 6
+  with pytest.raises(ValueError, match='2 coco test images have fewer than 6 captions'):
+    streaming.load_eval_split(config, 'test', tokenizer)
+
+
+def test_missing_manual_files_say_what_to_download(tmp_path, tokenizer):
+  config = _data_config('coco', tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match=r"'train2014', 'val2014'.*'dataset_coco.json'.*caption_datasets.zip"):
+    streaming.create_train_stream(config, tokenizer)
+  config = _data_config('flickr30k', tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match="'flickr30k-images'.*dataset_flickr30k.json"):
+    streaming.load_eval_split(config, 'test', tokenizer)
+  config = _data_config('coco', tmp_path, source='tfds', data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(FileNotFoundError, match='tfds build coco_captions'):
+    streaming.create_train_stream(config, tokenizer)
+
+
+def test_flickr30k_through_the_tfds_builder(tmp_path, tokenizer):
+  manual = tmp_path / 'manual'
+  _write_flickr_manual_dir(manual, ['train'] * 6 + ['val'] * 1 + ['test'] * 2)
+  config = _data_config('flickr30k', manual, source='tfds', data_dir=str(tmp_path / 'tfds'))
+  with streaming.create_train_stream(config, tokenizer) as stream:
+    keys = [int(k) for _ in range(3) for k in _keys(tokenizer, next(stream))]
+  assert sorted(keys[:6]) == list(range(6))
+  test = streaming.load_eval_split(config, 'test', tokenizer)
+  direct = streaming.load_eval_split(_data_config('flickr30k', manual), 'test', tokenizer)
+  order = np.argsort([c[0] for c in test.captions])  # TFDS stores in hashed-key order.
+  np.testing.assert_array_equal(test.images[order], direct.images)
+  np.testing.assert_array_equal(test.tokens[order], direct.tokens)
+
+
+def test_coco_captions_tfds_features_map_to_examples(tmp_path):
+  builder = tfds.builder('coco_captions/2014', data_dir=str(tmp_path))  # Its code's features; no download.
+  features = builder.info.features
+  assert {'image', 'image/filename', 'captions'} <= set(features) and 'text' in features['captions'].feature
+  example = {'image': _jpeg(0), 'image/filename': b'COCO_val2014_000000000042.jpg', 'image/id': 42,
+             'captions': {'text': np.array([b'A dog. ', b'', b'A cat.']), 'id': np.array([1, 2, 3])}}
+  raw = streaming.tfds_example(example)
+  assert raw.key == 'COCO_val2014_000000000042.jpg' and raw.captions == ('A dog.', 'A cat.') and not raw.problem
+  assert streaming.TFDS_SPLITS['coco']['train'] == ('train', 'restval')
+  assert set(builder.info.splits) <= {'train', 'val', 'test', 'restval'}
+
+
+def test_shard_patterns_and_empty_shards(tmp_path, tokenizer):
+  paths = _write_shards(tmp_path)
+  assert streaming.webdataset_source(str(tmp_path / '{00001..00002}.tar')).shards == paths[1:3]
+  assert streaming.webdataset_source(f'{paths[3]},{paths[0]}').shards == [paths[0], paths[3]]
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with tarfile.open(empty / '00000.tar', 'w'):
+    pass
+  stream = _stream(streaming.webdataset_source(str(empty / '*.tar')), tokenizer)
+  with pytest.raises(RuntimeError, match='hold no examples'):
+    next(stream)
+
+
+def test_worker_processes_give_the_same_batches(tmp_path, tokenizer):
+  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  threads = _take(_stream(source, tokenizer), 2)
+  processes = _take(_stream(source, tokenizer, num_workers=1, worker_processes=True), 2)
+  for a, b in zip(threads, processes):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['text'], b['text'])
+
+
+def test_training_on_flickr30k_resumes_its_data_order(tmp_path):
+  """train_and_evaluate on a Karpathy-format Flickr30K: stopped at step 3 and resumed, it equals a straight run."""
+  from configs import flickr30k  # pylint: disable=g-import-not-at-top
+  from hivlp_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.test_train import _final_params  # pylint: disable=g-import-not-at-top
+  _write_flickr_manual_dir(tmp_path / 'manual', ['train'] * 10 + ['restval'] * 2 + ['val'] * 2 + ['test'] * 4)
+  config = flickr30k.add_streaming_data_fields(tiny_config(str(tmp_path / 'data')))
+  config.data.update(name='flickr30k', manual_dir=str(tmp_path / 'manual'), vocab_file='', vocab_size=60,
+                     num_workers=2, device_prefetch=0)
+  config.batch_size, config.eval.batch_size = 8, 4  # 12 training images: epochs end mid-batch.
+  config.eval.two_stage, config.eval.funnel = (), ()
+  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
+  results = train.train_and_evaluate(config, straight)
+  assert train.train_and_evaluate(config, interrupted, stop_after_step=3) is None
+  assert os.path.exists(streaming.state_file(os.path.join(interrupted, train.DATA_STATE_DIR), 3))
+  assert train.train_and_evaluate(config, interrupted) == results
+  (params_a, step_a), (params_b, step_b) = _final_params(straight), _final_params(interrupted)
+  assert step_a == step_b == 6
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+  assert results['exact_dim64']['i2t_r10'] == 1.0  # 4 test images: every image is in the top 10.
