@@ -14,8 +14,10 @@ from hivlp_jax.models import matryoshka
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
 RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
-                    'max_consecutive_nonfinite_steps', 'data.data_dir', 'eval.')
+                    'max_consecutive_nonfinite_steps', 'data.data_dir', 'data.manual_dir', 'data.shards',
+                    'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
 CONFIG_FILE = 'config.json'
+DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
@@ -56,6 +58,8 @@ def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) ->
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field when the config cannot run on the devices at hand."""
+  if config.data.name not in DATA_SETS:
+    raise ValueError(f'config.data.name={config.data.name!r} is not one of {DATA_SETS}.')
   dims = matryoshka.validate_dims(config.model.nested_dims, config.model.embed_dim)
   if len(config.loss.dim_weights) != len(dims):
     raise ValueError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
@@ -74,6 +78,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.num_train_steps < 0:
     raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
   validate_contrastive(config)
+  validate_mvlm(config)
+
+
+def validate_mvlm(config: ml_collections.ConfigDict) -> None:
+  """Checks config.mvlm (masked vision-language modeling) and, with MVM, config.visual_tokenizer."""
+  m = config.mvlm
+  for name in ('mlm_weight', 'mvm_weight'):
+    if m[name] < 0:
+      raise ValueError(f'config.mvlm.{name}={m[name]} must be >= 0 (0: off).')
+  for name in ('text_mask_ratio', 'image_mask_ratio'):
+    if not 0.0 < m[name] < 1.0:
+      raise ValueError(f'config.mvlm.{name}={m[name]} must be in (0, 1).')
+  patches = (config.model.image_size // config.model.image.patch_size)**2
+  if not 1 <= m.min_block_patches <= patches:
+    raise ValueError(f'config.mvlm.min_block_patches={m.min_block_patches} must be in [1, {patches}] '
+                     f'(the patches of a {config.model.image_size} px image).')
+  if m.mvm_weight and config.data.name != 'embedded_scenes':
+    # The visual-token codes are cached per image of an in-memory split; streamed sources would need the
+    # frozen tokenizer inside the step.
+    raise ValueError(f'config.mvlm.mvm_weight={m.mvm_weight}: masked vision modeling runs on the embedded data '
+                     f'set only so far, not on {config.data.name!r}; set it to 0.')
+  if m.mvm_weight:
+    from hivlp_jax import visual_tokenizer  # pylint: disable=g-import-not-at-top  (it imports this module)
+    visual_tokenizer.validate_config(config)
 
 
 def validate_contrastive(config: ml_collections.ConfigDict) -> None:

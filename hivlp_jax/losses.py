@@ -186,3 +186,27 @@ def momentum_info_nce(local_image: jnp.ndarray, local_text: jnp.ndarray, global_
     metrics['loss_kl'] = kl_total
   metrics['queue_filled_fraction'] = jnp.mean(queue_shard.filled.astype(jnp.float32))
   return itc_total + kl_weight * kl_total, metrics
+
+
+# Masked vision-language modeling (COTS token level).
+
+
+def masked_token_loss(logits: jnp.ndarray, targets: jnp.ndarray, masked: jnp.ndarray,
+                      axis_name: str | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Cross-entropy and accuracy over the masked positions only (MLM: token ids; MVM: visual-token ids).
+
+  Args:
+    logits: [b, N, C]; targets: int [b, N]; masked: bool [b, N], the positions to predict.
+    axis_name: under pmap, the device axis: the masked positions of the whole global batch count equally,
+      however they fall on the devices (each device's value is scaled so that their mean is the global one).
+  Returns:
+    (loss, accuracy), scalars; 0 when nothing is masked.
+  """
+  weights = masked.astype(jnp.float32)
+  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  count = jnp.sum(weights)
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name) / jax.lax.axis_size(axis_name)
+  count = jnp.maximum(count, 1.0)
+  return jnp.sum(weights * cross_entropy) / count, jnp.sum(weights * correct) / count

@@ -1,9 +1,10 @@
 """Training loop: data-parallel (`jax.pmap`, axis 'batch') hierarchical two-tower pre-training."""
 
+import dataclasses
 import functools
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -20,13 +21,17 @@ import orbax.checkpoint as ocp
 from hivlp_jax import config_lib
 from hivlp_jax import evaluate
 from hivlp_jax import losses
+from hivlp_jax import masking
 from hivlp_jax import momentum
 from hivlp_jax import queues
 from hivlp_jax.data import pipeline
+from hivlp_jax.data import streaming
+from hivlp_jax.data import webdataset
 from hivlp_jax.models import pretrained
 from hivlp_jax.models import two_towers
 
 AXIS = 'batch'
+DATA_STATE_DIR = 'data_state'  # In the workdir: the streamed data position of every checkpoint, per host.
 
 
 class TrainState(train_state.TrainState):
@@ -69,7 +74,8 @@ def unreplicate_state(state: TrainState) -> TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towers.TwoTowers:
-  return two_towers.TwoTowers(config.model, vocab_size=vocab_size)
+  return two_towers.TwoTowers(config.model, vocab_size=vocab_size, mlm=config.mvlm.mlm_weight > 0,
+                              mvm_codebook_size=config.visual_tokenizer.codebook_size if config.mvlm.mvm_weight else 0)
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -98,8 +104,11 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn) -> opt
 
 def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng) -> TrainState:
   size, max_len = config.model.image_size, config.model.text.max_len
-  params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
-                               jnp.ones((1, max_len), jnp.int32))['params']
+  texts = jnp.ones((1, max_len), jnp.int32)
+  num_patches = (size // config.model.image.patch_size)**2
+  masked = dict(masked_texts=texts if model.mlm else None,
+                patch_mask=jnp.zeros((1, num_patches), jnp.bool_) if model.mvm_codebook_size else None)
+  params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8), texts, **masked)['params']
   if config.model.image.init_checkpoint:
     params = dict(params)
     params['image_tower'], report = pretrained.load_vit_npz(config.model.image.init_checkpoint,
@@ -116,32 +125,63 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
                            nonfinite_steps=jnp.zeros((), jnp.int32), **momentum_fields)
 
 
-def loss_and_grads(params, apply_fn, batch: dict, *, nested_dims, dim_weights):
-  """Global-batch hierarchical contrastive loss and its gradient, averaged over the 'batch' axis.
+def online_forward(params, apply_fn, batch: dict, mvlm: Optional[ml_collections.FrozenConfigDict]):
+  """The online towers on this device's batch, with the masked vision-language modeling terms.
 
-  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L] (this device's part of the global batch).
+  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L]; with MLM 'masked_text' int32 [b, L] and
+  'text_mask' bool [b, L]; with MVM 'patch_mask' bool [b, patches] and 'image_codes' int32 [b, patches].
+  Returns image and text embeddings [b, D], the model's extras, and the weighted MVLM loss with its metrics
+  (0 and {} without MVLM).
+  """
+  masked_inputs = {}
+  if mvlm is not None and mvlm.mlm_weight:
+    masked_inputs['masked_texts'] = batch['masked_text']
+  if mvlm is not None and mvlm.mvm_weight:
+    masked_inputs['patch_mask'] = batch['patch_mask']
+  image_embedding, text_embedding, extras = apply_fn({'params': params}, batch['image'], batch['text'],
+                                                     **masked_inputs)
+  loss, metrics = 0.0, {}
+  if 'mlm_logits' in extras:
+    metrics['loss_mlm'], metrics['accuracy_mlm'] = losses.masked_token_loss(
+        extras['mlm_logits'], batch['text'], batch['text_mask'], AXIS)
+    loss = loss + mvlm.mlm_weight * metrics['loss_mlm']
+  if 'mvm_logits' in extras:
+    metrics['loss_mvm'], metrics['accuracy_mvm'] = losses.masked_token_loss(
+        extras['mvm_logits'], batch['image_codes'], batch['patch_mask'], AXIS)
+    loss = loss + mvlm.mvm_weight * metrics['loss_mvm']
+  return image_embedding, text_embedding, extras, loss, metrics
+
+
+def loss_and_grads(params, apply_fn, batch: dict, *, nested_dims, dim_weights,
+                   mvlm: Optional[ml_collections.FrozenConfigDict] = None):
+  """Global-batch hierarchical contrastive loss (+ MVLM) and its gradient, averaged over the 'batch' axis.
+
+  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L] (this device's part of the global batch), and
+  the masked inputs of `online_forward` when `mvlm` asks for them.
   Returns ((loss, metrics), grads), identical on every device.
   """
   local_batch = batch['image'].shape[0]
   offset = jax.lax.axis_index(AXIS) * local_batch
 
   def loss_fn(params):
-    image_embedding, text_embedding, extras = apply_fn({'params': params}, batch['image'], batch['text'])
+    image_embedding, text_embedding, extras, mvlm_loss, mvlm_metrics = online_forward(params, apply_fn, batch,
+                                                                                       mvlm)
     # The positives of this device's rows sit at offset + i of the gathered global batch.
     global_image = jax.lax.all_gather(image_embedding, AXIS, tiled=True)
     global_text = jax.lax.all_gather(text_embedding, AXIS, tiled=True)
     loss, metrics = losses.matryoshka_info_nce(
         image_embedding, text_embedding, global_image, global_text, extras['temperature'],
         nested_dims, dim_weights, offset)
-    metrics['temperature'] = extras['temperature']
-    return loss, metrics
+    metrics.update(mvlm_metrics, temperature=extras['temperature'])
+    return loss + mvlm_loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return jax.lax.pmean((loss, metrics), AXIS), jax.lax.pmean(grads, AXIS)
 
 
 def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_weights,
-                            contrastive: ml_collections.FrozenConfigDict):
+                            contrastive: ml_collections.FrozenConfigDict,
+                            mvlm: Optional[ml_collections.FrozenConfigDict] = None):
   """Momentum contrastive loss against the queues (with the options of `contrastive`) and its gradient.
 
   batch: as for `loss_and_grads`. Returns ((loss, metrics), grads, updates): loss, metrics and grads
@@ -168,7 +208,8 @@ def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_
   global_momentum_text = jax.lax.all_gather(momentum_text, AXIS, tiled=True)
 
   def loss_fn(params):
-    image_embedding, text_embedding, extras = state.apply_fn({'params': params}, batch['image'], batch['text'])
+    image_embedding, text_embedding, extras, mvlm_loss, mvlm_metrics = online_forward(
+        params, state.apply_fn, batch, mvlm)
     global_image = jax.lax.all_gather(image_embedding, AXIS, tiled=True)
     global_text = jax.lax.all_gather(text_embedding, AXIS, tiled=True)
     loss, metrics = losses.momentum_info_nce(
@@ -177,8 +218,8 @@ def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_
         keep=keep if contrastive.filter_noisy_pairs else None, distill_weight=distill_weight,
         kl_weight=contrastive.kl_weight, kl_direction=contrastive.kl_direction,
         kl_stop_gradient=contrastive.kl_stop_gradient)
-    metrics['temperature'] = extras['temperature']
-    return loss, metrics
+    metrics.update(mvlm_metrics, temperature=extras['temperature'])
+    return loss + mvlm_loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics.update(filter_metrics)
@@ -189,18 +230,21 @@ def momentum_loss_and_grads(state: TrainState, batch: dict, *, nested_dims, dim_
 
 
 def train_step(state: TrainState, batch: dict, *, nested_dims, dim_weights, learning_rate_fn,
-               contrastive: Optional[ml_collections.FrozenConfigDict] = None, num_train_steps: int = 0):
+               contrastive: Optional[ml_collections.FrozenConfigDict] = None, num_train_steps: int = 0,
+               mvlm: Optional[ml_collections.FrozenConfigDict] = None):
   """One data-parallel step; call under `jax.pmap(axis_name='batch')`.
 
   contrastive: config.contrastive when it has queues (queue_size > 0), else None (in-batch negatives only).
+  mvlm: config.mvlm when a masked-modeling weight is set, else None.
   A step whose loss or gradient is not finite leaves the state unchanged except `nonfinite_steps`.
   """
   if contrastive is None:
     (loss, metrics), grads = loss_and_grads(state.params, state.apply_fn, batch, nested_dims=nested_dims,
-                                            dim_weights=dim_weights)
+                                            dim_weights=dim_weights, mvlm=mvlm)
   else:
     (loss, metrics), grads, updates = momentum_loss_and_grads(state, batch, nested_dims=nested_dims,
-                                                              dim_weights=dim_weights, contrastive=contrastive)
+                                                              dim_weights=dim_weights, contrastive=contrastive,
+                                                              mvlm=mvlm)
   updated = state.apply_gradients(grads=grads)
   if contrastive is not None:
     ema_momentum = momentum.momentum_at(state.step, contrastive.momentum, contrastive.momentum_schedule,
@@ -225,11 +269,27 @@ def make_pmapped_train_step(config: ml_collections.ConfigDict, devices=None):
   contrastive = None
   if config.contrastive.queue_size:
     contrastive = ml_collections.FrozenConfigDict(config.contrastive)
+  mvlm = None
+  if config.mvlm.mlm_weight or config.mvlm.mvm_weight:
+    mvlm = ml_collections.FrozenConfigDict(config.mvlm)
   step = functools.partial(train_step, nested_dims=tuple(config.model.nested_dims),
                            dim_weights=tuple(config.loss.dim_weights),
                            learning_rate_fn=create_learning_rate_fn(config), contrastive=contrastive,
-                           num_train_steps=config.num_train_steps)
+                           num_train_steps=config.num_train_steps, mvlm=mvlm)
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+
+
+def masking_transform(config: ml_collections.ConfigDict, tokenizer) -> Optional[functools.partial]:
+  """The host-side masking of config.mvlm for `pipeline.train_batches`, or None without MVLM."""
+  settings = config.mvlm
+  if not (settings.mlm_weight or settings.mvm_weight):
+    return None
+  grid = config.model.image_size // config.model.image.patch_size
+  return functools.partial(
+      masking.mask_batch, text_mask_ratio=settings.text_mask_ratio, image_mask_ratio=settings.image_mask_ratio,
+      min_block_patches=settings.min_block_patches, grid=(grid, grid), mask_id=tokenizer.special_ids['[MASK]'],
+      vocab_size=tokenizer.vocab_size, special_ids=tuple(tokenizer.special_ids.values()),
+      mask_text_tokens=settings.mlm_weight > 0, mask_patches=settings.mvm_weight > 0)
 
 
 def make_pmapped_embedders(model: two_towers.TwoTowers):
@@ -270,6 +330,33 @@ def evaluate_model(config, model, params_replicated, data: pipeline.ImageTextSpl
                            config.eval.ks)
 
 
+def training_batches(config: ml_collections.ConfigDict, workdir: str, tokenizer, start_step: int
+                     ) -> tuple[Iterator[dict], Optional[streaming.TrainStream]]:
+  """The batches of steps start_step + 1, ... in pmap layout, and the stream when the data set is streamed.
+
+  A streamed data set resumes from the data position saved with the checkpoint of `start_step`; the
+  embedded one is indexed by step and needs no saved position.
+  """
+  transform = masking_transform(config, tokenizer)
+  if pipeline.is_streamed(config):
+    data_state = None
+    if start_step:
+      data_state = streaming.read_state(os.path.join(workdir, DATA_STATE_DIR), start_step)
+      if data_state is None:
+        logging.warning('No data position saved with the checkpoint of step %d: the training data restarts '
+                        'from its beginning.', start_step)
+    stream = streaming.create_train_stream(config, tokenizer, state=data_state, transform=transform)
+    return stream, stream
+  train_data = pipeline.load_split(config, 'train', tokenizer)
+  logging.info('Training data: %d images, %d captions each; vocabulary of %d.', train_data.num_images,
+               train_data.captions_per_image, tokenizer.vocab_size)
+  if config.mvlm.mvm_weight:
+    from hivlp_jax import visual_tokenizer  # pylint: disable=g-import-not-at-top  (it imports this module)
+    train_data = dataclasses.replace(train_data, image_codes=visual_tokenizer.load_codes(config, 'train'))
+  batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step, transform=transform)
+  return batches, None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after_step: Optional[int] = None) -> Optional[dict]:
   """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates. Returns the results.
@@ -284,10 +371,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
   tokenizer = pipeline.get_tokenizer(config)
-  train_data = pipeline.load_split(config, 'train', tokenizer)
-  logging.info('Training data: %d images, %d captions each; vocabulary of %d.', train_data.num_images,
-               train_data.captions_per_image, tokenizer.vocab_size)
-
   model = create_model(config, tokenizer.vocab_size)
   state = create_train_state(config, model, jax.random.key(config.seed))
   manager = checkpoint_manager(workdir, config)
@@ -298,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = replicate_state(state)
 
   p_train_step = make_pmapped_train_step(config)
-  batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step)
+  batches, stream = training_batches(config, workdir, tokenizer, start_step)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                                     every_steps=config.log_every_steps, every_secs=None)
   logging.info('Training from step %d to %d on %d devices (%d local).', start_step, config.num_train_steps,
@@ -317,6 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       elapsed = time.perf_counter() - window_start
       summary['examples_per_sec'] = len(pending_metrics) * config.batch_size / elapsed
       summary['nonfinite_steps'] = summary.pop('nonfinite') * len(pending_metrics)
+      if stream is not None:
+        summary.update({f'data_skipped_{reason}': count for reason, count in stream.stats.as_dict().items()
+                        if reason != 'samples'})
       writer.write_scalars(step, summary)
       pending_metrics, window_start = [], time.perf_counter()
       nonfinite_run = int(state.nonfinite_steps[0])
@@ -327,8 +413,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'those steps were skipped. The last good checkpoint is in {manager.directory} (steps '
             f'{manager.all_steps()}). Lower config.optimizer.learning_rate or check the input data.')
     if step % config.checkpoint_every_steps == 0 or last:
+      if stream is not None:  # First, so that every checkpoint has the data position that follows it.
+        streaming.write_state(os.path.join(workdir, DATA_STATE_DIR), step, stream.get_state())
       manager.save(step, args=ocp.args.StandardSave(unreplicate_state(state)))
   manager.wait_until_finished()
+  if stream is not None:
+    stream.close()
+    logging.info('Training data: %s.', webdataset.count_by_reason(stream.stats))
   if end_step < config.num_train_steps:
     logging.info('Stopped after step %d of %d as asked; run again to resume.', end_step, config.num_train_steps)
     return None

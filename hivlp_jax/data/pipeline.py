@@ -6,13 +6,14 @@ went straight to s or was resumed from a checkpoint, so resuming never restarts 
 
 import dataclasses
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
 from hivlp_jax.data import embedded_scenes
+from hivlp_jax.data import streaming
 from hivlp_jax.data import tokenizer as tokenizer_lib
 
 
@@ -29,6 +30,8 @@ class ImageTextSplit:
   captions: Optional[list[list[str]]] = dataclasses.field(default=None, repr=False)
   # bool [num_images]: True where the captions were replaced by another image's (noisy-pair option).
   replaced: Optional[np.ndarray] = None
+  # int32 [num_images, grid_h, grid_w]: visual-token ids of the images (masked vision modeling).
+  image_codes: Optional[np.ndarray] = None
 
   @property
   def num_images(self) -> int:
@@ -44,24 +47,40 @@ def vocab_file(config: ml_collections.ConfigDict) -> str:
       config.data.data_dir, f'{config.data.name}-{config.data.builder_config}-vocab.txt')
 
 
+# Captions read to train a vocabulary for a streamed data set that comes without one.
+VOCAB_TRAINING_CAPTIONS = 1_000_000
+
+
+def is_streamed(config: ml_collections.ConfigDict) -> bool:
+  """Real data sets (web shards, Flickr30K, COCO) stream through data/streaming.py; the embedded one is in memory."""
+  return config.data.name != 'embedded_scenes'
+
+
 def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   """Loads the tokenizer, training it on the training captions the first time."""
   path = vocab_file(config)
   if config.data.vocab_file or os.path.exists(path):
     return tokenizer_lib.Tokenizer(path)
-  train = _load_raw(config, 'train')
-  texts = (c for captions in train['captions'] for c in captions)
+  if is_streamed(config):
+    texts = streaming.caption_texts(config, limit=VOCAB_TRAINING_CAPTIONS)
+  else:
+    train = _load_raw(config, 'train')
+    texts = (c for captions in train['captions'] for c in captions)
   return tokenizer_lib.train_tokenizer(texts, path, vocab_size=config.data.vocab_size)
 
 
 def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
   if config.data.name != 'embedded_scenes':
-    raise ValueError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes.')
+    raise ValueError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
+                     'webdataset, flickr30k, coco.')
   return embedded_scenes.load_split(config.data.data_dir, split, config.data.builder_config)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str,
                tokenizer: tokenizer_lib.Tokenizer) -> ImageTextSplit:
+  """A whole split in memory (training on streamed data sets reads `streaming.TrainStream` instead)."""
+  if is_streamed(config):
+    return streaming.load_eval_split(config, split, tokenizer)
   raw = _load_raw(config, split)
   captions = raw['captions']
   per_image = len(captions[0])
@@ -129,12 +148,16 @@ class TrainOrder:
     return image_idx, caption_idx
 
 
-def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step: int
+def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step: int,
+                  transform: Optional[Callable[[np.random.Generator, dict], dict]] = None
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
 
   Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L],
-  and with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced).
+  with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced),
+  and with `data.image_codes` 'image_codes' int32 [local_devices, per_device, patches].
+  transform(rng, host batch) -> host batch runs before the device split (e.g. masking), with a generator
+  seeded by (seed, step, host) so that a resumed run repeats it.
   """
   num_hosts, host = jax.process_count(), jax.process_index()
   local_batch = global_batch // num_hosts
@@ -147,6 +170,10 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
     batch = {'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx]}
     if data.replaced is not None:
       batch['noisy'] = data.replaced[image_idx]  # Only measured against, never trained on.
+    if data.image_codes is not None:
+      batch['image_codes'] = data.image_codes[image_idx].reshape(len(image_idx), -1)
+    if transform is not None:
+      batch = transform(np.random.default_rng([seed, step, host, 1]), batch)
     yield shard(batch)
     step += 1
 

@@ -59,20 +59,29 @@ class Encoder(nn.Module):
 
 
 class ViT(nn.Module):
-  """Images [B, H, W, 3] float -> pooled [B, width] ([CLS] token) and tokens [B, 1 + patches, width]."""
+  """Images [B, H, W, 3] float -> pooled [B, width] ([CLS] token) and tokens [B, 1 + patches, width].
+
+  With `patch_mask` (bool [B, patches], for masked vision modeling) the masked patches' embeddings are
+  replaced by a learned [MASK] embedding, as in BEiT; the module then needs `masked_patches=True`.
+  """
   patch_size: int
   width: int
   depth: int
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  masked_patches: bool = False
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, patch_mask=None):
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed')(images)
     batch, grid_h, grid_w, _ = x.shape
     x = x.reshape(batch, grid_h * grid_w, self.width)
+    if self.masked_patches:
+      mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
+      if patch_mask is not None:
+        x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, x.shape[1], self.width))
@@ -102,6 +111,29 @@ class TextTransformer(nn.Module):
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name='encoder')(x, mask)
     return x[:, 0], x
 
+  def attend(self, states: jnp.ndarray) -> jnp.ndarray:
+    """Token states [..., width] -> vocabulary logits [..., vocab], through the input embedding (tied)."""
+    embedding = self.variables['params']['token_embedding']['embedding']
+    return states @ embedding.T.astype(states.dtype)
+
+
+class MaskedTokenHead(nn.Module):
+  """Predicts masked tokens of one tower from its token states and the other tower's global state.
+
+  No cross attention: the other modality's pooled state is projected and added to every token state,
+  then an MLP (BERT's transform: Dense, GELU, LayerNorm) and the output projection.
+  token_states [B, N, W], other_pooled [B, W'] -> transformed [B, N, W] (before the output projection).
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, token_states, other_pooled):
+    width = token_states.shape[-1]
+    context = nn.Dense(width, dtype=self.dtype, name='context')(other_pooled)
+    x = token_states + context[:, None, :]
+    x = nn.gelu(nn.Dense(width, dtype=self.dtype, name='transform')(x))
+    return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+
 
 def preprocess_images(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
   """uint8 [B, H, W, 3] -> float32 [B, image_size, image_size, 3] in [-1, 1]."""
@@ -112,36 +144,76 @@ def preprocess_images(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
 
 
 class TwoTowers(nn.Module):
-  """ViT + text Transformer, each pooled and projected by a nested (Matryoshka) head."""
+  """ViT + text Transformer, each pooled and projected by a nested (Matryoshka) head.
+
+  With `mlm` / `mvm_codebook_size` it also has the masked-token heads of COTS masked vision-language
+  modeling, which predict masked text tokens (vocabulary logits) and masked patches' visual-token ids.
+  """
   config: ml_collections.ConfigDict  # config.model
   vocab_size: int
+  mlm: bool = False
+  mvm_codebook_size: int = 0  # 0: no masked vision modeling.
 
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     self.image_tower = ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
-                           cfg.image.mlp_dim, dtype=dtype)
+                           cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0)
     self.text_tower = TextTransformer(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
                                       cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.log_temperature = self.param(
         'log_temperature', nn.initializers.constant(jnp.log(cfg.temperature_init)), ())
+    if self.mlm:
+      self.mlm_head = MaskedTokenHead(dtype=dtype)
+      self.mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (self.vocab_size,))
+    if self.mvm_codebook_size:
+      self.mvm_head = MaskedTokenHead(dtype=dtype)
+      self.mvm_output = nn.Dense(self.mvm_codebook_size, dtype=dtype)
 
   def temperature(self) -> jnp.ndarray:
     return jnp.clip(jnp.exp(self.log_temperature), self.config.temperature_min, self.config.temperature_max)
 
+  def _encode_images(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """uint8 [B, H, W, 3] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
+    pooled, _ = self.image_tower(preprocess_images(images, self.config.image_size))
+    return pooled, self.image_head(pooled).astype(jnp.float32)
+
+  def _encode_texts(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """int32 [B, L] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
+    pooled, _ = self.text_tower(tokens)
+    return pooled, self.text_head(pooled).astype(jnp.float32)
+
   def embed_images(self, images: jnp.ndarray) -> jnp.ndarray:
     """uint8 [B, H, W, 3] -> float32 [B, embed_dim]."""
-    pooled, _ = self.image_tower(preprocess_images(images, self.config.image_size))
-    return self.image_head(pooled).astype(jnp.float32)
+    return self._encode_images(images)[1]
 
   def embed_texts(self, tokens: jnp.ndarray) -> jnp.ndarray:
     """int32 [B, L] -> float32 [B, embed_dim]."""
-    pooled, _ = self.text_tower(tokens)
-    return self.text_head(pooled).astype(jnp.float32)
+    return self._encode_texts(tokens)[1]
 
-  def __call__(self, images: Optional[jnp.ndarray] = None, texts: Optional[jnp.ndarray] = None):
-    image_embedding = None if images is None else self.embed_images(images)
-    text_embedding = None if texts is None else self.embed_texts(texts)
-    return image_embedding, text_embedding, {'temperature': self.temperature()}
+  def __call__(self, images: Optional[jnp.ndarray] = None, texts: Optional[jnp.ndarray] = None, *,
+               masked_texts: Optional[jnp.ndarray] = None, patch_mask: Optional[jnp.ndarray] = None):
+    """Embeds images [B, H, W, 3] uint8 and texts [B, L] int32 (either may be None).
+
+    For masked vision-language modeling pass both, and `masked_texts` int32 [B, L] (with `mlm`) and/or
+    `patch_mask` bool [B, patches] (with `mvm_codebook_size`): extras then hold 'mlm_logits'
+    [B, L, vocab] and 'mvm_logits' [B, patches, codebook]. The masked views are extra passes through the
+    towers; the embeddings always come from the unmasked ones.
+    """
+    extras = {'temperature': self.temperature()}
+    image_embedding = text_embedding = image_pooled = text_pooled = None
+    if images is not None:
+      image_pooled, image_embedding = self._encode_images(images)
+    if texts is not None:
+      text_pooled, text_embedding = self._encode_texts(texts)
+    if masked_texts is not None:
+      _, text_states = self.text_tower(masked_texts)
+      transformed = self.mlm_head(text_states, image_pooled)
+      extras['mlm_logits'] = (self.text_tower.attend(transformed) + self.mlm_bias).astype(jnp.float32)
+    if patch_mask is not None:
+      _, image_states = self.image_tower(preprocess_images(images, self.config.image_size), patch_mask)
+      transformed = self.mvm_head(image_states[:, 1:], text_pooled)
+      extras['mvm_logits'] = self.mvm_output(transformed).astype(jnp.float32)
+    return image_embedding, text_embedding, extras
