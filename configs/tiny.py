@@ -21,4 +21,6 @@ def get_config():
   config.log_every_steps = 2
   config.checkpoint_every_steps = 3
   config.eval.batch_size = 64
+  config.visual_tokenizer.update(dict(codebook_size=64, batch_size=32, num_train_steps=200, warmup_steps=10,
+                                      learning_rate=3e-3, log_every_steps=100, checkpoint_every_steps=100))
   return config

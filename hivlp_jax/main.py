@@ -1,6 +1,8 @@
 r"""Runs a training + evaluation job from a config file.
 
   python -m hivlp_jax.main --config=configs/default.py --workdir=runs/default [--config.num_train_steps=N]
+  python -m hivlp_jax.main --mode=tokenizer --config=configs/default.py --workdir=runs/tokenizer_default
+The second trains the visual tokenizer (discrete VAE) whose codes masked vision modeling predicts.
 
 On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device_count=N (see
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
@@ -19,11 +21,14 @@ from ml_collections import config_flags
 from hivlp_jax import config_lib
 from hivlp_jax import log_filter
 from hivlp_jax import train
+from hivlp_jax import visual_tokenizer
 from hivlp_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.')
+flags.DEFINE_enum('mode', 'train', ['train', 'tokenizer'], 'train: two-tower training + evaluation; '
+                  'tokenizer: the visual tokenizer stage (visual_tokenizer.train_tokenizer).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host TPU/GPU, SLURM). '
                   'On TPU VMs and under SLURM the coordinator is found automatically.')
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0, when not automatic.')
@@ -46,7 +51,10 @@ def main(argv):
     multihost_utils.sync_global_devices('hivlp_jax: data prepared')
   logging.info('JAX devices: %d local of %d on %d processes (%s).', jax.local_device_count(),
                jax.device_count(), jax.process_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.mode == 'tokenizer':
+    visual_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
