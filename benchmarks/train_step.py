@@ -3,7 +3,8 @@ r"""Benchmark of the pmapped train step: median step time, examples/s and FLOP u
   XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/train_step.py \
       --config=configs/default.py --steps=20 --out=benchmarks/results/train_step.json
 
-Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline). FLOPs are
+Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
+masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are
 XLA's cost analysis of the compiled step (forward, backward and optimizer, summed over devices); the peak is
 a measured float32 matmul on the same devices.
 """
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from hivlp_jax import config_lib
+from hivlp_jax import masking
 from hivlp_jax import train
 
 FLAGS = flags.FLAGS
@@ -63,9 +65,19 @@ def main(argv):
   rng = np.random.default_rng(0)
   size, max_len = config.model.image_size, config.model.text.max_len
   batch = {
-      'image': rng.integers(0, 256, (devices, per_device, size, size, 3), dtype=np.uint8),
-      'text': rng.integers(5, FLAGS.vocab_size, (devices, per_device, max_len), dtype=np.int32),
+      'image': rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+      'text': rng.integers(5, FLAGS.vocab_size, (config.batch_size, max_len), dtype=np.int32),
   }
+  if config.mvlm.mlm_weight or config.mvlm.mvm_weight:  # Masked inputs, and random visual-token ids.
+    grid = size // config.model.image.patch_size
+    batch['image_codes'] = rng.integers(0, config.visual_tokenizer.codebook_size, (config.batch_size, grid * grid),
+                                        dtype=np.int32)
+    batch = masking.mask_batch(
+        rng, batch, text_mask_ratio=config.mvlm.text_mask_ratio, image_mask_ratio=config.mvlm.image_mask_ratio,
+        min_block_patches=config.mvlm.min_block_patches, grid=(grid, grid), mask_id=4, vocab_size=FLAGS.vocab_size,
+        special_ids=(0, 1, 2, 3, 4), mask_text_tokens=config.mvlm.mlm_weight > 0,
+        mask_patches=config.mvlm.mvm_weight > 0)
+  batch = jax.tree.map(lambda x: x.reshape((devices, per_device) + x.shape[1:]), batch)
   p_step = train.make_pmapped_train_step(config)
   flops = step_flops(p_step, state, batch) * devices
   for _ in range(3):

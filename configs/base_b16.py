@@ -16,7 +16,9 @@ def get_config():
   config.model.nested_dims = (32, 64, 128, 256, 512, 768)
   config.model.dtype = 'bfloat16'
   config.model.image.update(dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072))
-  config.model.text.update(dict(max_len=64, width=768, depth=12, num_heads=12, mlp_dim=3072))
+  # BERT-base: set config.model.text.init_checkpoint to Google's uncased_L-12_H-768_A-12/bert_model.ckpt and
+  # config.data.vocab_file to its vocab.txt. BERT has 512 positions; the first 64 are used.
+  config.model.text.update(dict(max_len=64, width=768, depth=12, num_heads=12, mlp_dim=3072, architecture='bert'))
   config.loss.dim_weights = (1.0,) * 6
   config.mvlm.min_block_patches = 16  # BEiT, of the 196 patches of a 224 px image.
   config.visual_tokenizer.codebook_size = 8192

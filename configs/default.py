@@ -32,7 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
       dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
            init_checkpoint=''))  # A public ViT .npz to start from (see models/pretrained.py).
   config.model.text = ml_collections.ConfigDict(
-      dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512))
+      dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512,
+           architecture='pre_ln',  # Or 'bert': post-LN blocks that a BERT checkpoint fits (models/bert.py).
+           init_checkpoint=''))  # A TF BERT checkpoint (bert_model.ckpt) to start from; needs 'bert'.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.
@@ -75,6 +77,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.visual_tokenizer.workdir = ''  # The tokenizer stage's workdir (checkpoint and cached codes).
   config.visual_tokenizer.codes_file = ''  # Or codes made elsewhere: .npy int [num_train_images, grid, grid].
   config.visual_tokenizer.codebook_size = 512  # BEiT / DALL-E: 8,192 on real images.
+  config.visual_tokenizer.hidden_dim = 64  # Conv channels at the code grid, halved per 2x resolution (min 16).
+  config.visual_tokenizer.code_dim = 64  # Width of a codebook entry.
+  config.visual_tokenizer.num_res_blocks = 1  # Residual blocks at the code grid in the encoder and the decoder.
+  config.visual_tokenizer.batch_size = 128  # Global, over all devices and hosts.
+  config.visual_tokenizer.num_train_steps = 500  # About 1.6 epochs of the 40k default training images.
+  config.visual_tokenizer.warmup_steps = 50
+  config.visual_tokenizer.learning_rate = 2e-3  # AdamW peak, then cosine decay to 5% of it.
+  config.visual_tokenizer.weight_decay = 1e-4  # On kernels only.
+  config.visual_tokenizer.temperature_start = 1.0  # Gumbel-softmax temperature, annealed exponentially (DALL-E:
+  config.visual_tokenizer.temperature_end = 0.0625  # 1 -> 1/16) over num_train_steps.
+  # Weight of KL(q(code | patch) || uniform) per position against pixel MSE. Measured here: 1e-3 and 1e-2 kept
+  # the posterior uniform (no code carried information) through 200 steps, so it is off by default.
+  config.visual_tokenizer.kl_weight = 0.0
+  config.visual_tokenizer.eval_split = 'validation'  # Reconstruction and code usage in metrics.json.
+  config.visual_tokenizer.log_every_steps = 50
+  config.visual_tokenizer.checkpoint_every_steps = 250
 
   config.batch_size = 256  # Global, over all devices and hosts.
   config.num_train_steps = 700

@@ -4,13 +4,16 @@ import importlib.util
 import json
 import os
 
+from absl import logging
 import jax
 import ml_collections
+import tensorflow as tf
 
 from hivlp_jax import losses
 from hivlp_jax import momentum
 from hivlp_jax import queues
 from hivlp_jax.models import matryoshka
+from hivlp_jax.models import pretrained
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
 RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
@@ -18,6 +21,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_step
                     'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
+TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # two_towers.TextTransformer, bert.BertTextTransformer.
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
@@ -79,6 +83,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
   validate_contrastive(config)
   validate_mvlm(config)
+  validate_text_tower(config)
+
+
+def validate_text_tower(config: ml_collections.ConfigDict) -> None:
+  """Checks config.model.text.architecture and the BERT checkpoint it may start from."""
+  text = config.model.text
+  if text.architecture not in TEXT_ARCHITECTURES:
+    raise ValueError(f'config.model.text.architecture={text.architecture!r} is not one of {TEXT_ARCHITECTURES}.')
+  if not text.init_checkpoint:
+    return
+  if text.architecture != 'bert':
+    raise ValueError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} is a BERT checkpoint, which fits '
+                     f"only config.model.text.architecture='bert' (not {text.architecture!r}).")
+  try:
+    prefix = pretrained.bert_checkpoint_prefix(text.init_checkpoint)
+  except FileNotFoundError as e:
+    raise ValueError(f'config.model.text.init_checkpoint: {e}') from None
+  # The checkpoint's word embeddings are rows of its vocab.txt: the tokenizer must read the same ids.
+  checkpoint_vocab = f'{prefix.rpartition("/")[0] or "."}/vocab.txt'
+  if not tf.io.gfile.exists(checkpoint_vocab):
+    return
+  if not config.data.vocab_file:
+    raise ValueError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} with an empty '
+                     f'config.data.vocab_file: a vocabulary trained on the captions would not match the '
+                     f"checkpoint's word embeddings. Set config.data.vocab_file={checkpoint_vocab!r}.")
+  if tf.io.gfile.exists(config.data.vocab_file):
+    with tf.io.gfile.GFile(checkpoint_vocab) as f:
+      expected = f.read().splitlines()
+    with tf.io.gfile.GFile(config.data.vocab_file) as f:
+      actual = f.read().splitlines()
+    rows = min(len(expected), len(actual))
+    if expected[:rows] != actual[:rows]:
+      raise ValueError(f'config.data.vocab_file={config.data.vocab_file!r} differs from the vocab.txt of '
+                       f'config.model.text.init_checkpoint ({checkpoint_vocab}): the token ids would index the '
+                       'wrong rows of its word embeddings. Use that vocab.txt (extending it at the end is fine).')
 
 
 def validate_mvlm(config: ml_collections.ConfigDict) -> None:
@@ -137,7 +176,8 @@ def validate_contrastive(config: ml_collections.ConfigDict) -> None:
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
-  keys = sorted(set(saved) | set(current))
+  # A field the saved record lacks was added to the code after that run started: its default applies.
+  keys = sorted(set(saved))
   changed = [k for k in keys if saved.get(k) != current.get(k)]
   return [k for k in changed if not any(k == f or (f.endswith('.') and k.startswith(f)) for f in RESUMABLE_FIELDS)]
 
@@ -149,6 +189,10 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
+    added = sorted(set(current) - set(saved))
+    if added:
+      logging.warning('Config fields new since the run in %s started (their current values apply): %s',
+                      workdir, ', '.join(f'{k}={current[k]!r}' for k in added[:20]))
     bad = _differences(saved, current)
     if bad:
       details = '; '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in bad[:8])

@@ -114,6 +114,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
     params['image_tower'], report = pretrained.load_vit_npz(config.model.image.init_checkpoint,
                                                              params['image_tower'])
     logging.info('Image tower initialised from %s: %s', config.model.image.init_checkpoint, report)
+  if config.model.text.init_checkpoint:
+    params = dict(params)
+    params['text_tower'], report = pretrained.load_bert_checkpoint(config.model.text.init_checkpoint,
+                                                                   params['text_tower'])
+    logging.info('Text tower initialised from %s: %s', config.model.text.init_checkpoint, report)
   tx = create_optimizer(config, create_learning_rate_fn(config))
   momentum_fields = {}
   if config.contrastive.queue_size:

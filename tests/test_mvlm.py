@@ -107,7 +107,8 @@ def test_heads_see_the_other_modality_and_have_no_cross_attention():
     return np.asarray(extras['mlm_logits']), np.asarray(extras['mvm_logits'])
 
   mlm, mvm = outputs(batch['image'], batch['text'])
-  assert mlm.shape == (4, config.model.text.max_len, 50) and mvm.shape == (4, patches, 512)
+  codebook = config.visual_tokenizer.codebook_size
+  assert mlm.shape == (4, config.model.text.max_len, 50) and mvm.shape == (4, patches, codebook)
   other = _random_batch(config, 4, 50, seed=1)
   # Another paired image changes the text predictions (the masked text itself is the same) ...
   assert np.abs(outputs(other['image'], batch['text'])[0] - mlm).max() > 1e-3
@@ -137,7 +138,7 @@ def test_train_step_with_mvlm_on_4_devices_matches_1_device():
   batch = masking.mask_batch(rng, batch, text_mask_ratio=0.3, image_mask_ratio=0.4, min_block_patches=2,
                              grid=(4, 4), mask_id=MASK_ID, vocab_size=50, special_ids=SPECIAL_IDS,
                              mask_text_tokens=True, mask_patches=True)
-  histories = {n: _run_steps(config, model, batch, jax.local_devices()[:n], 2)[1] for n in (4, 1)}
+  histories = {n: _run_steps(config, model, batch, jax.local_devices()[:n], 1)[1] for n in (4, 1)}
   for m4, m1 in zip(histories[4], histories[1]):
     for key in ('loss', 'loss_mlm', 'accuracy_mlm', 'loss_mvm', 'accuracy_mvm', 'loss_dim64', 'grad_norm'):
       np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)

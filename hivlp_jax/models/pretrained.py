@@ -1,4 +1,5 @@
-"""Initialise the image tower from a public ViT checkpoint (`.npz` of the google-research/big_vision layout).
+"""Initialise the towers from public checkpoints: a ViT `.npz` (google-research/big_vision layout) into the
+image tower, and Google's original TF BERT checkpoint into the 'bert' text tower (`load_bert_checkpoint`).
 
 Names in the checkpoint -> names in `two_towers.ViT`:
   embedding/{kernel,bias}                               -> patch_embed/{kernel,bias}
@@ -13,11 +14,13 @@ The classification head (head/, pre_logits/) has no counterpart and is reported 
 """
 
 import dataclasses
+import json
 import re
 
 import flax
 import jax
 import numpy as np
+import tensorflow as tf
 
 _RENAMES = (
     (r'^embedding/', 'patch_embed/'),
@@ -79,6 +82,132 @@ def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
                          f'at {name}: the checkpoint is of another model size.')
       flat[name] = value.astype(np.asarray(target).dtype)
       report.loaded.append(name)
+  report.left_new = sorted(set(flat) - set(report.loaded))
+  params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+  return params, report
+
+
+# BERT: names in the TF checkpoint (below 'bert/') -> names in `bert.BertTextTransformer`.
+_BERT_RENAMES = (
+    (r'^embeddings/word_embeddings$', 'token_embedding/embedding'),
+    (r'^embeddings/position_embeddings$', 'pos_embedding'),
+    (r'^embeddings/token_type_embeddings$', 'type_embedding'),
+    (r'^embeddings/LayerNorm/', 'embedding_norm/'),
+    (r'^encoder/layer_(\d+)/attention/self/(query|key|value)/', r'encoder/block\1/attention/\2/'),
+    (r'^encoder/layer_(\d+)/attention/output/dense/', r'encoder/block\1/attention/out/'),
+    (r'^encoder/layer_(\d+)/attention/output/LayerNorm/', r'encoder/block\1/attention_norm/'),
+    (r'^encoder/layer_(\d+)/intermediate/dense/', r'encoder/block\1/intermediate/'),
+    (r'^encoder/layer_(\d+)/output/dense/', r'encoder/block\1/output/'),
+    (r'^encoder/layer_(\d+)/output/LayerNorm/', r'encoder/block\1/output_norm/'),
+)
+_LAYER_NORM_RENAMES = {'gamma': 'scale', 'beta': 'bias'}
+BERT_CHECKPOINT_NAME = 'bert_model.ckpt'  # The prefix of the .index / .data-* files in Google's releases.
+
+
+def bert_name(checkpoint_name: str) -> str:
+  """'bert/encoder/layer_3/attention/self/query/kernel' -> 'encoder/block3/attention/query/kernel'.
+
+  Names outside the mapping (the pooler, the pre-training heads 'cls/...', 'global_step') come back as they
+  are, so that they are reported as unused.
+  """
+  if not checkpoint_name.startswith('bert/'):
+    return checkpoint_name
+  for pattern, replacement in _BERT_RENAMES:
+    name, count = re.subn(pattern, replacement, checkpoint_name[len('bert/'):])
+    if count:
+      parent, _, leaf = name.rpartition('/')
+      return f'{parent}/{_LAYER_NORM_RENAMES[leaf]}' if leaf in _LAYER_NORM_RENAMES else name
+  return checkpoint_name
+
+
+def bert_checkpoint_prefix(path: str) -> str:
+  """The TF checkpoint prefix ('.../bert_model.ckpt') of `path`: that prefix itself or the folder holding it.
+
+  Raises FileNotFoundError naming what was looked for.
+  """
+  prefix = path.removesuffix('.index')
+  if tf.io.gfile.isdir(prefix):
+    prefix = f'{prefix.rstrip("/")}/{BERT_CHECKPOINT_NAME}'
+  if not tf.io.gfile.exists(prefix + '.index'):
+    raise FileNotFoundError(
+        f'No TF BERT checkpoint at {path!r}: found no {prefix}.index. Give the checkpoint prefix (the '
+        f"'{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / .data-00000-of-00001 files) or "
+        'the folder holding it.')
+  return prefix
+
+
+def _check_bert_config(prefix: str, flat_params: dict) -> None:
+  """Checks the bert_config.json next to the checkpoint, when there is one, against the tower.
+
+  The number of heads is not in any array's shape, so a mismatch would load without error and compute
+  another function: refuse it here.
+  """
+  config_file = f'{prefix.rpartition("/")[0] or "."}/bert_config.json'
+  if not tf.io.gfile.exists(config_file):
+    return
+  with tf.io.gfile.GFile(config_file) as f:
+    bert_config = json.load(f)
+  query = flat_params.get('encoder/block0/attention/query/kernel')  # [W, heads, head_dim]
+  heads = bert_config.get('num_attention_heads') if query is None else query.shape[1]
+  if bert_config.get('num_attention_heads', heads) != heads:
+    raise ValueError(f'{config_file} has num_attention_heads={bert_config["num_attention_heads"]} but the text '
+                     f'tower has {heads} heads: set config.model.text.num_heads to match.')
+  if bert_config.get('hidden_act', 'gelu') != 'gelu':
+    raise ValueError(f'{config_file} has hidden_act={bert_config["hidden_act"]!r}; the bert text tower uses gelu.')
+
+
+def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
+  """Returns the 'bert' text tower's params with the arrays of a TF BERT checkpoint copied in, and a report.
+
+  path: the checkpoint prefix ('.../bert_model.ckpt') or its folder, as Google released BERT-base (with
+  vocab.txt and bert_config.json beside it). Layout changes: the query/key/value kernels [W, W] are split
+  into heads as [W, heads, head_dim] (biases [heads, head_dim]) and the attention output kernel into
+  [heads, head_dim, W]; these count as loaded. Shape changes are listed in `reshaped`:
+  - position embeddings [512, W] -> the first max_len rows, as [1, max_len, W];
+  - token-type embeddings [2, W] -> the row of type 0 (one segment);
+  - word embeddings [V, W] -> the model's vocabulary [V', W]: the first min(V, V') rows are copied (the
+    token ids must mean the same, i.e. the tokenizer reads the checkpoint's vocab.txt, maybe extended at
+    the end); rows past V stay as initialised.
+  Blocks the checkpoint has beyond the tower's depth are unused (a truncated BERT, as ALBEF's text encoder
+  uses BERT's first 6 layers); blocks the tower has beyond it are left new.
+  """
+  flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(text_params)).items()}
+  if 'type_embedding' not in flat or 'embedding_norm/scale' not in flat:
+    raise ValueError("A BERT checkpoint fits only the BERT text tower: set config.model.text.architecture='bert' "
+                     f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
+  prefix = bert_checkpoint_prefix(path)
+  _check_bert_config(prefix, flat)
+  reader = tf.train.load_checkpoint(prefix)
+  report = LoadReport()
+  for checkpoint_name in sorted(reader.get_variable_to_shape_map()):
+    name = bert_name(checkpoint_name)
+    if name not in flat:
+      report.unused.append(checkpoint_name)
+      continue
+    value, target = reader.get_tensor(checkpoint_name), np.asarray(flat[name])
+    shape = value.shape
+    if name == 'pos_embedding' and shape[-1:] == target.shape[-1:]:
+      if shape[0] < target.shape[1]:
+        raise ValueError(f'{checkpoint_name} in {prefix} has {shape[0]} positions, fewer than the text tower '
+                         f'has (config.model.text.max_len={target.shape[1]}).')
+      value = value[None, :target.shape[1]]
+      if shape[0] != target.shape[1]:
+        report.reshaped.append(f'{name} {shape} -> {value.shape}: the first {target.shape[1]} positions')
+    elif name == 'type_embedding' and shape[-1:] == target.shape:
+      value = value[0]
+      report.reshaped.append(f'{name} {shape} -> {value.shape}: token type 0')
+    elif name == 'token_embedding/embedding' and shape != target.shape and shape[1:] == target.shape[1:]:
+      rows = min(shape[0], target.shape[0])
+      value = np.concatenate([value[:rows], target[rows:]])
+      report.reshaped.append(f'{name} {shape} -> {value.shape}: the first {rows} rows copied'
+                             + (f', rows {rows}.. left new' if rows < target.shape[0] else ''))
+    elif '/attention/' in name and value.size == target.size:
+      value = value.reshape(target.shape)  # Only the split into heads: the element order stays.
+    if value.shape != target.shape:
+      raise ValueError(f'{checkpoint_name} in {prefix} has shape {value.shape}, the model wants {target.shape} '
+                       f'at {name}: the checkpoint is of another model size.')
+    flat[name] = value.astype(target.dtype)
+    report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
   params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   return params, report

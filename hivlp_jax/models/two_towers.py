@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hivlp_jax.models import bert
 from hivlp_jax.models import matryoshka
 
 Dtype = Any
@@ -159,8 +160,9 @@ class TwoTowers(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.image_tower = ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
                            cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0)
-    self.text_tower = TextTransformer(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
-                                      cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype)
+    text_tower = {'pre_ln': TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
+    self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
+                                 cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.log_temperature = self.param(
