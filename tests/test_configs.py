@@ -1,6 +1,7 @@
 """Every config parses and runs one step; bad configs fail at start-up with a message naming the field."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -110,3 +111,14 @@ def test_workdir_of_another_config_is_refused(tmp_path, data_dir):
   with pytest.raises(ValueError, match=r'another config \(model.image.width: 64 -> 96\)'):
     config_lib.check_workdir_config(str(tmp_path), config)
   assert os.path.exists(tmp_path / config_lib.CONFIG_FILE)
+
+
+def test_workdir_recorded_before_a_field_existed_resumes(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  config_lib.check_workdir_config(str(tmp_path), config)
+  path = tmp_path / config_lib.CONFIG_FILE
+  recorded = json.loads(path.read_text())
+  del recorded['mvlm.mlm_weight']  # As if the run had started before the field was added.
+  path.write_text(json.dumps(recorded))
+  config_lib.check_workdir_config(str(tmp_path), config)  # Accepted (with a warning), and recorded.
+  assert 'mvlm.mlm_weight' in json.loads(path.read_text())
