@@ -94,6 +94,7 @@ def _mvlm_model_and_params(config, vocab_size=50):
 
 def test_heads_see_the_other_modality_and_have_no_cross_attention():
   config = tiny_config('unused')
+  config.model.image.depth = config.model.text.depth = 1
   model, params = _mvlm_model_and_params(config)
   batch = _random_batch(config, 4, 50)
   patches = (config.model.image_size // config.model.image.patch_size)**2

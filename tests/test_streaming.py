@@ -284,6 +284,7 @@ def test_training_on_flickr30k_resumes_its_data_order(tmp_path):
   config.data.update(name='flickr30k', manual_dir=str(tmp_path / 'manual'), vocab_file='', vocab_size=60,
                      num_workers=2, device_prefetch=0)
   config.batch_size, config.eval.batch_size = 8, 4  # 12 training images: epochs end mid-batch.
+  config.model.image.depth = config.model.text.depth = 1  # Compiles faster; the data order is under test.
   config.eval.two_stage, config.eval.funnel = (), ()
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   results = train.train_and_evaluate(config, straight)
