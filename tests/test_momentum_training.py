@@ -1,4 +1,4 @@
-"""The train step with momentum queues, distillation, KL alignment and the filter: 4 devices equal 1."""
+"""The train step with momentum queues, distillation, KL alignment, the filter and MVLM: 4 devices equal 1."""
 
 import os
 
@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hivlp_jax import config_lib
+from hivlp_jax import masking
 from hivlp_jax import train
 from tests.conftest import tiny_config
 from tests.test_train import _random_batch
@@ -25,8 +26,20 @@ def _cots_config():
   config.contrastive.kl_weight = 0.5
   config.contrastive.filter_noisy_pairs = True
   config.contrastive.filter_k = 1.0
+  config.mvlm.mlm_weight = config.mvlm.mvm_weight = 1.0  # Token level too: MVLM shares the online pass.
+  config.visual_tokenizer.codes_file = 'unused.npy'  # Batches carry random codes; nothing is read.
   config_lib.validate(config)
   return config
+
+
+def _with_masks(config, batch, seed):
+  """Random visual-token ids and the MLM/MVM masks of the config (vocabulary of 50)."""
+  rng = np.random.default_rng(seed)
+  grid = config.model.image_size // config.model.image.patch_size
+  batch['image_codes'] = rng.integers(0, config.visual_tokenizer.codebook_size, (16, grid * grid)).astype(np.int32)
+  return masking.mask_batch(rng, batch, text_mask_ratio=0.3, image_mask_ratio=0.4, min_block_patches=2,
+                            grid=(grid, grid), mask_id=4, vocab_size=50, special_ids=(0, 1, 2, 3, 4),
+                            mask_text_tokens=True, mask_patches=True)
 
 
 def _train(config, initial, batches, num_devices):
@@ -44,7 +57,7 @@ def _train(config, initial, batches, num_devices):
 def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
   config = _cots_config()
   model = train.create_model(config, vocab_size=50)
-  batches = [_random_batch(config, 16, 50, seed=seed) for seed in range(3)]
+  batches = [_with_masks(config, _random_batch(config, 16, 50, seed=seed), seed) for seed in range(3)]
   for seed, batch in enumerate(batches):  # Known-noisy bits, as the noisy-pair data option provides.
     batch['noisy'] = np.random.default_rng(seed).random(16) < 0.3
   initial = train.create_train_state(config, model, jax.random.key(0))
@@ -53,11 +66,17 @@ def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
 
   keys = ('loss', 'loss_itc', 'loss_kl', 'loss_dim8', 'loss_dim64', 'kl_dim8', 'grad_norm', 'temperature',
           'filter_dropped_fraction', 'filter_mean', 'queue_filled_fraction', 'distill_weight', 'momentum',
-          'filter_flagged_noisy', 'filter_dropped_clean')
+          'filter_flagged_noisy', 'filter_dropped_clean', 'loss_mlm', 'accuracy_mlm', 'loss_mvm', 'accuracy_mvm')
   for m4, m1 in zip(history4, history1):
     for key in keys:
       np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
   assert all(np.isfinite(m['loss']) and m['nonfinite'] == 0 for m in history1)
+  for m in history1:  # The step's loss is the sum of the instance-, task- and token-level terms.
+    np.testing.assert_allclose(m['loss'], m['loss_itc'] + 0.5 * m['loss_kl'] + m['loss_mlm'] + m['loss_mvm'],
+                               rtol=1e-5)
+  # At initialisation the masked-token heads are near uniform: cross-entropy near log(classes).
+  assert history1[0]['loss_mlm'] == pytest.approx(np.log(50), rel=0.25)
+  assert history1[0]['loss_mvm'] == pytest.approx(np.log(config.visual_tokenizer.codebook_size), rel=0.25)
   assert [m['distill_weight'] for m in history1] == pytest.approx([0.0, 0.2, 0.4])
   # The queue holds 2 global batches: empty at step 1, then the pairs the filter kept.
   dropped = [m['filter_dropped_fraction'] for m in history1]

@@ -12,7 +12,6 @@ from hivlp_jax import masking
 from hivlp_jax import train
 from tests.conftest import tiny_config
 from tests.test_train import _random_batch
-from tests.test_train import _run_steps
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # [PAD], [UNK], [CLS], [SEP], [MASK], as tokenizer.SPECIAL_TOKENS.
 MASK_ID = 4
@@ -127,25 +126,3 @@ def test_heads_see_the_other_modality_and_have_no_cross_attention():
                            for p in attention)
   assert {p.split("'")[3] for p in paths if p.startswith("['mlm_head']")} == {'context', 'transform', 'norm'}
 
-
-def test_train_step_with_mvlm_on_4_devices_matches_1_device():
-  config = tiny_config('unused')
-  config.model.image.depth = config.model.text.depth = 1  # Compiles faster; the towers do not matter here.
-  model, _ = _mvlm_model_and_params(config)
-  batch = _random_batch(config, 16, 50)
-  patches = (config.model.image_size // config.model.image.patch_size)**2
-  rng = np.random.default_rng(3)
-  batch['image_codes'] = rng.integers(0, config.visual_tokenizer.codebook_size, (16, patches)).astype(np.int32)
-  batch = masking.mask_batch(rng, batch, text_mask_ratio=0.3, image_mask_ratio=0.4, min_block_patches=2,
-                             grid=(4, 4), mask_id=MASK_ID, vocab_size=50, special_ids=SPECIAL_IDS,
-                             mask_text_tokens=True, mask_patches=True)
-  histories = {n: _run_steps(config, model, batch, jax.local_devices()[:n], 1)[1] for n in (4, 1)}
-  for m4, m1 in zip(histories[4], histories[1]):
-    for key in ('loss', 'loss_mlm', 'accuracy_mlm', 'loss_mvm', 'accuracy_mvm', 'loss_dim64', 'grad_norm'):
-      np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
-  first = histories[1][0]
-  # At initialisation the heads are near uniform: cross-entropy near log(classes).
-  assert first['loss_mlm'] == pytest.approx(np.log(50), rel=0.25)
-  assert first['loss_mvm'] == pytest.approx(np.log(config.visual_tokenizer.codebook_size), rel=0.25)
-  contrastive = sum(first[f'loss_dim{d}'] for d in config.model.nested_dims)
-  np.testing.assert_allclose(first['loss'], contrastive + first['loss_mlm'] + first['loss_mvm'], rtol=1e-5)
