@@ -177,9 +177,9 @@ class TwoTowers(nn.Module):
   def temperature(self) -> jnp.ndarray:
     return jnp.clip(jnp.exp(self.log_temperature), self.config.temperature_min, self.config.temperature_max)
 
-  def _encode_images(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """uint8 [B, H, W, 3] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
-    pooled, _ = self.image_tower(preprocess_images(images, self.config.image_size))
+  def _encode_images(self, pixels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Preprocessed float32 [B, S, S, 3] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
+    pooled, _ = self.image_tower(pixels)
     return pooled, self.image_head(pooled).astype(jnp.float32)
 
   def _encode_texts(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -189,7 +189,7 @@ class TwoTowers(nn.Module):
 
   def embed_images(self, images: jnp.ndarray) -> jnp.ndarray:
     """uint8 [B, H, W, 3] -> float32 [B, embed_dim]."""
-    return self._encode_images(images)[1]
+    return self._encode_images(preprocess_images(images, self.config.image_size))[1]
 
   def embed_texts(self, tokens: jnp.ndarray) -> jnp.ndarray:
     """int32 [B, L] -> float32 [B, embed_dim]."""
@@ -207,7 +207,8 @@ class TwoTowers(nn.Module):
     extras = {'temperature': self.temperature()}
     image_embedding = text_embedding = image_pooled = text_pooled = None
     if images is not None:
-      image_pooled, image_embedding = self._encode_images(images)
+      pixels = preprocess_images(images, self.config.image_size)  # Once, for the unmasked and masked passes.
+      image_pooled, image_embedding = self._encode_images(pixels)
     if texts is not None:
       text_pooled, text_embedding = self._encode_texts(texts)
     if masked_texts is not None:
@@ -215,7 +216,7 @@ class TwoTowers(nn.Module):
       transformed = self.mlm_head(text_states, image_pooled)
       extras['mlm_logits'] = (self.text_tower.attend(transformed) + self.mlm_bias).astype(jnp.float32)
     if patch_mask is not None:
-      _, image_states = self.image_tower(preprocess_images(images, self.config.image_size), patch_mask)
+      _, image_states = self.image_tower(pixels, patch_mask)
       transformed = self.mvm_head(image_states[:, 1:], text_pooled)
       extras['mvm_logits'] = self.mvm_output(transformed).astype(jnp.float32)
     return image_embedding, text_embedding, extras
