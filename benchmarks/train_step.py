@@ -6,7 +6,7 @@ r"""Benchmark of the pmapped train step: median step time, examples/s and FLOP u
 Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
 masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are
 XLA's cost analysis of the compiled step (forward, backward and optimizer, summed over devices); the peak is
-a measured float32 matmul on the same devices.
+a measured matmul in the model's dtype on the same devices.
 """
 
 import json
@@ -32,10 +32,10 @@ flags.DEFINE_integer('vocab_size', 1000, 'Vocabulary size of the text tower.')
 flags.DEFINE_string('out', '', 'Append the result as one JSON line to this file.')
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of a float32 [size, size] matmul on every local device at once (pmap)."""
+def measured_matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
+  """FLOP/s of a [size, size] matmul in `dtype` (the model's) on every local device at once (pmap)."""
   n = jax.local_device_count()
-  a = jnp.ones((n, size, size), jnp.float32)
+  a = jnp.ones((n, size, size), dtype)
   matmul = jax.pmap(lambda x: x @ x)
   matmul(a).block_until_ready()
   times = []
@@ -90,10 +90,16 @@ def main(argv):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  peak = measured_matmul_peak()
+  # Accelerators need a bigger matmul than a CPU core to reach their peak.
+  peak = measured_matmul_peak(config.model.dtype, 2048 if jax.default_backend() == 'cpu' else 8192)
+  contrastive = config.contrastive
   result = {
       'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
-      'backend': jax.default_backend(), 'devices': devices, 'global_batch': config.batch_size,
+      'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
+      'devices': devices, 'global_batch': config.batch_size, 'dtype': config.model.dtype,
+      'queue_size': contrastive.queue_size, 'kl_weight': contrastive.kl_weight,
+      'filter_noisy_pairs': contrastive.filter_noisy_pairs, 'mlm_weight': config.mvlm.mlm_weight,
+      'mvm_weight': config.mvlm.mvm_weight,
       'params_millions': num_params / 1e6, 'median_step_s': median,
       'p10_step_s': float(np.percentile(times, 10)), 'p90_step_s': float(np.percentile(times, 90)),
       'examples_per_s': config.batch_size / median, 'step_gflops': flops / 1e9,

@@ -7,7 +7,6 @@ import os
 from absl import logging
 import jax
 import ml_collections
-import tensorflow as tf
 
 from hivlp_jax import losses
 from hivlp_jax import momentum
@@ -102,16 +101,16 @@ def validate_text_tower(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.text.init_checkpoint: {e}') from None
   # The checkpoint's word embeddings are rows of its vocab.txt: the tokenizer must read the same ids.
   checkpoint_vocab = f'{prefix.rpartition("/")[0] or "."}/vocab.txt'
-  if not tf.io.gfile.exists(checkpoint_vocab):
+  if not pretrained.gfile().exists(checkpoint_vocab):
     return
   if not config.data.vocab_file:
     raise ValueError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} with an empty '
                      f'config.data.vocab_file: a vocabulary trained on the captions would not match the '
                      f"checkpoint's word embeddings. Set config.data.vocab_file={checkpoint_vocab!r}.")
-  if tf.io.gfile.exists(config.data.vocab_file):
-    with tf.io.gfile.GFile(checkpoint_vocab) as f:
+  if pretrained.gfile().exists(config.data.vocab_file):
+    with pretrained.gfile().GFile(checkpoint_vocab) as f:
       expected = f.read().splitlines()
-    with tf.io.gfile.GFile(config.data.vocab_file) as f:
+    with pretrained.gfile().GFile(config.data.vocab_file) as f:
       actual = f.read().splitlines()
     rows = min(len(expected), len(actual))
     if expected[:rows] != actual[:rows]:

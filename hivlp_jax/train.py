@@ -7,8 +7,6 @@ import time
 from typing import Any, Iterator, Optional
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -369,6 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   With `stop_after_step` (for time-limited jobs), training checkpoints at that step and returns None
   before evaluating; running again in the same workdir resumes from there.
   """
+  # clu's writers import TensorFlow (seconds, 700 MiB): only the training loop needs them, not the step.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   config_lib.check_workdir_config(workdir, config)

@@ -16,8 +16,6 @@ import time
 from typing import Optional
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
@@ -255,6 +253,8 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   devices: the local devices that train (default: all); evaluation uses all. Returns the metrics written to
   `<workdir>/metrics.json`.
   """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow, as in train.py)
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   validate_config(config)
   vt = config.visual_tokenizer
   os.makedirs(workdir, exist_ok=True)

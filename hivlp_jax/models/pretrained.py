@@ -20,7 +20,18 @@ import re
 import flax
 import jax
 import numpy as np
-import tensorflow as tf
+
+
+def _tensorflow():
+  """TensorFlow, imported on first use: it reads the checkpoints (seconds and 700 MiB to import)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def gfile():
+  """tf.io.gfile: local, gs:// and other file systems."""
+  return _tensorflow().io.gfile
+
 
 _RENAMES = (
     (r'^embedding/', 'patch_embed/'),
@@ -126,9 +137,9 @@ def bert_checkpoint_prefix(path: str) -> str:
   Raises FileNotFoundError naming what was looked for.
   """
   prefix = path.removesuffix('.index')
-  if tf.io.gfile.isdir(prefix):
+  if gfile().isdir(prefix):
     prefix = f'{prefix.rstrip("/")}/{BERT_CHECKPOINT_NAME}'
-  if not tf.io.gfile.exists(prefix + '.index'):
+  if not gfile().exists(prefix + '.index'):
     raise FileNotFoundError(
         f'No TF BERT checkpoint at {path!r}: found no {prefix}.index. Give the checkpoint prefix (the '
         f"'{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / .data-00000-of-00001 files) or "
@@ -143,9 +154,9 @@ def _check_bert_config(prefix: str, flat_params: dict) -> None:
   another function: refuse it here.
   """
   config_file = f'{prefix.rpartition("/")[0] or "."}/bert_config.json'
-  if not tf.io.gfile.exists(config_file):
+  if not gfile().exists(config_file):
     return
-  with tf.io.gfile.GFile(config_file) as f:
+  with gfile().GFile(config_file) as f:
     bert_config = json.load(f)
   query = flat_params.get('encoder/block0/attention/query/kernel')  # [W, heads, head_dim]
   heads = bert_config.get('num_attention_heads') if query is None else query.shape[1]
@@ -177,7 +188,7 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
                      f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
   prefix = bert_checkpoint_prefix(path)
   _check_bert_config(prefix, flat)
-  reader = tf.train.load_checkpoint(prefix)
+  reader = _tensorflow().train.load_checkpoint(prefix)
   report = LoadReport()
   for checkpoint_name in sorted(reader.get_variable_to_shape_map()):
     name = bert_name(checkpoint_name)
