@@ -154,10 +154,6 @@ def validate_contrastive(config: ml_collections.ConfigDict) -> None:
                          f'config.contrastive.queue_size to a multiple of config.batch_size.')
     return
   queues.validate_size(c.queue_size, config.batch_size)
-  if jax.process_count() > 1:
-    # The host copy of the queues is split over local devices only; multi-host sharding is not written yet.
-    raise ValueError(f'config.contrastive.queue_size={c.queue_size}: momentum queues run on one host only '
-                     f'so far (this job has {jax.process_count()} processes); set it to 0.')
   if not 0.0 <= c.momentum <= 1.0:
     raise ValueError(f'config.contrastive.momentum={c.momentum} must be in [0, 1].')
   choices = {'momentum_schedule': momentum.SCHEDULES, 'kl_direction': losses.KL_DIRECTIONS,

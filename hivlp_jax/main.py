@@ -34,6 +34,8 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (mult
 flags.DEFINE_string('coordinator_address', None, 'With --distributed: host:port of process 0, when not automatic.')
 flags.DEFINE_integer('num_processes', None, 'With --distributed: number of processes, when not automatic.')
 flags.DEFINE_integer('process_id', None, 'With --distributed: this process, when not automatic.')
+flags.DEFINE_integer('stop_after_step', None, 'Checkpoint at this step and exit without evaluating (for jobs '
+                     'with a time limit); running again with the same workdir resumes from there.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -54,7 +56,7 @@ def main(argv):
   if FLAGS.mode == 'tokenizer':
     visual_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
   else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

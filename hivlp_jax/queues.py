@@ -8,7 +8,11 @@ unnormalised, as the heads produce them; a nested dim reads a prefix and re-norm
 Layout. Under `jax.pmap` each of the n devices holds S = Q / n slots (Q = the queue size, a multiple of the
 global batch B = n * b). Each step every device writes the momentum embeddings of its own b pairs into its
 own shard, at the same local slot, so the queue is never all-gathered: only the small global query batch
-is. The host copy (for checkpoints) is the device shards concatenated in device order, [Q, D].
+is. Device i of the pmap axis (over every device of every process) holds slots [i * S, (i + 1) * S) of the
+whole queue [Q, D]. Each process holds only its devices' shards; checkpoints store the whole queue as one
+global array sharded the same way (`shards_to_global`), which orbax writes and reads shard by shard on each
+process, so no process ever holds the whole queue. `split_into_shards` / `merge_shards` are the same layout
+for one process in numpy.
 
 Softmax. A query row's support is split in two parts (see `Logits`): columns every device holds in full
 (the gathered momentum batch, computed for this device's rows only) and this device's queue slots (computed
@@ -17,10 +21,12 @@ shards with collectives (pmax of the local maxima, psum of the exp-sums, reduce-
 devices), so their values and gradients equal those of one device holding the whole queue.
 """
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Sequence
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,6 +76,86 @@ def merge_shards(queues: QueueState) -> QueueState:
   merge = lambda x: jnp.asarray(x.reshape((-1,) + x.shape[2:]))
   return QueueState(image=merge(queues.image), text=merge(queues.text), filled=merge(queues.filled),
                     position=jnp.asarray(queues.position[0], jnp.int32))
+
+
+def pmap_device_order(local_devices: Sequence[jax.Device]) -> list[jax.Device]:
+  """Every device of a pmap over `local_devices` (on every process), in the order of its axis index.
+
+  One process: `local_devices` themselves. Several: each process pmaps over all its local devices, and the
+  axis order is asked of pmap itself and shared between the processes (collective: call on every process).
+  """
+  if jax.process_count() == 1:
+    return list(local_devices)
+  return list(_multi_process_device_order(tuple(local_devices)))
+
+
+@functools.lru_cache
+def _multi_process_device_order(local_devices: tuple[jax.Device, ...]) -> tuple[jax.Device, ...]:
+  if list(local_devices) != jax.local_devices():
+    raise ValueError('A multi-process pmap runs over all local devices: pass jax.local_devices().')
+  axis_index = jax.pmap(lambda _: jax.lax.axis_index('i'), axis_name='i')(np.zeros(len(local_devices)))
+  pairs = np.stack([np.asarray(axis_index), [d.id for d in local_devices]], axis=1).astype(np.int64)
+  pairs = np.asarray(multihost_utils.process_allgather(pairs, tiled=True))  # [n, 2] over all processes.
+  by_id = {d.id: d for d in jax.devices()}
+  return tuple(by_id[int(device_id)] for _, device_id in sorted(pairs.tolist()))
+
+
+def _global_sharding(device_order: Sequence[jax.Device], ndim: int) -> jax.sharding.NamedSharding:
+  mesh = jax.sharding.Mesh(np.array(device_order), ('slots',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('slots', *(None,) * (ndim - 1)))
+
+
+def host_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> QueueState:
+  """Host queues [Q, ...] (the same on every process) -> global arrays [Q, ...] split over `device_order`.
+
+  Each process places only its own devices' slots. The pointer stays a host 0-d array.
+  """
+  def to_global(leaf):
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, _global_sharding(device_order, host.ndim),
+                                        lambda index: host[index])
+  return QueueState(image=to_global(queues.image), text=to_global(queues.text),
+                    filled=to_global(queues.filled), position=np.asarray(queues.position, np.int32))
+
+
+def global_to_shards(queues: QueueState, local_devices: Sequence[jax.Device],
+                     device_order: Sequence[jax.Device], axis_name: str) -> QueueState:
+  """Queues [Q, ...] -> pmap layout on `local_devices`: [n_local, S, ...], one slot range per device.
+
+  `queues` holds global arrays split over `device_order` (as `host_to_global` or a checkpoint restore makes
+  them: each device's shard is used where it is) or host arrays (sliced by each device's axis index).
+  """
+  axis_index = {d: i for i, d in enumerate(device_order)}
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(local_devices), (axis_name,)),
+                                        jax.sharding.PartitionSpec(axis_name))
+
+  def stack(pieces):  # One [...] array per local device -> [n_local, ...] in the pmap layout.
+    return jax.make_array_from_single_device_arrays((len(pieces),) + pieces[0].shape, sharding,
+                                                    [piece[None] for piece in pieces])
+
+  def to_shards(leaf):
+    if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
+      by_device = {shard.device: shard.data for shard in leaf.addressable_shards}
+      return stack([by_device[d] for d in local_devices])
+    host = np.asarray(leaf)
+    size = len(host) // len(device_order)
+    return stack([jax.device_put(host[axis_index[d] * size:(axis_index[d] + 1) * size], d) for d in local_devices])
+  position = np.asarray(queues.position, np.int32)
+  return QueueState(image=to_shards(queues.image), text=to_shards(queues.text), filled=to_shards(queues.filled),
+                    position=stack([jax.device_put(position, d) for d in local_devices]))
+
+
+def shards_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> QueueState:
+  """Inverse of `global_to_shards`: pmap layout [n_local, S, ...] -> global arrays [Q, ...] (for orbax).
+
+  No data moves: each device's shard becomes its slot range of the global array.
+  """
+  def to_global(leaf):
+    shards = [shard.data.reshape(shard.data.shape[1:]) for shard in leaf.addressable_shards]
+    shape = (len(device_order) * leaf.shape[1],) + leaf.shape[2:]
+    return jax.make_array_from_single_device_arrays(shape, _global_sharding(device_order, len(shape)), shards)
+  return QueueState(image=to_global(queues.image), text=to_global(queues.text), filled=to_global(queues.filled),
+                    position=np.asarray(jax.device_get(queues.position.addressable_shards[0].data)).reshape(()))
 
 
 def bytes_per_device(queue_size: int, embed_dim: int, num_devices: int) -> int:

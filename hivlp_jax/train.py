@@ -53,22 +53,37 @@ def unreplicate(tree):
 
 
 def replicate_state(state: TrainState, devices=None) -> TrainState:
-  """Host state -> pmap layout on `devices`: replicated, except the queues, which are split into shards."""
+  """Host state -> pmap layout on `devices`: replicated, except the queues, which are split into shards.
+
+  The queues may be host arrays [Q, D] or global arrays (as `unreplicate_state` and a restore give them).
+  """
   devices = devices or jax.local_devices()
   # Named like the pmap axis, the layout equals that of the step's outputs: one compile, not two.
   replicated = flax.jax_utils.replicate(state.replace(queues=None), devices, axis_name=AXIS)
   if state.queues is None:
     return replicated
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  shards = jax.device_put(queues.split_into_shards(state.queues, len(devices)),
-                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  shards = queues.global_to_shards(state.queues, devices, queues.pmap_device_order(devices), AXIS)
   return replicated.replace(queues=shards)
 
 
 def unreplicate_state(state: TrainState) -> TrainState:
-  """Inverse of `replicate_state`: the first replica, with the device shards of the queues joined."""
+  """Inverse of `replicate_state`: the first replica as host arrays, with the queues as global arrays.
+
+  The queues stay sharded where they are (every process holds its devices' slots): orbax saves them so.
+  """
   host = unreplicate(state.replace(queues=None))
-  return host if state.queues is None else host.replace(queues=queues.merge_shards(state.queues))
+  if state.queues is None:
+    return host
+  shards = sorted(state.queues.image.addressable_shards, key=lambda shard: shard.index[0].start)
+  device_order = queues.pmap_device_order([shard.device for shard in shards])
+  return host.replace(queues=queues.shards_to_global(state.queues, device_order))
+
+
+def with_global_queues(state: TrainState) -> TrainState:
+  """Host state whose queues become global arrays: the restore target orbax needs to read them sharded."""
+  if state.queues is None:
+    return state
+  return state.replace(queues=queues.host_to_global(state.queues, queues.pmap_device_order(jax.local_devices())))
 
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towers.TwoTowers:
@@ -378,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   tokenizer = pipeline.get_tokenizer(config)
   model = create_model(config, tokenizer.vocab_size)
-  state = create_train_state(config, model, jax.random.key(config.seed))
+  state = with_global_queues(create_train_state(config, model, jax.random.key(config.seed)))
   manager = checkpoint_manager(workdir, config)
   state = restore_latest(manager, state)
   start_step = int(state.step)

@@ -1,6 +1,8 @@
 """A real multi-process run: 2 processes x 2 CPU devices on localhost, through jax.distributed.
 
-It must train exactly like one process with 4 devices: the same global batches, the same losses.
+With momentum queues sharded over the 4 devices of both processes, KL alignment and the filter, stopped
+after step 3 and resumed from its checkpoint, it must train exactly like one uninterrupted process with 4
+devices: the same global batches, the same losses.
 """
 
 import os
@@ -26,19 +28,22 @@ def _losses(log: str) -> dict[int, float]:
   return {int(step): float(loss) for step, loss in re.findall(r'\] \[(\d+)\] .*?\bloss=([-\d.e]+)', log)}
 
 
+# Two global batches of queue: by step 4 the resumed run reads slots that the first run wrote.
+COTS_FLAGS = ('--config.contrastive.queue_size=64', '--config.contrastive.kl_weight=0.5',
+              '--config.contrastive.filter_noisy_pairs=True', '--config.contrastive.filter_k=1.0',
+              '--config.log_every_steps=1')  # Each step's own loss: the resumed run's log windows start at 4.
+
+
 def _command(workdir, data_dir, *extra):
   return [sys.executable, '-m', 'hivlp_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
-          f'--config.data.data_dir={data_dir}', *extra]
+          f'--config.data.data_dir={data_dir}', *COTS_FLAGS, *extra]
 
 
-def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_path):
-  pipeline.get_tokenizer(tiny_config(data_dir))  # Prepared once, as a shared filesystem would hold it.
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+def _run_two_processes(workdir, data_dir, env, *extra) -> list[str]:
   port = _free_port()
-  multi = str(tmp_path / 'multi')
   processes = [
-      subprocess.Popen(_command(multi, data_dir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-                                '--num_processes=2', f'--process_id={i}'),
+      subprocess.Popen(_command(workdir, data_dir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+                                '--num_processes=2', f'--process_id={i}', *extra),
                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   try:
@@ -48,16 +53,28 @@ def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_pa
       p.kill()
   for i, (p, log) in enumerate(zip(processes, logs)):
     assert p.returncode == 0, f'process {i} failed:\n{log[-3000:]}'
-  assert 'JAX devices: 2 local of 4 on 2 processes' in logs[0]
+  return logs
+
+
+def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_path):
+  pipeline.get_tokenizer(tiny_config(data_dir))  # Prepared once, as a shared filesystem would hold it.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  multi = str(tmp_path / 'multi')
+  first = _run_two_processes(multi, data_dir, env, '--stop_after_step=3')
+  assert 'JAX devices: 2 local of 4 on 2 processes' in first[0]
+  assert not os.path.exists(os.path.join(multi, 'metrics.json'))
+  resumed = _run_two_processes(multi, data_dir, env)
+  assert 'Resumed from the checkpoint of step 3' in resumed[0]
 
   single = str(tmp_path / 'single')
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
   reference = subprocess.run(_command(single, data_dir), env=env, capture_output=True, text=True, timeout=400)
   assert reference.returncode == 0, reference.stderr[-3000:]
 
-  multi_losses, single_losses = _losses(logs[0]), _losses(reference.stderr + reference.stdout)
-  assert sorted(multi_losses) == sorted(single_losses) == [2, 4, 6]
-  np.testing.assert_allclose([multi_losses[s] for s in (2, 4, 6)], [single_losses[s] for s in (2, 4, 6)],
+  multi_losses = {**_losses(first[0]), **_losses(resumed[0])}
+  single_losses = _losses(reference.stderr + reference.stdout)
+  assert sorted(multi_losses) == sorted(single_losses) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([multi_losses[s] for s in range(1, 7)], [single_losses[s] for s in range(1, 7)],
                              rtol=1e-4)
   assert os.path.exists(os.path.join(multi, 'metrics.json'))
   assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']

@@ -9,6 +9,7 @@ import pytest
 
 from hivlp_jax import config_lib
 from hivlp_jax import masking
+from hivlp_jax import queues
 from hivlp_jax import train
 from tests.conftest import tiny_config
 from tests.test_train import _random_batch
@@ -99,15 +100,24 @@ def test_train_steps_with_queues_on_4_devices_match_1_device(tmp_path):
                                 jax.tree.leaves(hosts1[0].params)):
     np.testing.assert_allclose(ema, m * np.asarray(start) + (1 - m) * np.asarray(online), rtol=1e-6, atol=1e-7)
 
-  # The host state (queues joined from the 4 shards, bool mask, 0-d counters) checkpoints and restores.
+  # The saved state (queues as one global array over the 4 shards, bool mask, 0-d counters) restores, also
+  # sharded over another number of devices, and trains on from there like the uninterrupted run.
   manager = ocp.CheckpointManager(os.path.abspath(tmp_path / 'checkpoints'),
                                   options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(3, args=ocp.args.StandardSave(hosts4[-1]))
+  manager.save(2, args=ocp.args.StandardSave(hosts4[1]))
   manager.wait_until_finished()
-  restored = manager.restore(3, args=ocp.args.StandardRestore(initial))
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(hosts4[-1])):
+  two_devices = jax.local_devices()[:2]
+  target = initial.replace(queues=queues.host_to_global(initial.queues, two_devices))
+  restored = manager.restore(2, args=ocp.args.StandardRestore(target))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(hosts4[1])):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   assert restored.queues.filled.dtype == np.bool_ and restored.queues.position.shape == ()
+  assert restored.queues.image.sharding.device_set == set(two_devices)
+  state = train.replicate_state(restored, two_devices)
+  _, resumed = train.make_pmapped_train_step(config, devices=two_devices)(
+      state, jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]), batches[2]))
+  for key in keys:
+    np.testing.assert_allclose(float(resumed[key][0]), history1[2][key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_contrastive_config_errors_name_the_field():
