@@ -9,9 +9,14 @@ head's (the leading coordinates carry most of the signal). Queries: noisy copies
 (noise std --query_noise times each coordinate's std), so the exact neighbour structure is meaningful.
 Ground truth: the exact full-dim cosine top-10 (the `exact_numpy` row, recall 1 by construction).
 
+two_stage rows run either backend of `retrieval.TwoStageSearch`: --two_stage=64:200:rerank,64:300:truncate
+puts the numpy re-rank of a ScaNN shortlist beside ScaNN's truncate mode (its exact re-scoring of the
+shortlist is the second stage).
+
 Per method and size: build time (normalisation, training and adding included), index memory (array
 sizes; ScaNN's serialised size), single-query p50/p99 latency over --latency_queries queries one at a
-time, batched queries/s over all queries in one call, and recall@10 against the exact top-10.
+time, batched queries/s over all queries in one call (the median of --repeats such calls), and recall@10
+against the exact top-10.
 
 Trained embeddings instead (--from_workdir=RUN, e.g. a run of configs/default.py): the gallery is the
 run's --from_split image embeddings (its model's full dim; --dim is ignored) followed by copies of them
@@ -75,11 +80,15 @@ flags.DEFINE_integer('dim', 768, 'Embedding dim.')
 flags.DEFINE_integer('queries', 1000, 'Queries per size (batched throughput and recall).')
 flags.DEFINE_integer('latency_queries', 200, 'Queries searched one at a time for p50/p99 latency.')
 flags.DEFINE_float('query_noise', 0.5, 'Query noise std, relative to each coordinate\'s std.')
+flags.DEFINE_integer('repeats', 1, 'Batched runs per method; queries/s is their median.')
 flags.DEFINE_integer('threads', 1, 'Threads per library; 0: every core. See the module docstring.')
-flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'scann', 'scann_prefix',
-                              'two_stage', 'funnel'], 'Methods to run.')
-flags.DEFINE_list('two_stage', ['64:1000', '16:1000'], 'two_stage rows, each coarse_dim:shortlist.')
-flags.DEFINE_list('prefix', ['64:1000'], 'scann_prefix rows, each dim:shortlist (ScaNN truncate mode).')
+flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'scann', 'two_stage',
+                              'funnel'], 'Methods to run (also scann_prefix: see --prefix).')
+flags.DEFINE_list('two_stage', ['64:1000:rerank', '16:1000:rerank', '64:300:truncate'],
+                  'two_stage rows, each coarse_dim:shortlist[:backend], backend rerank, truncate or auto '
+                  '(the default; see retrieval.TwoStageSearch).')
+flags.DEFINE_list('prefix', ['64:1000'], 'scann_prefix rows, each dim:shortlist: the same as two_stage '
+                  'dim:shortlist:truncate under the name scann_prefix{dim}_k{shortlist}.')
 flags.DEFINE_list('funnel', ['16:1000/64:100'], 'funnel rows, each dim:shortlist/dim:shortlist/...')
 flags.DEFINE_integer('scann_leaves', 0, 'ScaNN tree leaves (0: ScannSettings default, sqrt(G)).')
 flags.DEFINE_integer('scann_leaves_to_search', 0, 'ScaNN leaves searched per query (0: ScannSettings default).')
@@ -246,32 +255,37 @@ def scann_full() -> Method:
                                                          scann_settings()), search, scann_bytes)
 
 
-def scann_prefix(spec: str) -> Method:
-  dim, shortlist = (int(x) for x in spec.split(':'))
-  mode = retrieval.ScannPrefixSearch(dim, shortlist, scann_settings())
-  return Method(mode.name, mode.build, lambda index, q: index.search(q, K)[1],
-                lambda index: scann_bytes(index.searcher))
-
-
 def coarse_to_fine(mode: retrieval.FunnelSearch) -> Method:
   def nbytes(index):
+    if isinstance(index, retrieval.ScannPrefixIndex):  # ScaNN holds the vectors it re-scores.
+      return scann_bytes(index.searcher)
     return (scann_bytes(index.searcher) + index.gallery.nbytes
             + sum(v.nbytes for v in index.inverse_norms.values()))
   return Method(mode.name, mode.build, lambda index, q: index.search(q, K)[1], nbytes)
+
+
+def two_stage(spec: str) -> Method:
+  """coarse_dim:shortlist[:backend] -> a TwoStageSearch row."""
+  parts = spec.split(':')
+  if len(parts) not in (2, 3):
+    raise ValueError(f'--two_stage row {spec!r} is not coarse_dim:shortlist[:backend].')
+  backend = parts[2] if len(parts) == 3 else 'auto'
+  return coarse_to_fine(retrieval.TwoStageSearch(int(parts[0]), int(parts[1]), scann_settings(),
+                                                 backend=backend))
 
 
 def methods() -> list[Method]:
   out = []
   for name in FLAGS.methods:
     if name == 'two_stage':
-      out += [coarse_to_fine(retrieval.TwoStageSearch(*(int(x) for x in spec.split(':')), scann_settings()))
-              for spec in FLAGS.two_stage]
+      out += [two_stage(spec) for spec in FLAGS.two_stage]
     elif name == 'funnel':
       out += [coarse_to_fine(retrieval.FunnelSearch(
           [tuple(int(x) for x in stage.split(':')) for stage in spec.split('/')], settings=scann_settings()))
               for spec in FLAGS.funnel]
     elif name == 'scann_prefix':
-      out += [scann_prefix(spec) for spec in FLAGS.prefix]
+      out += [coarse_to_fine(retrieval.ScannPrefixSearch(*(int(x) for x in spec.split(':')),
+                                                         settings=scann_settings())) for spec in FLAGS.prefix]
     else:
       out.append({'exact_numpy': exact_numpy, 'exact_jax': exact_jax, 'faiss_flat': faiss_flat,
                   'faiss_ivf': faiss_ivf, 'scann': scann_full}[name]())
@@ -289,22 +303,26 @@ def measure(method: Method, gallery: np.ndarray, queries: np.ndarray) -> tuple[d
     start = time.perf_counter()
     method.search(index, queries[i:i + 1])
     latencies.append(time.perf_counter() - start)
-  start = time.perf_counter()
-  top = method.search(index, queries)
-  batched_s = time.perf_counter() - start
+  batched_s = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    top = method.search(index, queries)
+    batched_s.append(time.perf_counter() - start)
   row = {'method': method.name, 'build_s': build_s, 'index_bytes': int(method.nbytes(index)),
          'p50_ms': 1e3 * float(np.percentile(latencies, 50)),
-         'p99_ms': 1e3 * float(np.percentile(latencies, 99)), 'qps': len(queries) / batched_s}
+         'p99_ms': 1e3 * float(np.percentile(latencies, 99)),
+         'qps': len(queries) / float(np.median(batched_s)),  # The median of --repeats batched runs.
+         'qps_runs': [len(queries) / t for t in batched_s]}
   del index
   return row, np.asarray(top)
 
 
 def format_table(size: int, rows: list[dict]) -> str:
   lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"}',
-           f'{"method":<28}{"build_s":>9}{"index_MiB":>11}{"p50_ms":>9}{"p99_ms":>9}{"qps":>10}'
+           f'{"method":<32}{"build_s":>9}{"index_MiB":>11}{"p50_ms":>9}{"p99_ms":>9}{"qps":>10}'
            f'{"recall@10":>11}']
   for r in rows:
-    lines.append(f'{r["method"]:<28}{r["build_s"]:>9.2f}{r["index_bytes"] / 2**20:>11.1f}{r["p50_ms"]:>9.3f}'
+    lines.append(f'{r["method"]:<32}{r["build_s"]:>9.2f}{r["index_bytes"] / 2**20:>11.1f}{r["p50_ms"]:>9.3f}'
                  f'{r["p99_ms"]:>9.3f}{r["qps"]:>10.0f}{r["recall_at_10"]:>11.3f}')
   return '\n'.join(lines)
 
@@ -376,8 +394,8 @@ def main(argv):
     del gallery, queries
 
   config = {'dim': FLAGS.dim, 'queries': FLAGS.queries, 'latency_queries': FLAGS.latency_queries,
-            'query_noise': FLAGS.query_noise, 'threads': THREADS, 'seed': FLAGS.seed, 'k': K,
-            'two_stage': FLAGS.two_stage, 'prefix': FLAGS.prefix, 'funnel': FLAGS.funnel,
+            'query_noise': FLAGS.query_noise, 'threads': THREADS, 'repeats': FLAGS.repeats, 'seed': FLAGS.seed,
+            'k': K, 'two_stage': FLAGS.two_stage, 'prefix': FLAGS.prefix, 'funnel': FLAGS.funnel,
             'ivf_nprobe_fraction': FLAGS.ivf_nprobe_fraction, 'cpu_count': os.cpu_count(),
             'data': f'trained:{FLAGS.from_workdir}:{FLAGS.from_split}' if trained is not None else 'synthetic',
             'replica_noise': FLAGS.replica_noise if trained is not None else None,

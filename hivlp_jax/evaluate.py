@@ -6,7 +6,7 @@ text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both 
 
 import json
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -82,11 +82,17 @@ def embed_batches(embed: Callable, array: np.ndarray, batch_size: int) -> np.nda
   return np.concatenate(outputs)
 
 
-def modes_from_config(config) -> list[retrieval.RetrievalMode]:
-  """Exact search at every nested dim, then the coarse-to-fine modes that config.eval asks for."""
+def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[retrieval.RetrievalMode]:
+  """Exact search at every nested dim, then the coarse-to-fine modes that config.eval asks for.
+
+  `two_stage_backend`: how the config.eval.two_stage modes run ('auto', 'rerank' or 'truncate', see
+  `retrieval.TwoStageSearch`); None: config.eval.two_stage_backend when the config has one, else 'auto'
+  (named two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix).
+  """
+  backend = two_stage_backend or config.eval.get('two_stage_backend', None) or 'auto'
   modes: list[retrieval.RetrievalMode] = [retrieval.ExactSearch(d) for d in config.model.nested_dims]
   for coarse_dim, shortlist in config.eval.two_stage:
-    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist))
+    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist, backend=backend))
   if config.eval.funnel:
     modes.append(retrieval.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel)))
   return modes

@@ -1,18 +1,21 @@
-"""Saved gallery indexes: the stage-1 ScaNN searcher on disk, with the embeddings it was built from.
+"""Saved gallery indexes: a two-stage search's ScaNN searcher on disk, with the embeddings it came from.
 
 An index directory holds
   manifest.json   format, checkpoint step, sha1 fingerprint / shape / dtype of the embeddings, coarse
-                  dim, shortlist, the resolved ScaNN settings and, when the caller gives one, `source`:
-                  what the embeddings were computed from (e.g. fingerprints of the gallery's inputs and
-                  of the model's parameters);
+                  dim, shortlist, the backend ('rerank' or 'truncate', see `retrieval.TwoStageSearch`;
+                  a manifest without one predates truncate and is 'rerank'), the resolved ScaNN
+                  settings and, when the caller gives one, `source`: what the embeddings were computed
+                  from (e.g. fingerprints of the gallery's inputs and of the model's parameters);
   embeddings.npy  the gallery [G, D] (full dim, unnormalised) that the exact re-ranking stages read;
-  scann/          `searcher.serialize(dir, relative_path=True)` over the normalised coarse prefixes.
+  scann/          `searcher.serialize(dir, relative_path=True)`: over the normalised coarse prefixes
+                  ('rerank'), or the truncate-mode searcher over the normalised full vectors ('truncate').
 A directory whose manifest does not match what is asked for (another checkpoint, other embeddings,
-other settings) is stale: `load_or_build` logs why and rebuilds it. Writes go to a sibling directory
-that is renamed into place, so a crash never leaves a half-written index behind a valid manifest.
+other settings, the other backend) is stale: `load_or_build` logs why and rebuilds it. Writes go to a
+sibling directory that is renamed into place, so a crash never leaves a half-written index behind a
+valid manifest.
 
   stored = index_store.load_or_build('runs/x/index', gallery, step, coarse_dim=16, shortlist=1000)
-  index = retrieval.TwoStageSearch(16, 1000).build(stored.embeddings, searcher=stored.searcher)
+  index = stored.index()  # retrieval.CoarseToFineIndex or retrieval.ScannPrefixIndex, by stored.backend.
 
 The saved embeddings double as a cache: `cached_embeddings(directory, step, source)` returns them when
 they were computed at `step` from `source`, so a caller can skip embedding the gallery again.
@@ -35,24 +38,43 @@ EMBEDDINGS = 'embeddings.npy'
 SCANN_DIR = 'scann'
 
 
+LEGACY_BACKEND = 'rerank'  # Of a manifest written before the backend was recorded.
+
+
 @dataclasses.dataclass
 class StoredIndex:
-  searcher: Any  # scann_ops_pybind.ScannSearcher over the normalised coarse prefixes.
+  searcher: Any  # scann_ops_pybind.ScannSearcher of the manifest's backend.
   embeddings: np.ndarray  # [G, D], as saved.
   manifest: dict
   rebuilt: bool  # False when it was loaded from disk.
   stale_reasons: list[str] = dataclasses.field(default_factory=list)  # Why a saved index was rebuilt.
 
+  @property
+  def backend(self) -> str:
+    """'rerank' or 'truncate': how `searcher` was built (never 'auto')."""
+    return self.manifest.get('backend', LEGACY_BACKEND)
+
+  def mode(self, threads: int = 0) -> retrieval.TwoStageSearch:
+    """The two-stage search this index serves (`threads`: as `ScannSettings.threads`)."""
+    return retrieval.TwoStageSearch(self.manifest['coarse_dim'], self.manifest['shortlist'],
+                                    retrieval.ScannSettings(threads=threads), backend=self.backend)
+
+  def index(self, threads: int = 0):
+    """The searchable index over `embeddings` and the saved searcher: a `retrieval.CoarseToFineIndex`
+    ('rerank') or `retrieval.ScannPrefixIndex` ('truncate')."""
+    return self.mode(threads).build(self.embeddings, searcher=self.searcher)
+
 
 def make_manifest(embeddings: np.ndarray, step: int, coarse_dim: int, shortlist: int,
-                  settings: Optional[retrieval.ScannSettings] = None, source: Optional[dict] = None) -> dict:
+                  settings: Optional[retrieval.ScannSettings] = None, source: Optional[dict] = None,
+                  backend: str = 'auto') -> dict:
   """What identifies an index: it is reused only when all of this matches.
 
-  `source` (JSON-serialisable, compared as saved) describes what the embeddings were computed from.
+  `backend` is resolved for the gallery's size ('auto' is never saved). `source` (JSON-serialisable,
+  compared as saved) describes what the embeddings were computed from.
   """
-  num_neighbors = min(shortlist, embeddings.shape[0])  # As `FunnelSearch.build_searcher` builds it.
-  settings = (settings or retrieval.ScannSettings()).resolve(embeddings.shape[0], num_neighbors)
-  scann_settings = dataclasses.asdict(settings)
+  mode = retrieval.TwoStageSearch(coarse_dim, shortlist, settings, backend=backend)
+  scann_settings = dataclasses.asdict(mode.scann_settings(embeddings.shape[0]))  # As `build_searcher` builds.
   del scann_settings['threads']  # How fast it is searched, not what was built.
   return {
       'format': FORMAT,
@@ -62,6 +84,7 @@ def make_manifest(embeddings: np.ndarray, step: int, coarse_dim: int, shortlist:
       'dtype': np.dtype(embeddings.dtype).str,
       'coarse_dim': int(coarse_dim),
       'shortlist': int(shortlist),
+      'backend': mode.resolve_backend(embeddings.shape[0]),
       'scann_settings': scann_settings,
   } | ({} if source is None else {'source': source})
 
@@ -79,6 +102,7 @@ def stale_reasons(found: Optional[dict], wanted: dict) -> list[str]:
   """Why an index with manifest `found` cannot serve `wanted` (empty: it can)."""
   if found is None:
     return ['no readable manifest']
+  found = {'backend': LEGACY_BACKEND} | found
   return [f'{key}: saved {found.get(key)!r}, wanted {value!r}'
           for key, value in wanted.items() if found.get(key) != value]
 
@@ -130,25 +154,29 @@ def cached_embeddings(directory: str, step: int, source: dict) -> Optional[np.nd
 
 def load_or_build(directory: str, embeddings: np.ndarray, step: int, coarse_dim: int, shortlist: int,
                   settings: Optional[retrieval.ScannSettings] = None,
-                  source: Optional[dict] = None) -> StoredIndex:
-  """The stage-1 index of `embeddings` [G, D] at checkpoint `step`: loaded when `directory` holds a
-  matching one (same `source` too, when given), else built (over the normalised `coarse_dim`-prefixes,
-  `shortlist` neighbours), saved and returned."""
+                  source: Optional[dict] = None, backend: str = 'auto') -> StoredIndex:
+  """The ScaNN searcher of `TwoStageSearch(coarse_dim, shortlist, settings, backend=backend)` over
+  `embeddings` [G, D] at checkpoint `step`: loaded when `directory` holds a matching one (same resolved
+  backend, and same `source` too when given), else built, saved and returned. A saved index of the
+  other backend is stale. `stored.index()` serves it."""
   embeddings = np.ascontiguousarray(embeddings, np.float32)
-  wanted = json.loads(json.dumps(make_manifest(embeddings, step, coarse_dim, shortlist, settings, source)))
+  wanted = json.loads(json.dumps(
+      make_manifest(embeddings, step, coarse_dim, shortlist, settings, source, backend=backend)))
   reasons = []
   if os.path.isdir(directory):
     reasons = stale_reasons(read_manifest(directory), wanted)
     if not reasons:
       try:
         stored = load(directory)
-        logging.info('Loaded the index in %s (step %d, %d items).', directory, step, embeddings.shape[0])
+        logging.info('Loaded the %s index in %s (step %d, %d items).', stored.backend, directory, step,
+                     embeddings.shape[0])
         return stored
       except Exception as e:  # pylint: disable=broad-except  # A damaged index is rebuilt, not fatal.
         reasons = [f'loading failed: {type(e).__name__}: {e}']
     logging.info('The index in %s is stale (%s): rebuilding it.', directory, '; '.join(reasons))
   else:
-    logging.info('No index in %s: building it.', directory)
-  searcher = retrieval.TwoStageSearch(coarse_dim, shortlist, settings).build_searcher(embeddings)
+    logging.info('No index in %s: building it (%s).', directory, wanted['backend'])
+  mode = retrieval.TwoStageSearch(coarse_dim, shortlist, settings, backend=wanted['backend'])
+  searcher = mode.build_searcher(embeddings)
   save(directory, searcher, embeddings, wanted)
   return StoredIndex(searcher, embeddings, wanted, rebuilt=True, stale_reasons=reasons)

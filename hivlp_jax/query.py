@@ -13,11 +13,15 @@ WORKDIR/config.json, parsed back over configs/default.py (whose field types tell
 model and the vocabulary (the checkpoint would not load otherwise).
 
 The latest readable checkpoint is restored (`train.restore_latest`). The gallery's embeddings and a
-two-stage index over them (ScaNN over the normalised --coarse_dim prefixes shortlists --shortlist items,
-exact full-dim cosine re-ranks them; defaults: config.eval.two_stage[0]) are saved under
+two-stage index over them (ScaNN over the --coarse_dim prefixes shortlists --shortlist items, exact
+full-dim cosine re-ranks them; defaults: config.eval.two_stage[0]) are saved under
 WORKDIR/indexes/<gallery>-dim<coarse_dim>/ (`index_store`), where <gallery> is the split (its images),
-<split>-captions, or dir-<name>-<hash> for a folder. The next query reuses both when the checkpoint
-step, the parameters and the gallery's inputs are unchanged; otherwise it says why and rebuilds.
+<split>-captions, or dir-<name>-<hash> for a folder. --backend picks how the two stages run
+(`retrieval.TwoStageSearch`): 'rerank' (ScaNN shortlist, re-ranked in numpy), 'truncate' (one ScaNN
+searcher in truncate mode) or 'auto' (the default: truncate from ScaNN's brute-force threshold, 20,000
+items, up). The next query reuses both when the checkpoint step, the parameters, the gallery's inputs
+and the backend are unchanged; otherwise it says why and rebuilds (the embeddings are reused when only
+the backend changed).
 
 --contact_sheet writes a PNG with one row per query (the query image first, for image queries) of the
 retrieved images upscaled to --tile pixels, each titled with its rank and score (a caption's image for
@@ -253,18 +257,21 @@ def folder_gallery(directory: str, size: int) -> Gallery:
 
 @dataclasses.dataclass
 class GalleryIndex:
-  index: retrieval.CoarseToFineIndex
+  index: Any  # retrieval.CoarseToFineIndex ('rerank') or retrieval.ScannPrefixIndex ('truncate').
+  backend: str  # 'rerank' or 'truncate'.
   directory: str
   rebuilt: bool  # The ScaNN index was built (not loaded).
   embedded: bool  # The gallery was embedded (its saved embeddings were not reused).
   stale_reasons: list[str]
 
 
-def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int) -> GalleryIndex:
+def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto'
+                  ) -> GalleryIndex:
   """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid.
 
   Saved embeddings are reused when the checkpoint step and the `source` (the gallery's inputs and the
-  parameters, by fingerprint) match; the ScaNN index when, in addition, the embeddings and settings do.
+  parameters, by fingerprint) match; the ScaNN index when, in addition, the embeddings, settings and
+  resolved backend ('auto': see `retrieval.TwoStageSearch`) do.
   """
   directory = os.path.join(run.workdir, INDEX_DIR, f'{gallery.key}-dim{coarse_dim}')
   source = {'gallery': gallery.key, 'side': gallery.side, 'inputs': retrieval.fingerprint(gallery.inputs),
@@ -274,9 +281,10 @@ def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int) -
   if embedded:
     logging.info('Embedding the %d %s.', gallery.size, gallery.name)
     embeddings = run.embed(gallery.side, gallery.inputs)
-  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, source=source)
-  index = retrieval.TwoStageSearch(coarse_dim, shortlist).build(stored.embeddings, searcher=stored.searcher)
-  return GalleryIndex(index, directory, stored.rebuilt, embedded, stored.stale_reasons)
+  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, source=source,
+                                     backend=backend)
+  return GalleryIndex(stored.index(), stored.backend, directory, stored.rebuilt, embedded,
+                      stored.stale_reasons)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,7 +340,8 @@ def format_result(result: QueryResult) -> str:
             if found.rebuilt else 'reused')
   lines = [f'{result.kind} query: {result.query!r}',
            f'  top {len(result.hits)} of {result.gallery.size} {result.gallery.name} at step {result.step} '
-           f'(index {found.directory}: {status}; embeddings {"computed" if found.embedded else "reused"})']
+           f'(index {found.directory}, {found.backend}: {status}; '
+           f'embeddings {"computed" if found.embedded else "reused"})']
   folder = result.gallery.key.startswith('dir-')
   for hit in result.hits:
     item = '' if folder else f'{_item_name(result.gallery, hit.index):<26}'
@@ -438,14 +447,20 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
           config: Optional[ml_collections.ConfigDict] = None, split: str = 'test',
           image_dir: Optional[str] = None,
           k: int = 5, coarse_dim: Optional[int] = None, shortlist: Optional[int] = None,
-          contact_sheet_path: Optional[str] = None, html_path: Optional[str] = None, tile: int = 128,
-          out: Optional[TextIO] = None) -> list[QueryResult]:
+          backend: Optional[str] = None, contact_sheet_path: Optional[str] = None,
+          html_path: Optional[str] = None, tile: int = 128, out: Optional[TextIO] = None
+          ) -> list[QueryResult]:
   """Runs text and image queries against a run's gallery, prints the hits to `out` (stdout) and writes
-  the contact sheet and HTML page when asked. Returns one QueryResult per query, texts first."""
+  the contact sheet and HTML page when asked. Returns one QueryResult per query, texts first.
+
+  `backend`: 'auto', 'rerank' or 'truncate' (`retrieval.TwoStageSearch`); None: the config's
+  eval.two_stage_backend when it has one, else 'auto'."""
   if not texts and not images:
     raise ValueError('Give at least one query: a text or an image.')
   if k < 1:
     raise ValueError(f'k={k} must be at least 1.')
+  if backend is not None and backend not in retrieval.BACKENDS:
+    raise ValueError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
   missing = [path for path in images if not os.path.isfile(path)]
   if missing:  # Before the seconds it takes to restore the run.
     raise FileNotFoundError(f'No such image file: {", ".join(missing)}.')
@@ -454,6 +469,7 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
   default_dim, default_shortlist = (tuple(run.config.eval.two_stage[0]) if run.config.eval.two_stage
                                     else (run.config.model.nested_dims[0], 100))
   coarse_dim, shortlist = coarse_dim or default_dim, shortlist or default_shortlist
+  backend = backend or run.config.eval.get('two_stage_backend', None) or 'auto'
   if coarse_dim > run.config.model.embed_dim:
     raise ValueError(f'coarse_dim={coarse_dim} exceeds the embedding dim {run.config.model.embed_dim}.')
   if image_dir:
@@ -465,7 +481,7 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
 
   def index(gallery: Gallery) -> GalleryIndex:
     if gallery.key not in indexes:  # ScaNN is built for `shortlist` neighbours: k may need more.
-      indexes[gallery.key] = gallery_index(run, gallery, coarse_dim, max(shortlist, k))
+      indexes[gallery.key] = gallery_index(run, gallery, coarse_dim, max(shortlist, k), backend)
     return indexes[gallery.key]
 
   results = [search(run, index(image_gallery), image_gallery, 'text', t, k) for t in texts]
@@ -495,6 +511,10 @@ def define_flags() -> None:
   flags.DEFINE_integer('k', 5, 'Results per query.')
   flags.DEFINE_integer('coarse_dim', None, 'Coarse (ScaNN) prefix dim; default config.eval.two_stage[0].')
   flags.DEFINE_integer('shortlist', None, 'Items re-ranked at full dim; default config.eval.two_stage[0].')
+  flags.DEFINE_enum('backend', None, list(retrieval.BACKENDS),
+                    'How the two stages run: rerank (ScaNN shortlist, numpy re-rank), truncate (one ScaNN '
+                    'searcher in truncate mode) or auto (truncate for galleries of 20,000 items and more); '
+                    'default config.eval.two_stage_backend, else auto.')
   flags.DEFINE_string('contact_sheet', None, 'Write a PNG contact sheet of the retrieved images here.')
   flags.DEFINE_string('html', None, 'Write an HTML page of the results (inline images) here.')
   flags.DEFINE_integer('tile', 128, 'Contact sheet / HTML image size in pixels.')
@@ -508,7 +528,7 @@ def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   query(FLAGS.workdir, texts=FLAGS.text, images=FLAGS.image, config=FLAGS.config, split=FLAGS.split,
         image_dir=FLAGS.image_dir, k=FLAGS.k, coarse_dim=FLAGS.coarse_dim, shortlist=FLAGS.shortlist,
-        contact_sheet_path=FLAGS.contact_sheet, html_path=FLAGS.html, tile=FLAGS.tile)
+        backend=FLAGS.backend, contact_sheet_path=FLAGS.contact_sheet, html_path=FLAGS.html, tile=FLAGS.tile)
 
 
 if __name__ == '__main__':

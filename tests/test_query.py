@@ -142,6 +142,35 @@ def test_second_query_reuses_the_index_and_a_new_checkpoint_rebuilds_it(run_dir,
   assert index_store.read_manifest(first.index.directory)['step'] == 151
 
 
+def test_truncate_backend_and_a_backend_change(run_dir, tmp_path):
+  """--backend=truncate serves the gallery from ScaNN's truncate mode; asking for the other backend
+  rebuilds the saved index (its embeddings are reused) and gives the same top hits."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, query.INDEX_DIR), ignore_errors=True)
+  out = io.StringIO()
+  result, = query.query(workdir, texts=[TEXT], k=3, backend='truncate', out=out)
+  found = result.index
+  assert found.backend == 'truncate' and isinstance(found.index, retrieval.ScannPrefixIndex)
+  assert found.rebuilt and 'truncate' in out.getvalue()
+  assert index_store.read_manifest(found.directory)['backend'] == 'truncate'
+  embeddings = np.load(os.path.join(found.directory, index_store.EMBEDDINGS))
+  indices = np.array([[h.index for h in result.hits]])
+  scores = np.array([h.score for h in result.hits])
+  np.testing.assert_allclose(scores, _cosines(result.query_embedding[None], embeddings, indices)[0], atol=1e-5)
+
+  run = query.load_run(workdir)
+  images, _ = query.split_galleries(run, 'test')
+  rerank = query.gallery_index(run, images, 32, 50, backend='rerank')
+  assert rerank.rebuilt and not rerank.embedded and rerank.backend == 'rerank'
+  assert any(r.startswith("backend: saved 'truncate'") for r in rerank.stale_reasons), rerank.stale_reasons
+  assert isinstance(rerank.index, retrieval.CoarseToFineIndex)
+  rerank_scores, _ = rerank.index.search(result.query_embedding[None], 3)
+  np.testing.assert_allclose(rerank_scores[0], scores, atol=1e-5)
+  auto = query.gallery_index(run, images, 32, 50)  # 64 images: below the brute-force threshold.
+  assert not auto.rebuilt and auto.backend == 'rerank'
+
+
 def test_cached_embeddings_need_the_same_step_and_source(tmp_path):
   rng = np.random.default_rng(0)
   embeddings = rng.standard_normal((50, 16)).astype(np.float32)

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -32,10 +33,15 @@ def assert_matches_exact(similarity, queries, gallery):
   np.testing.assert_allclose(similarity, exact, atol=1e-5)
 
 
-@pytest.mark.parametrize('settings', [None, EXHAUSTIVE_TREE], ids=['brute_force', 'tree'])
-def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings):
+@pytest.mark.parametrize('settings,backend,index_type', [
+    (None, 'auto', retrieval.CoarseToFineIndex),  # 400 items: below the brute-force threshold.
+    (EXHAUSTIVE_TREE, 'rerank', retrieval.CoarseToFineIndex),
+    (EXHAUSTIVE_TREE, 'truncate', retrieval.ScannPrefixIndex),
+], ids=['brute_force', 'rerank_tree', 'truncate_tree'])
+def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings, backend, index_type):
   gallery, queries = decaying_embeddings(400, 64, num_queries=20)
-  mode = retrieval.TwoStageSearch(coarse_dim=8, shortlist=400, settings=settings)
+  mode = retrieval.TwoStageSearch(coarse_dim=8, shortlist=400, settings=settings, backend=backend)
+  assert isinstance(mode.index(gallery), index_type)
   assert_matches_exact(mode.similarity(queries, gallery), queries, gallery)
   # Scores, not indices: equal scores may come back in either order.
   scores, indices = mode.search(queries, gallery, k=10)
@@ -48,9 +54,11 @@ def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings):
 def test_two_stage_recall_with_small_shortlist():
   gallery, queries = decaying_embeddings(4000, 128, num_queries=100)
   _, exact_top10 = retrieval.exact_top_k(queries, gallery, 10)
-  # Brute force, and tree + AH scanning half the leaves (measured: 0.986 of the exact top-10 kept).
-  for settings in (None, retrieval.ScannSettings(brute_force_below=0, num_leaves=40, leaves_to_search=20)):
-    index = retrieval.TwoStageSearch(32, 200, settings).build(gallery)
+  # Brute force, and tree + AH scanning half the leaves, re-ranked by hand or by ScaNN's truncate mode
+  # (measured: 1.0, 0.98 and 0.982 of the exact top-10 kept).
+  half_tree = retrieval.ScannSettings(brute_force_below=0, num_leaves=40, leaves_to_search=20)
+  for settings, backend in ((None, 'rerank'), (half_tree, 'rerank'), (half_tree, 'truncate')):
+    index = retrieval.TwoStageSearch(32, 200, settings, backend=backend).build(gallery)
     _, candidates = index.candidates(queries)
     assert candidates.shape == (100, 200)
     assert retrieval.shortlist_recall(candidates, exact_top10) >= 0.95
@@ -80,7 +88,68 @@ def test_funnel_shrinks_shortlist_and_ranks_at_final_dim():
 def test_scann_prefix_mode_equals_exact_when_exhaustive():
   gallery, queries = decaying_embeddings(400, 64, num_queries=20)
   mode = retrieval.ScannPrefixSearch(dim=16, shortlist=400, settings=EXHAUSTIVE_TREE)
+  assert mode.backend == 'truncate' and mode.name == 'scann_prefix16_k400'
   assert_matches_exact(mode.similarity(queries, gallery), queries, gallery)
+
+
+@pytest.mark.parametrize('final_dim', [None, 48])
+def test_truncate_backend_equals_exact_search_when_exhaustive(final_dim):
+  """Stage 1 (tree + AH on the 8-prefix) keeps every item, stage 2 is ScaNN's exact re-scoring: the
+  exact top-k by the cosine of the normalised `final_dim`-prefixes."""
+  gallery, queries = decaying_embeddings(400, 64, num_queries=20)
+  mode = retrieval.TwoStageSearch(8, 400, EXHAUSTIVE_TREE, final_dim=final_dim, backend='truncate')
+  index = mode.build(gallery)
+  assert isinstance(index, retrieval.ScannPrefixIndex) and index.shortlist == 400
+  dim = final_dim or 64
+  exact_scores, _ = retrieval.exact_top_k(queries, gallery, 400, dim=dim)
+  scores, indices = index.search(queries, 10)
+  np.testing.assert_allclose(scores, exact_scores[:, :10], atol=1e-5)
+  q, g = retrieval.normalized_prefix_np(queries, dim), retrieval.normalized_prefix_np(gallery, dim)
+  np.testing.assert_allclose(np.sum(q[:, None] * g[indices], axis=-1), scores, atol=1e-5)
+  # The stage-1 shortlist, with its stage-2 scores: here the whole gallery.
+  candidate_scores, candidates = index.candidates(queries)
+  assert candidates.shape == (20, 400)
+  assert all(set(row) == set(range(400)) for row in candidates)
+  np.testing.assert_allclose(np.sort(candidate_scores, axis=1)[:, ::-1], exact_scores, atol=1e-5)
+  # More neighbours than the shortlist: padded as the rerank backend pads.
+  small = retrieval.TwoStageSearch(8, 5, EXHAUSTIVE_TREE, backend='truncate').build(gallery)
+  scores, indices = small.search(queries, 8)
+  assert np.all(np.isfinite(scores[:, :5])) and np.all(np.isneginf(scores[:, 5:]))
+  assert np.all(indices[:, 5:] == -1)
+
+
+def test_auto_backend_follows_the_brute_force_threshold():
+  gallery, queries = decaying_embeddings(600, 32, num_queries=5)
+  settings = retrieval.ScannSettings(brute_force_below=500)
+  mode = retrieval.TwoStageSearch(8, 50, settings)
+  assert mode.backend == 'auto' and mode.name == 'two_stage_dim8_k50'
+  assert mode.resolve_backend(600) == 'truncate' and mode.resolve_backend(499) == 'rerank'
+  large, small = mode.build(gallery), mode.build(gallery[:400])
+  assert isinstance(large, retrieval.ScannPrefixIndex) and isinstance(small, retrieval.CoarseToFineIndex)
+  assert mode.scann_settings(600).num_leaves > 0 and mode.scann_settings(600).reorder == 50
+  assert mode.scann_settings(400).num_leaves == 0  # Brute force.
+  for index in (large, small):
+    assert index.search(queries, 10)[1].shape == (5, 10)
+  # A fixed backend ignores the gallery's size, and says so in the name.
+  assert isinstance(retrieval.TwoStageSearch(8, 50, settings, backend='rerank').build(gallery),
+                    retrieval.CoarseToFineIndex)
+  assert isinstance(retrieval.TwoStageSearch(8, 50, settings, backend='truncate').build(gallery[:400]),
+                    retrieval.ScannPrefixIndex)
+  assert retrieval.TwoStageSearch(64, 1000, backend='rerank').name == 'two_stage_dim64_k1000_rerank'
+  assert retrieval.TwoStageSearch(64, 1000, backend='truncate').name == 'two_stage_dim64_k1000_truncate'
+  with pytest.raises(ValueError, match='backend'):
+    retrieval.TwoStageSearch(8, 50, backend='scann')
+
+
+def test_modes_from_config_pass_the_backend():
+  config = ml_collections.ConfigDict({'model': {'nested_dims': (8, 32)},
+                                      'eval': {'two_stage': ((8, 50),), 'funnel': ()}})
+  modes = evaluate.modes_from_config(config)
+  assert [m.name for m in modes] == ['exact_dim8', 'exact_dim32', 'two_stage_dim8_k50']
+  assert modes[-1].backend == 'auto'
+  assert evaluate.modes_from_config(config, 'truncate')[-1].name == 'two_stage_dim8_k50_truncate'
+  config.eval.two_stage_backend = 'rerank'  # A config field, when a config has one.
+  assert evaluate.modes_from_config(config)[-1].backend == 'rerank'
 
 
 def test_two_stage_plugs_into_the_evaluator():
@@ -89,6 +158,8 @@ def test_two_stage_plugs_into_the_evaluator():
   exact = evaluate.retrieval_metrics(gallery, queries, ids, retrieval.ExactSearch(32))
   two_stage = evaluate.retrieval_metrics(gallery, queries, ids, retrieval.TwoStageSearch(8, 200))
   assert two_stage == pytest.approx(exact)
+  truncate = retrieval.TwoStageSearch(8, 200, EXHAUSTIVE_TREE, backend='truncate')
+  assert evaluate.retrieval_metrics(gallery, queries, ids, truncate) == pytest.approx(exact)
 
 
 def test_shortlist_recall_hand_built():
@@ -128,13 +199,14 @@ def test_load_or_build_reuses_and_detects_stale_index(tmp_path, caplog):
   gallery, queries = decaying_embeddings(1500, 32, num_queries=10)
   directory = str(tmp_path / 'index')
   settings = retrieval.ScannSettings(brute_force_below=0)
-  kwargs = dict(coarse_dim=8, shortlist=100, settings=settings)
+  kwargs = dict(coarse_dim=8, shortlist=100, settings=settings, backend='rerank')
 
   first = index_store.load_or_build(directory, gallery, step=100, **kwargs)
   assert first.rebuilt
   with open(os.path.join(directory, index_store.MANIFEST)) as f:
     manifest = json.load(f)
   assert manifest['step'] == 100 and manifest['coarse_dim'] == 8 and manifest['shape'] == [1500, 32]
+  assert manifest['backend'] == 'rerank' and first.backend == 'rerank'
   assert manifest['fingerprint'] == retrieval.fingerprint(gallery)
 
   again = index_store.load_or_build(directory, gallery, step=100, **kwargs)
@@ -158,3 +230,55 @@ def test_load_or_build_reuses_and_detects_stale_index(tmp_path, caplog):
   assert rebuilt.rebuilt and 'fingerprint' in caplog.text
   np.testing.assert_array_equal(index_store.load(directory).embeddings, changed)
   assert not [p for p in os.listdir(tmp_path) if p != 'index']  # No temporary directories left.
+
+
+def _serial_search(stored, queries, k=10):
+  """Serial search (threads=1), as in the round-trip test."""
+  return stored.index(threads=1).search(queries, k)
+
+
+def test_truncate_index_round_trip_and_backend_change(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  gallery, queries = decaying_embeddings(1000, 32, num_queries=10)
+  directory = str(tmp_path / 'index')
+  settings = retrieval.ScannSettings(brute_force_below=500)  # 'auto' is 'truncate' at 1,000 items.
+  kwargs = dict(coarse_dim=8, shortlist=100, settings=settings)
+
+  first = index_store.load_or_build(directory, gallery, step=1, **kwargs)
+  assert first.rebuilt and first.backend == 'truncate'
+  assert index_store.read_manifest(directory)['backend'] == 'truncate'
+  assert isinstance(first.index(), retrieval.ScannPrefixIndex)
+  again = index_store.load_or_build(directory, gallery, step=1, **kwargs, backend='truncate')
+  assert not again.rebuilt and again.backend == 'truncate'
+  # Scores, not indices: equal scores may come back in either order.
+  fresh, reloaded = _serial_search(first, queries), _serial_search(again, queries)
+  np.testing.assert_allclose(reloaded[0], fresh[0], atol=1e-6)
+  exact_scores, _ = retrieval.exact_top_k(queries, gallery, 10)
+  np.testing.assert_allclose(reloaded[0][:, 0], exact_scores[:, 0], atol=1e-5)  # The noisy copy's source.
+
+  # The other backend is stale: rebuilt (and back).
+  caplog.clear()
+  rerank = index_store.load_or_build(directory, gallery, step=1, **kwargs, backend='rerank')
+  assert rerank.rebuilt and rerank.backend == 'rerank'
+  assert any(r.startswith("backend: saved 'truncate'") for r in rerank.stale_reasons), rerank.stale_reasons
+  assert 'stale' in caplog.text and 'backend' in caplog.text
+  assert isinstance(rerank.index(), retrieval.CoarseToFineIndex)
+  assert index_store.read_manifest(directory)['backend'] == 'rerank'
+  back = index_store.load_or_build(directory, gallery, step=1, **kwargs)
+  assert back.rebuilt and back.backend == 'truncate'
+  assert any(r.startswith("backend: saved 'rerank'") for r in back.stale_reasons), back.stale_reasons
+
+
+def test_manifest_without_backend_is_a_rerank_index(tmp_path):
+  gallery, _ = decaying_embeddings(300, 16)
+  directory = str(tmp_path / 'index')
+  assert index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20).backend == 'rerank'
+  path = os.path.join(directory, index_store.MANIFEST)
+  manifest = index_store.read_manifest(directory)
+  del manifest['backend']  # As written before the backend was recorded.
+  with open(path, 'w') as f:
+    json.dump(manifest, f)
+  legacy = index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20)
+  assert not legacy.rebuilt and legacy.backend == 'rerank'
+  assert index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20,
+                                   backend='truncate').rebuilt
