@@ -119,4 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
   # shortlist, exact full-dim similarity re-ranks it. (coarse_dim, shortlist) pairs; funnel stages.
   config.eval.two_stage = ((32, 50),)
   config.eval.funnel = ((16, 200), (64, 50))
+  # How two_stage runs: 'auto' (ScaNN's truncate mode where it builds a tree, else an exact coarse shortlist
+  # re-ranked in numpy), 'rerank' or 'truncate'; see retrieval.TwoStageSearch.
+  config.eval.two_stage_backend = 'auto'
+  # Speed of every mode both ways, into metrics.json and TensorBoard: p50/p99 latency over this many single
+  # queries, batched queries/s, shortlist recall against the exact full-dim top-10. 0: recall only.
+  config.eval.latency_queries = 100
   return config

@@ -11,6 +11,7 @@ import ml_collections
 from hivlp_jax import losses
 from hivlp_jax import momentum
 from hivlp_jax import queues
+from hivlp_jax import retrieval
 from hivlp_jax.models import matryoshka
 from hivlp_jax.models import pretrained
 
@@ -80,6 +81,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
   if config.num_train_steps < 0:
     raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
+  if config.eval.two_stage_backend not in retrieval.BACKENDS:
+    raise ValueError(f'config.eval.two_stage_backend={config.eval.two_stage_backend!r} is not one of '
+                     f'{retrieval.BACKENDS}.')
   validate_contrastive(config)
   validate_mvlm(config)
   validate_text_tower(config)

@@ -6,6 +6,7 @@ text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both 
 
 import json
 import os
+import time
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
@@ -89,7 +90,7 @@ def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[r
   `retrieval.TwoStageSearch`); None: config.eval.two_stage_backend when the config has one, else 'auto'
   (named two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix).
   """
-  backend = two_stage_backend or config.eval.get('two_stage_backend', None) or 'auto'
+  backend = two_stage_backend or config.eval.two_stage_backend
   modes: list[retrieval.RetrievalMode] = [retrieval.ExactSearch(d) for d in config.model.nested_dims]
   for coarse_dim, shortlist in config.eval.two_stage:
     modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist, backend=backend))
@@ -98,10 +99,53 @@ def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[r
   return modes
 
 
+def speed_metrics(queries: np.ndarray, gallery: np.ndarray, mode: retrieval.RetrievalMode,
+                  exact_top: np.ndarray, k: int = 10, latency_queries: int = 100) -> dict[str, float]:
+  """How fast `mode` serves queries [Q, D] over gallery [G, D], as a deployment would (index built once).
+
+  Returns 'p50_ms' and 'p99_ms' (the first `latency_queries` queries one at a time) and 'queries_per_s'
+  (all of them in one call) for the top-k; coarse-to-fine modes add 'shortlist_recall' (the fraction of
+  `exact_top` [Q, n], the exact full-dim top-n, inside the stage-1 shortlist) and, where stage 1 is its
+  own call (not in ScaNN's truncate mode, which runs both stages in one), 'stage1_p50_ms'.
+  """
+  index = mode.index(gallery)  # Built (and cached) before the clock starts.
+
+  def latencies(search) -> np.ndarray:
+    search(queries[:1])  # Warm-up.
+    times = []
+    for i in range(min(latency_queries, len(queries))):
+      start = time.perf_counter()
+      search(queries[i:i + 1])
+      times.append(time.perf_counter() - start)
+    return 1e3 * np.asarray(times)
+
+  total = latencies(lambda q: index.search(q, k))
+  start = time.perf_counter()
+  index.search(queries, k)
+  out = {'p50_ms': float(np.percentile(total, 50)), 'p99_ms': float(np.percentile(total, 99)),
+         'queries_per_s': len(queries) / (time.perf_counter() - start)}
+  if hasattr(index, 'shortlist_indices'):
+    out['shortlist_recall'] = retrieval.shortlist_recall(index.shortlist_indices(queries), exact_top)
+    if isinstance(index, retrieval.CoarseToFineIndex):
+      out['stage1_p50_ms'] = float(np.percentile(latencies(index.shortlist_indices), 50))
+  return out
+
+
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
-             modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int]) -> dict[str, dict[str, float]]:
-  return {mode.name: retrieval_metrics(image_embeddings, text_embeddings, text_image_ids, mode, ks)
-          for mode in modes}
+             modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0
+             ) -> dict[str, dict[str, float]]:
+  """Recall of every mode; with `latency_queries` > 0 also its speed both ways (see `speed_metrics`), as
+  't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions)."""
+  results = {mode.name: retrieval_metrics(image_embeddings, text_embeddings, text_image_ids, mode, ks)
+             for mode in modes}
+  if latency_queries:
+    for direction, queries, gallery in (('t2i', text_embeddings, image_embeddings),
+                                        ('i2t', image_embeddings, text_embeddings)):
+      exact_top = retrieval.exact_top_k(queries, gallery, max(ks))[1]
+      for mode in modes:
+        speed = speed_metrics(queries, gallery, mode, exact_top, max(ks), latency_queries)
+        results[mode.name].update({f'{direction}_{key}': value for key, value in speed.items()})
+  return results
 
 
 def write_metrics_json(path: str, results: Mapping, step: int) -> None:
@@ -112,10 +156,18 @@ def write_metrics_json(path: str, results: Mapping, step: int) -> None:
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:
+  """Recall per mode; then, when measured, text-to-image speed (p50 ms, queries/s, shortlist recall)."""
   columns = [f'i2t_r{k}' for k in ks] + [f't2i_r{k}' for k in ks] + ['rsum']
   width = max(len(name) for name in list(results) + ['mode']) + 2
   lines = [f'{"mode":<{width}}' + ''.join(f'{c:>9}' for c in columns)]
   for name, metrics in results.items():
     lines.append(f'{name:<{width}}' + ''.join(
         f'{metrics[c]:>9.1f}' if c == 'rsum' else f'{metrics[c]:>9.3f}' for c in columns))
+  speed = {name: m for name, m in results.items() if 't2i_p50_ms' in m}
+  if speed:
+    lines.append(f'{"text-to-image speed":<{width}}{"p50_ms":>9}{"p99_ms":>9}{"q/s":>9}{"shortlist":>10}')
+    for name, m in speed.items():
+      recall = f'{m["t2i_shortlist_recall"]:>10.3f}' if 't2i_shortlist_recall' in m else f'{"-":>10}'
+      lines.append(f'{name:<{width}}{m["t2i_p50_ms"]:>9.3f}{m["t2i_p99_ms"]:>9.3f}{m["t2i_queries_per_s"]:>9.0f}'
+                   + recall)
   return '\n'.join(lines)

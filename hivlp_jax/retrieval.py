@@ -43,6 +43,9 @@ class ExactSearch:
     g = matryoshka.normalized_prefix(jnp.asarray(gallery), self.dim)
     return np.asarray(q @ g.T)
 
+  def index(self, gallery: np.ndarray) -> 'ExactIndex':
+    return ExactIndex(gallery, self.dim)
+
 
 def normalized_prefix_np(embeddings: np.ndarray, dim: int, eps: float = 1e-6) -> np.ndarray:
   """numpy twin of `matryoshka.normalized_prefix` (same eps): [..., D] -> float32 [..., dim].
@@ -71,6 +74,30 @@ def fingerprint(embeddings: np.ndarray) -> str:
   return digest.hexdigest()
 
 
+class ExactIndex:
+  """Exhaustive top-k over a gallery's normalised `dim`-prefixes (normalised once, here), in numpy."""
+
+  def __init__(self, gallery: np.ndarray, dim: Optional[int] = None):
+    """gallery [G, D] unnormalised; dim: the prefix searched (the full dim by default)."""
+    self.dim = gallery.shape[1] if dim is None else dim
+    self.gallery = normalized_prefix_np(gallery, self.dim)
+
+  def search(self, queries: np.ndarray, k: int, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D] -> scores float32 [Q, k] (descending) and indices int64 [Q, k], chunked over queries."""
+    k = min(k, self.gallery.shape[0])
+    q = normalized_prefix_np(queries, self.dim)
+    scores = np.empty((q.shape[0], k), np.float32)
+    indices = np.empty((q.shape[0], k), np.int64)
+    for start in range(0, q.shape[0], chunk_size):
+      s = q[start:start + chunk_size] @ self.gallery.T  # [c, G]; chunks bound this at c * G floats.
+      top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+      top_scores = np.take_along_axis(s, top, axis=1)
+      order = np.argsort(-top_scores, axis=1, kind='stable')
+      scores[start:start + chunk_size] = np.take_along_axis(top_scores, order, axis=1)
+      indices[start:start + chunk_size] = np.take_along_axis(top, order, axis=1)
+    return scores, indices
+
+
 def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, dim: Optional[int] = None,
                 chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k by cosine of the normalised `dim`-prefixes (full dim by default), chunked over queries.
@@ -80,20 +107,7 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, dim: Optional[
   Returns:
     scores float32 [Q, k] (descending) and indices int64 [Q, k].
   """
-  dim = gallery.shape[1] if dim is None else dim
-  k = min(k, gallery.shape[0])
-  g = normalized_prefix_np(gallery, dim)
-  q = normalized_prefix_np(queries, dim)
-  scores = np.empty((q.shape[0], k), np.float32)
-  indices = np.empty((q.shape[0], k), np.int64)
-  for start in range(0, q.shape[0], chunk_size):
-    s = q[start:start + chunk_size] @ g.T  # [c, G]; chunks bound this at c * G floats.
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(s, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind='stable')
-    scores[start:start + chunk_size] = np.take_along_axis(top_scores, order, axis=1)
-    indices[start:start + chunk_size] = np.take_along_axis(top, order, axis=1)
-  return scores, indices
+  return ExactIndex(gallery, dim).search(queries, k, chunk_size)
 
 
 def shortlist_recall(candidate_indices: np.ndarray, exact_top: np.ndarray) -> float:
@@ -292,11 +306,15 @@ class CoarseToFineIndex:
       scores[start:start + chunk] = dots * self.inverse_norms[dim][idx]
     return np.where(candidates >= 0, scores, -np.inf)
 
+  def shortlist_indices(self, queries: np.ndarray) -> np.ndarray:
+    """Stage 1 alone: queries [Q, D] -> the ScaNN shortlist int [Q, K_first] (-1 for empty slots)."""
+    dim, shortlist = self.stages[0]
+    return scann_search(self.searcher, normalized_prefix_np(queries, dim), min(shortlist, self.num_items),
+                        threads=self.threads)[1]
+
   def candidates(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs every stage: queries [Q, D] -> final-dim scores and indices [Q, K_last], unsorted."""
-    dim, shortlist = self.stages[0]
-    _, indices = scann_search(self.searcher, normalized_prefix_np(queries, dim),
-                              min(shortlist, self.num_items), threads=self.threads)
+    indices = self.shortlist_indices(queries)
     for dim, shortlist in self.stages[1:]:
       scores = self.rescore(queries, indices, dim)
       if shortlist < indices.shape[1]:
@@ -406,6 +424,10 @@ class ScannPrefixIndex:
     for as many neighbours, returns all of them (-inf / -1 where its searched leaves held fewer).
     """
     return self._search(queries, min(self.shortlist, self.num_items))
+
+  def shortlist_indices(self, queries: np.ndarray) -> np.ndarray:
+    """queries [Q, D] -> the shortlist ScaNN re-scored, int [Q, shortlist] (stage 2 runs in the same call)."""
+    return self.candidates(queries)[1]
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """queries [Q, D] -> the top-k by `dim` cosine: scores float32 [Q, k], indices int64 [Q, k].

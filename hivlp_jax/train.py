@@ -339,13 +339,13 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
 
 
 def evaluate_model(config, model, params_replicated, data: pipeline.ImageTextSplit):
-  """Embeds `data` and computes recall with every retrieval mode of the config."""
+  """Embeds `data` and computes recall (and speed) with every retrieval mode of the config."""
   embed_images, embed_texts = make_pmapped_embedders(model)
   image_emb, text_emb, text_image_ids = evaluate.embed_split(
       functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
       data, config.eval.batch_size)
   return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(config),
-                           config.eval.ks)
+                           config.eval.ks, config.eval.latency_queries)
 
 
 def training_batches(config: ml_collections.ConfigDict, workdir: str, tokenizer, start_step: int

@@ -143,13 +143,36 @@ def test_auto_backend_follows_the_brute_force_threshold():
 
 def test_modes_from_config_pass_the_backend():
   config = ml_collections.ConfigDict({'model': {'nested_dims': (8, 32)},
-                                      'eval': {'two_stage': ((8, 50),), 'funnel': ()}})
+                                      'eval': {'two_stage': ((8, 50),), 'funnel': (), 'two_stage_backend': 'auto'}})
   modes = evaluate.modes_from_config(config)
   assert [m.name for m in modes] == ['exact_dim8', 'exact_dim32', 'two_stage_dim8_k50']
   assert modes[-1].backend == 'auto'
   assert evaluate.modes_from_config(config, 'truncate')[-1].name == 'two_stage_dim8_k50_truncate'
-  config.eval.two_stage_backend = 'rerank'  # A config field, when a config has one.
+  config.eval.two_stage_backend = 'rerank'
   assert evaluate.modes_from_config(config)[-1].backend == 'rerank'
+
+
+def test_speed_metrics_time_each_mode_and_measure_the_shortlist():
+  gallery, queries = decaying_embeddings(300, 32, num_queries=40, noise=0.3)
+  exact_top = retrieval.exact_top_k(queries, gallery, 10)[1]
+  # Below the brute-force threshold stage 1 is the exact dim-8 top-20, so its recall of the full-dim top-10
+  # is the overlap of two exact top lists, counted here with sets.
+  coarse_top = retrieval.exact_top_k(queries, gallery, 20, dim=8)[1]
+  expected = np.mean([len(set(c) & set(e)) / 10 for c, e in zip(coarse_top, exact_top)])
+  assert 0.3 < expected < 1.0  # A case where the figure is neither trivial value.
+  rerank = evaluate.speed_metrics(queries, gallery, retrieval.TwoStageSearch(8, 20, backend='rerank'), exact_top,
+                                  latency_queries=10)
+  assert rerank['shortlist_recall'] == pytest.approx(expected)
+  assert 0 < rerank['stage1_p50_ms'] and 0 < rerank['p50_ms'] <= rerank['p99_ms'] and rerank['queries_per_s'] > 0
+  truncate = evaluate.speed_metrics(queries, gallery, retrieval.TwoStageSearch(
+      8, 300, settings=EXHAUSTIVE_TREE, backend='truncate'), exact_top, latency_queries=10)
+  assert truncate['shortlist_recall'] == 1.0 and 'stage1_p50_ms' not in truncate  # One ScaNN call, whole gallery.
+  exact = evaluate.speed_metrics(queries, gallery, retrieval.ExactSearch(32), exact_top, latency_queries=10)
+  assert set(exact) == {'p50_ms', 'p99_ms', 'queries_per_s'}
+  results = evaluate.evaluate(gallery, queries, np.arange(40) % 300, [retrieval.ExactSearch(32)], (1, 5, 10),
+                              latency_queries=5)
+  assert {'t2i_p50_ms', 'i2t_queries_per_s', 'rsum'} <= set(results['exact_dim32'])
+  assert 'text-to-image speed' in evaluate.format_table(results, (1, 5, 10))
 
 
 def test_two_stage_plugs_into_the_evaluator():

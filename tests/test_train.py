@@ -114,7 +114,11 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
   assert step_a == step_b == 6
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
-  assert results == resumed_results
+  # Equal recall (and shortlist recall); the timings of the speed figures differ from run to run.
+  untimed = lambda r: {mode: {k: v for k, v in m.items() if not k.endswith(('_ms', '_per_s'))}
+                       for mode, m in r.items()}
+  assert untimed(results) == untimed(resumed_results)
+  assert results['two_stage_dim32_k50']['t2i_p50_ms'] > 0 and 't2i_shortlist_recall' in results['two_stage_dim32_k50']
   with open(os.path.join(straight, 'metrics.json')) as f:
     saved = json.load(f)
   modes = {mode.name for mode in evaluate.modes_from_config(config)}
