@@ -95,6 +95,12 @@ def test_dim_weights_must_match_nested_dims():
     config_lib.validate(config)
 
 
+def test_unknown_two_stage_backend_is_named():
+  config = _parse('--config=configs/default.py', '--config.eval.two_stage_backend=faiss')
+  with pytest.raises(ValueError, match=r"two_stage_backend='faiss' is not one of \('auto', 'rerank', 'truncate'\)"):
+    config_lib.validate(config)
+
+
 def test_batch_not_divisible_by_device_count_is_named():
   assert jax.device_count() == 4
   config = _parse('--config=configs/default.py', '--config.batch_size=30')
