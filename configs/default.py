@@ -122,6 +122,14 @@ def get_config() -> ml_collections.ConfigDict:
   # How two_stage runs: 'auto' (ScaNN's truncate mode where it builds a tree, else an exact coarse shortlist
   # re-ranked in numpy), 'rerank' or 'truncate'; see retrieval.TwoStageSearch.
   config.eval.two_stage_backend = 'auto'
+  # How ScaNN builds its searchers (retrieval.ScannSettings); 0: chosen from the gallery size.
+  config.eval.scann = ml_collections.ConfigDict()
+  config.eval.scann.brute_force_below = 20_000  # Smaller galleries are scored exhaustively (exact).
+  config.eval.scann.num_leaves = 0  # Tree partitions; 0: sqrt(G).
+  config.eval.scann.leaves_to_search = 0  # Per query; 0: max(10% of the leaves, enough for 20 * k items).
+  config.eval.scann.training_sample_size = 0  # 0: min(G, 250,000).
+  config.eval.scann.reorder = 0  # Hashed candidates re-scored exactly (rerank backend); 0: max(200, 2 * k).
+  config.eval.scann.threads = 0  # Build and batched-search threads; 0: every core.
   # Speed of every mode both ways, into metrics.json and TensorBoard: p50/p99 latency over this many single
   # queries, batched queries/s, shortlist recall against the exact full-dim top-10. 0: recall only.
   config.eval.latency_queries = 100

@@ -84,6 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.two_stage_backend not in retrieval.BACKENDS:
     raise ValueError(f'config.eval.two_stage_backend={config.eval.two_stage_backend!r} is not one of '
                      f'{retrieval.BACKENDS}.')
+  retrieval.ScannSettings.from_config(config.eval.scann)
   validate_contrastive(config)
   validate_mvlm(config)
   validate_text_tower(config)

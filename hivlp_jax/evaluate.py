@@ -91,11 +91,12 @@ def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[r
   (named two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix).
   """
   backend = two_stage_backend or config.eval.two_stage_backend
+  settings = retrieval.ScannSettings.from_config(config.eval.scann)
   modes: list[retrieval.RetrievalMode] = [retrieval.ExactSearch(d) for d in config.model.nested_dims]
   for coarse_dim, shortlist in config.eval.two_stage:
-    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist, backend=backend))
+    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist, settings, backend=backend))
   if config.eval.funnel:
-    modes.append(retrieval.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel)))
+    modes.append(retrieval.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel), settings=settings))
   return modes
 
 

@@ -265,8 +265,8 @@ class GalleryIndex:
   stale_reasons: list[str]
 
 
-def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto'
-                  ) -> GalleryIndex:
+def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto',
+                  settings: Optional[retrieval.ScannSettings] = None) -> GalleryIndex:
   """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid.
 
   Saved embeddings are reused when the checkpoint step and the `source` (the gallery's inputs and the
@@ -281,8 +281,8 @@ def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, b
   if embedded:
     logging.info('Embedding the %d %s.', gallery.size, gallery.name)
     embeddings = run.embed(gallery.side, gallery.inputs)
-  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, source=source,
-                                     backend=backend)
+  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, settings,
+                                     source=source, backend=backend)
   return GalleryIndex(stored.index(), stored.backend, directory, stored.rebuilt, embedded,
                       stored.stale_reasons)
 
@@ -470,6 +470,9 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
                                     else (run.config.model.nested_dims[0], 100))
   coarse_dim, shortlist = coarse_dim or default_dim, shortlist or default_shortlist
   backend = backend or run.config.eval.get('two_stage_backend', None) or 'auto'
+  # A run recorded before config.eval.scann existed gets ScaNN's size-based defaults.
+  settings = (retrieval.ScannSettings.from_config(run.config.eval.scann) if 'scann' in run.config.eval
+              else None)
   if coarse_dim > run.config.model.embed_dim:
     raise ValueError(f'coarse_dim={coarse_dim} exceeds the embedding dim {run.config.model.embed_dim}.')
   if image_dir:
@@ -481,7 +484,7 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
 
   def index(gallery: Gallery) -> GalleryIndex:
     if gallery.key not in indexes:  # ScaNN is built for `shortlist` neighbours: k may need more.
-      indexes[gallery.key] = gallery_index(run, gallery, coarse_dim, max(shortlist, k), backend)
+      indexes[gallery.key] = gallery_index(run, gallery, coarse_dim, max(shortlist, k), backend, settings)
     return indexes[gallery.key]
 
   results = [search(run, index(image_gallery), image_gallery, 'text', t, k) for t in texts]

@@ -158,6 +158,16 @@ class ScannSettings:
   reorder: Optional[int] = None
   threads: int = 0
 
+  @classmethod
+  def from_config(cls, scann_config) -> 'ScannSettings':
+    """From config.eval.scann, where 0 means the default for the gallery size (None here)."""
+    fields = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'reorder')
+    for name in fields + ('brute_force_below', 'threads'):
+      if scann_config[name] < 0:
+        raise ValueError(f'config.eval.scann.{name}={scann_config[name]} must be >= 0 (0: the default).')
+    return cls(brute_force_below=scann_config.brute_force_below, threads=scann_config.threads,
+               **{name: scann_config[name] or None for name in fields})
+
   def brute_force(self, num_items: int) -> bool:
     return num_items < self.brute_force_below
 
