@@ -87,8 +87,9 @@ def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[r
   """Exact search at every nested dim, then the coarse-to-fine modes that config.eval asks for.
 
   `two_stage_backend`: how the config.eval.two_stage modes run ('auto', 'rerank' or 'truncate', see
-  `retrieval.TwoStageSearch`); None: config.eval.two_stage_backend when the config has one, else 'auto'
-  (named two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix).
+  `retrieval.TwoStageSearch`); None: config.eval.two_stage_backend ('auto' modes are named
+  two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix). ScaNN builds as
+  config.eval.scann says.
   """
   backend = two_stage_backend or config.eval.two_stage_backend
   settings = retrieval.ScannSettings.from_config(config.eval.scann)

@@ -454,7 +454,7 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
   the contact sheet and HTML page when asked. Returns one QueryResult per query, texts first.
 
   `backend`: 'auto', 'rerank' or 'truncate' (`retrieval.TwoStageSearch`); None: the config's
-  eval.two_stage_backend when it has one, else 'auto'."""
+  eval.two_stage_backend."""
   if not texts and not images:
     raise ValueError('Give at least one query: a text or an image.')
   if k < 1:
@@ -469,10 +469,8 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
   default_dim, default_shortlist = (tuple(run.config.eval.two_stage[0]) if run.config.eval.two_stage
                                     else (run.config.model.nested_dims[0], 100))
   coarse_dim, shortlist = coarse_dim or default_dim, shortlist or default_shortlist
-  backend = backend or run.config.eval.get('two_stage_backend', None) or 'auto'
-  # A run recorded before config.eval.scann existed gets ScaNN's size-based defaults.
-  settings = (retrieval.ScannSettings.from_config(run.config.eval.scann) if 'scann' in run.config.eval
-              else None)
+  backend = backend or run.config.eval.two_stage_backend
+  settings = retrieval.ScannSettings.from_config(run.config.eval.scann)
   if coarse_dim > run.config.model.embed_dim:
     raise ValueError(f'coarse_dim={coarse_dim} exceeds the embedding dim {run.config.model.embed_dim}.')
   if image_dir:
@@ -517,7 +515,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('backend', None, list(retrieval.BACKENDS),
                     'How the two stages run: rerank (ScaNN shortlist, numpy re-rank), truncate (one ScaNN '
                     'searcher in truncate mode) or auto (truncate for galleries of 20,000 items and more); '
-                    'default config.eval.two_stage_backend, else auto.')
+                    'default config.eval.two_stage_backend.')
   flags.DEFINE_string('contact_sheet', None, 'Write a PNG contact sheet of the retrieved images here.')
   flags.DEFINE_string('html', None, 'Write an HTML page of the results (inline images) here.')
   flags.DEFINE_integer('tile', 128, 'Contact sheet / HTML image size in pixels.')

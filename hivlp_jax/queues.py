@@ -11,8 +11,7 @@ own shard, at the same local slot, so the queue is never all-gathered: only the 
 is. Device i of the pmap axis (over every device of every process) holds slots [i * S, (i + 1) * S) of the
 whole queue [Q, D]. Each process holds only its devices' shards; checkpoints store the whole queue as one
 global array sharded the same way (`shards_to_global`), which orbax writes and reads shard by shard on each
-process, so no process ever holds the whole queue. `split_into_shards` / `merge_shards` are the same layout
-for one process in numpy.
+process, so no process ever holds the whole queue.
 
 Softmax. A query row's support is split in two parts (see `Logits`): columns every device holds in full
 (the gathered momentum batch, computed for this device's rows only) and this device's queue slots (computed
@@ -58,24 +57,6 @@ def init(queue_size: int, embed_dim: int) -> QueueState:
                     text=jnp.zeros((queue_size, embed_dim), jnp.float32),
                     filled=jnp.zeros((queue_size,), jnp.bool_),
                     position=jnp.zeros((), jnp.int32))
-
-
-def split_into_shards(queues: QueueState, num_devices: int) -> QueueState:
-  """Host queues [Q, ...] -> per-device shards stacked on a leading axis [n, Q / n, ...] (pmap layout)."""
-  size = queues.image.shape[0]
-  if size % num_devices:
-    raise ValueError(f'A queue of {size} pairs cannot be split over {num_devices} devices evenly.')
-  shard = lambda x: np.asarray(x).reshape((num_devices, size // num_devices) + x.shape[1:])
-  return QueueState(image=shard(queues.image), text=shard(queues.text), filled=shard(queues.filled),
-                    position=np.full((num_devices,), np.asarray(queues.position), np.int32))
-
-
-def merge_shards(queues: QueueState) -> QueueState:
-  """Inverse of `split_into_shards`: stacked device shards [n, S, ...] -> host queues [n * S, ...]."""
-  queues = jax.device_get(queues)
-  merge = lambda x: jnp.asarray(x.reshape((-1,) + x.shape[2:]))
-  return QueueState(image=merge(queues.image), text=merge(queues.text), filled=merge(queues.filled),
-                    position=jnp.asarray(queues.position[0], jnp.int32))
 
 
 def pmap_device_order(local_devices: Sequence[jax.Device]) -> list[jax.Device]:
@@ -138,6 +119,8 @@ def global_to_shards(queues: QueueState, local_devices: Sequence[jax.Device],
       by_device = {shard.device: shard.data for shard in leaf.addressable_shards}
       return stack([by_device[d] for d in local_devices])
     host = np.asarray(leaf)
+    if len(host) % len(device_order):
+      raise ValueError(f'A queue of {len(host)} pairs cannot be split over {len(device_order)} devices evenly.')
     size = len(host) // len(device_order)
     return stack([jax.device_put(host[axis_index[d] * size:(axis_index[d] + 1) * size], d) for d in local_devices])
   position = np.asarray(queues.position, np.int32)

@@ -316,8 +316,10 @@ def make_pmapped_embedders(model: two_towers.TwoTowers):
   return embed_images, embed_texts
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=True,
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, create: bool = True
+                       ) -> ocp.CheckpointManager:
+  """Async orbax checkpoints in WORKDIR/checkpoints (`create=False`: only read an existing folder)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=create,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
 

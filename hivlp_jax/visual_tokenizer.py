@@ -234,12 +234,6 @@ def _save_codes(path: str, codes: np.ndarray) -> None:
     os.replace(path + '.tmp', path)
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, create: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep, create=create,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
-
-
 def mean_image(images: np.ndarray, model: dvae.DiscreteVAE) -> np.ndarray:
   """The mean of uint8 images [N, H, W, 3] in the model's pixel space: float32 [image_size, image_size, 3]."""
   # Preprocessing is affine and resizing linear, so this is also the mean of the preprocessed images.
@@ -270,7 +264,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   logging.info('Visual tokenizer: %d parameters, a %dx%d code grid of %d codes; %d training images.',
                sum(x.size for x in jax.tree.leaves(state.params)), grid_size(config), grid_size(config),
                vt.codebook_size, train_data.num_images)
-  manager = checkpoint_manager(workdir, config)
+  manager = train.checkpoint_manager(workdir, config)
   state = train.restore_latest(manager, state)
   start_step = int(state.step)
   if start_step == 0:
@@ -360,7 +354,7 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict):
   """The frozen tokenizer of a stage workdir: (model, params) from its record and newest checkpoint."""
   with open(os.path.join(workdir, MODEL_FILE)) as f:
     model = dvae.DiscreteVAE(**json.load(f)['model'])
-  manager = checkpoint_manager(workdir, config, create=False)
+  manager = train.checkpoint_manager(workdir, config, create=False)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {manager.directory}: train the tokenizer first ({COMMAND}).')

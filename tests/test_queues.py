@@ -81,7 +81,7 @@ def _sharded_loss_and_grads(num_devices, inputs, temperature, dims, weights, kee
   host_queue = queues.QueueState(image=inputs['queue_image'].astype(np.float32),
                                  text=inputs['queue_text'].astype(np.float32), filled=inputs['filled'],
                                  position=np.zeros((), np.int32))
-  shards = queues.split_into_shards(host_queue, num_devices)
+  shards = queues.global_to_shards(host_queue, devices, devices, AXIS)
   split = lambda x: np.asarray(x).reshape((num_devices, -1) + x.shape[1:])
   as32 = lambda x: np.asarray(x, np.float32)
 
@@ -224,7 +224,7 @@ def test_queue_wraps_around_and_keeps_slots_aligned(num_devices):
   rng = np.random.default_rng(5)
   devices = jax.local_devices()[:num_devices]
   enqueue = jax.pmap(functools.partial(queues.enqueue, axis_name=AXIS), AXIS, devices=devices)
-  state = queues.split_into_shards(queues.init(queue_size, embed_dim), num_devices)
+  state = queues.global_to_shards(queues.init(queue_size, embed_dim), devices, devices, AXIS)
   batches, keeps = [], []
   for step in range(steps):
     pair_ids = 1.0 + step * global_batch + np.arange(global_batch)
@@ -235,7 +235,7 @@ def test_queue_wraps_around_and_keeps_slots_aligned(num_devices):
     image_keys = np.repeat(pair_ids[:, None], embed_dim, axis=1).astype(np.float32)
     split = lambda x: x.reshape((num_devices, -1) + x.shape[1:])
     state = enqueue(state, split(image_keys), split(-image_keys), split(keep))
-  host = queues.merge_shards(state)
+  host = queues.shards_to_global(state, devices)
   image, text, filled, position = _simulate_sharded_ring(queue_size, num_devices, batches, keeps)
   np.testing.assert_array_equal(np.asarray(host.image), np.repeat(image[:, None], embed_dim, axis=1))
   np.testing.assert_array_equal(np.asarray(host.text), -np.asarray(host.image))  # Slot k: one pair.
@@ -248,12 +248,17 @@ def test_queue_wraps_around_and_keeps_slots_aligned(num_devices):
   assert not set(np.concatenate(batches[-3:])[~np.concatenate(keeps[-3:])]) & set(np.asarray(host.image)[:, 0])
 
 
-def test_split_and_merge_shards_round_trip():
+def test_global_to_shards_and_back_round_trip():
+  devices = jax.local_devices()[:3]
   state = queues.init(12, 2).replace(position=jnp.asarray(4, jnp.int32))
   state = state.replace(image=jnp.arange(24.0).reshape(12, 2))
-  merged = queues.merge_shards(queues.split_into_shards(state, 3))
+  shards = queues.global_to_shards(state, devices, devices, AXIS)
+  np.testing.assert_array_equal(np.asarray(shards.image)[1], np.arange(8.0, 16.0).reshape(4, 2))  # Slots 4-7.
+  merged = queues.shards_to_global(shards, devices)
   np.testing.assert_array_equal(merged.image, state.image)
   assert int(merged.position) == 4 and merged.position.shape == ()
+  with pytest.raises(ValueError, match='cannot be split over 3 devices evenly'):
+    queues.global_to_shards(queues.init(10, 2), devices, devices, AXIS)
 
 
 def test_queue_bytes_per_device_from_shapes():
@@ -341,7 +346,8 @@ def test_the_queue_is_never_all_gathered():
                   devices=jax.local_devices()[:num_devices])
   hlo = step.lower(split(inputs['image']), split(inputs['text']), inputs['momentum_image'].astype(np.float32),
                    inputs['momentum_text'].astype(np.float32),
-                   queues.split_into_shards(host_queue, num_devices)).compile().as_text()
+                   queues.global_to_shards(host_queue, jax.local_devices()[:num_devices],
+                                           jax.local_devices()[:num_devices], AXIS)).compile().as_text()
   gathered = re.findall(r'= \w+\[([\d,]*)\][^\n=]*? all-gather(?:-start)?\(', hlo)
   assert gathered, 'expected all-gathers of the batch'
   for shape in gathered:

@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hivlp_jax.models import two_towers
+
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-12  # BERT's; flax's default is 1e-6.
 _init = nn.initializers.truncated_normal(0.02)  # BERT's initializer_range.
@@ -50,18 +52,11 @@ class BertEncoder(nn.Module):
     return x  # Post-LN blocks end normalised: no final LayerNorm.
 
 
-class BertTextTransformer(nn.Module):
+class BertTextTransformer(two_towers.TextTransformer):
   """Token ids [B, L] (0 = padding, [CLS] first) -> pooled [B, width] ([CLS] state) and tokens [B, L, width].
 
-  The constructor arguments and outputs are those of two_towers.TextTransformer.
+  The constructor arguments, outputs and the tied `attend` are those of two_towers.TextTransformer.
   """
-  vocab_size: int
-  max_len: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
@@ -75,8 +70,3 @@ class BertTextTransformer(nn.Module):
     mask = (tokens != 0)[:, None, None, :]  # [B, 1 (heads), 1 (queries), L (keys)]
     x = BertEncoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name='encoder')(x, mask)
     return x[:, 0], x
-
-  def attend(self, states: jnp.ndarray) -> jnp.ndarray:
-    """Token states [..., width] -> vocabulary logits [..., vocab], through the input embedding (tied)."""
-    embedding = self.variables['params']['token_embedding']['embedding']
-    return states @ embedding.T.astype(states.dtype)

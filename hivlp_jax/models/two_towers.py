@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from hivlp_jax.models import bert
 from hivlp_jax.models import matryoshka
 
 Dtype = Any
@@ -160,6 +159,7 @@ class TwoTowers(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.image_tower = ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
                            cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0)
+    from hivlp_jax.models import bert  # pylint: disable=g-import-not-at-top  (it subclasses TextTransformer)
     text_tower = {'pre_ln': TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
     self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
                                  cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype)
