@@ -179,19 +179,8 @@ class Method:
 
 
 def exact_numpy() -> Method:
-  return Method('exact_numpy', lambda g: retrieval.normalized_prefix_np(g, g.shape[1]),
-                lambda g, q: _numpy_top_k(g, retrieval.normalized_prefix_np(q, q.shape[1])),
-                lambda g: g.nbytes)
-
-
-def _numpy_top_k(g: np.ndarray, q: np.ndarray, chunk: int = 64) -> np.ndarray:
-  out = np.empty((len(q), K), np.int64)
-  for start in range(0, len(q), chunk):
-    s = q[start:start + chunk] @ g.T
-    top = np.argpartition(-s, K - 1, axis=1)[:, :K]
-    order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-    out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
-  return out
+  return Method('exact_numpy', retrieval.ExactIndex, lambda index, q: index.search(q, K)[1],
+                lambda index: index.gallery.nbytes)
 
 
 @functools.partial(jax.jit, static_argnums=2)
