@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SLURM GPU cluster: one process per node, each driving all GPUs of its node through pmap.
 #   sbatch --nodes=4 --gres=gpu:8 --ntasks-per-node=1 launch/slurm_gpu.sh [CONFIG] [WORKDIR] [extra flags]
-# Install first (on a shared filesystem): python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt
+# Install first (on a shared filesystem): python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt -e .
 #   && .venv/bin/pip install 'jax[cuda12]==0.10.2'
 # jax.distributed.initialize() reads the coordinator, process count and id from SLURM's environment.
 # A preempted or time-limited job resumes from the latest checkpoint in WORKDIR when requeued.

@@ -9,7 +9,7 @@ config=${3:-configs/base_b16.py}; workdir=${4:?a workdir every worker can reach,
 shift $(( $# > 4 ? 4 : $# ))
 ssh() { gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="$1"; }
 gcloud compute tpus tpu-vm scp --recurse --zone="$zone" --worker=all "$(dirname "$0")/.." "$tpu":hivlp_jax_repo
-ssh "cd hivlp_jax_repo && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
+ssh "cd hivlp_jax_repo && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -e . \
   && .venv/bin/pip install -q 'jax[tpu]==0.10.2'"
 ssh "cd hivlp_jax_repo && TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m hivlp_jax.main --distributed \
   --config=$config --workdir=$workdir $*"
