@@ -1,7 +1,8 @@
 """ViT-B/16 (224 px) + BERT-base sized towers with 768-d nested heads, for real pre-training.
 
-Until the web-shard and COCO/Flickr30K readers land, the data section points at the embedded scenes
-(resized to 224 px on device), which lets the model run end to end. Accelerator-sized defaults:
+The data section is still the embedded scenes' (resized to 224 px on device), so the model runs end to
+end with nothing to download; flickr30k.py, coco.py and web_pretrain.py build on this config with real
+data through the streaming pipeline. Accelerator-sized defaults:
   python -m hivlp_jax.main --config=configs/base_b16.py --workdir=runs/base
 """
 
