@@ -9,7 +9,7 @@ head's (the leading coordinates carry most of the signal). Queries: noisy copies
 (noise std --query_noise times each coordinate's std), so the exact neighbour structure is meaningful.
 Ground truth: the exact full-dim cosine top-10 (the `exact_numpy` row, recall 1 by construction).
 
-two_stage rows run either backend of `retrieval.TwoStageSearch`: --two_stage=64:200:rerank,64:300:truncate
+two_stage rows run either backend of `coarse_to_fine.TwoStageSearch`: --two_stage=64:200:rerank,64:300:truncate
 puts the numpy re-rank of a ScaNN shortlist beside ScaNN's truncate mode (its exact re-scoring of the
 shortlist is the second stage).
 
@@ -59,7 +59,7 @@ if THREADS > 0:
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import functools
-import json
+import io
 import platform
 import tempfile
 import time
@@ -72,6 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hivlp_jax import coarse_to_fine
+from hivlp_jax import files
 from hivlp_jax import retrieval
 
 FLAGS = flags.FLAGS
@@ -83,12 +85,10 @@ flags.DEFINE_float('query_noise', 0.5, 'Query noise std, relative to each coordi
 flags.DEFINE_integer('repeats', 1, 'Batched runs per method; queries/s is their median.')
 flags.DEFINE_integer('threads', 1, 'Threads per library; 0: every core. See the module docstring.')
 flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'scann', 'two_stage',
-                              'funnel'], 'Methods to run (also scann_prefix: see --prefix).')
+                              'funnel'], 'Methods to run.')
 flags.DEFINE_list('two_stage', ['64:1000:rerank', '16:1000:rerank', '64:300:truncate'],
                   'two_stage rows, each coarse_dim:shortlist[:backend], backend rerank, truncate or auto '
-                  '(the default; see retrieval.TwoStageSearch).')
-flags.DEFINE_list('prefix', ['64:1000'], 'scann_prefix rows, each dim:shortlist: the same as two_stage '
-                  'dim:shortlist:truncate under the name scann_prefix{dim}_k{shortlist}.')
+                  '(the default; see coarse_to_fine.TwoStageSearch).')
 flags.DEFINE_list('funnel', ['16:1000/64:100'], 'funnel rows, each dim:shortlist/dim:shortlist/...')
 flags.DEFINE_integer('scann_leaves', 0, 'ScaNN tree leaves (0: ScannSettings default, sqrt(G)).')
 flags.DEFINE_integer('scann_leaves_to_search', 0, 'ScaNN leaves searched per query (0: ScannSettings default).')
@@ -123,9 +123,9 @@ def trained_embeddings(workdir: str, config_file: str, split: str) -> tuple[np.n
   """Image [N, D] and caption [N * captions, D] embeddings of `split` by the latest checkpoint of `workdir`."""
   from hivlp_jax import config_lib
   from hivlp_jax import evaluate
-  from hivlp_jax import query
+  from hivlp_jax import gallery as gallery_lib
   from hivlp_jax.data import pipeline
-  run = query.load_run(workdir, config_lib.load_config_file(config_file) if config_file else None)
+  run = gallery_lib.load_run(workdir, config_lib.load_config_file(config_file) if config_file else None)
   data = pipeline.load_split(run.config, split, run.tokenizer)
   images, texts, _ = evaluate.embed_split(*run.embedders(), data, run.config.eval.batch_size)
   logging.info('Embedded %d images and %d captions of %s (step %d, dim %d).', len(images), len(texts), split,
@@ -155,7 +155,7 @@ def replicated_data(images: np.ndarray, texts: np.ndarray, num_items: int, num_q
 
 
 def directory_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+  return sum((root / name).stat().length for root, _, names in files.path(path).walk() for name in names)
 
 
 def scann_bytes(searcher) -> int:
@@ -244,9 +244,10 @@ def scann_full() -> Method:
                                                          scann_settings()), search, scann_bytes)
 
 
-def coarse_to_fine(mode: retrieval.FunnelSearch) -> Method:
+def coarse_to_fine_method(mode) -> Method:
+  """A row of a `coarse_to_fine.TwoStageSearch` or `FunnelSearch`."""
   def nbytes(index):
-    if isinstance(index, retrieval.ScannPrefixIndex):  # ScaNN holds the vectors it re-scores.
+    if isinstance(index, coarse_to_fine.ScannPrefixIndex):  # ScaNN holds the vectors it re-scores.
       return scann_bytes(index.searcher)
     return (scann_bytes(index.searcher) + index.gallery.nbytes
             + sum(v.nbytes for v in index.inverse_norms.values()))
@@ -259,8 +260,8 @@ def two_stage(spec: str) -> Method:
   if len(parts) not in (2, 3):
     raise ValueError(f'--two_stage row {spec!r} is not coarse_dim:shortlist[:backend].')
   backend = parts[2] if len(parts) == 3 else 'auto'
-  return coarse_to_fine(retrieval.TwoStageSearch(int(parts[0]), int(parts[1]), scann_settings(),
-                                                 backend=backend))
+  return coarse_to_fine_method(coarse_to_fine.TwoStageSearch(int(parts[0]), int(parts[1]), scann_settings(),
+                                                             backend=backend))
 
 
 def methods() -> list[Method]:
@@ -269,12 +270,9 @@ def methods() -> list[Method]:
     if name == 'two_stage':
       out += [two_stage(spec) for spec in FLAGS.two_stage]
     elif name == 'funnel':
-      out += [coarse_to_fine(retrieval.FunnelSearch(
+      out += [coarse_to_fine_method(coarse_to_fine.FunnelSearch(
           [tuple(int(x) for x in stage.split(':')) for stage in spec.split('/')], settings=scann_settings()))
               for spec in FLAGS.funnel]
-    elif name == 'scann_prefix':
-      out += [coarse_to_fine(retrieval.ScannPrefixSearch(*(int(x) for x in spec.split(':')),
-                                                         settings=scann_settings())) for spec in FLAGS.prefix]
     else:
       out.append({'exact_numpy': exact_numpy, 'exact_jax': exact_jax, 'faiss_flat': faiss_flat,
                   'faiss_ivf': faiss_ivf, 'scann': scann_full}[name]())
@@ -340,8 +338,9 @@ def plot(results: list[dict], path: str) -> None:
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(handles=handles, fontsize=7, loc='lower left')
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
+  files.write_bytes(path, buffer.getvalue())
 
 
 def main(argv):
@@ -375,7 +374,7 @@ def main(argv):
     # The exact_numpy row is the ground truth; without it, compute it.
     exact_top = next((t for r, t in zip(rows, tops) if r['method'] == 'exact_numpy'), None)
     if exact_top is None:
-      exact_top = retrieval.exact_top_k(queries, gallery, K)[1]
+      exact_top = retrieval.ExactIndex(gallery).search(queries, K)[1]
     for row, top in zip(rows, tops):
       row['recall_at_10'] = retrieval.shortlist_recall(top[:, :K], exact_top)
     print(format_table(size, rows), flush=True)
@@ -384,15 +383,13 @@ def main(argv):
 
   config = {'dim': FLAGS.dim, 'queries': FLAGS.queries, 'latency_queries': FLAGS.latency_queries,
             'query_noise': FLAGS.query_noise, 'threads': THREADS, 'repeats': FLAGS.repeats, 'seed': FLAGS.seed,
-            'k': K, 'two_stage': FLAGS.two_stage, 'prefix': FLAGS.prefix, 'funnel': FLAGS.funnel,
+            'k': K, 'two_stage': FLAGS.two_stage, 'funnel': FLAGS.funnel,
             'ivf_nprobe_fraction': FLAGS.ivf_nprobe_fraction, 'cpu_count': os.cpu_count(),
             'data': f'trained:{FLAGS.from_workdir}:{FLAGS.from_split}' if trained is not None else 'synthetic',
             'replica_noise': FLAGS.replica_noise if trained is not None else None,
             'machine': platform.machine(), 'python': platform.python_version()}
   if FLAGS.out:
-    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'config': config, 'results': results}, f, indent=2)
+    files.write_json(FLAGS.out, {'config': config, 'results': results})
   if FLAGS.plot:
     plot(results, FLAGS.plot)
 

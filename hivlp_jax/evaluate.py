@@ -1,17 +1,17 @@
-"""Retrieval evaluation: embed a split, score it with retrieval modes, compute recall.
+"""Retrieval evaluation: embed a split, index it with each retrieval mode, compute recall.
 
 Protocol (Flickr30K/COCO): image-to-text is a hit when any of the image's captions is in the top K;
 text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways.
 """
 
-import json
-import os
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
+from hivlp_jax import coarse_to_fine
+from hivlp_jax import files
 from hivlp_jax import retrieval
 from hivlp_jax.data import pipeline
 
@@ -19,21 +19,54 @@ from hivlp_jax.data import pipeline
 def best_positive_ranks(similarity: np.ndarray, positives: np.ndarray) -> np.ndarray:
   """0-based rank of each query's best-scoring positive; ties count against the query.
 
+  NaN is the lowest score: a NaN positive beats nothing and a NaN negative beats no finite positive. A
+  positive scoring +inf is no hit either (no finite embeddings give it), while a +inf negative outranks
+  every positive.
+
   Args:
     similarity: [Q, G] scores (-inf for items a mode did not retrieve).
     positives: bool [Q, G], True where the gallery item is a correct answer.
   Returns:
     int [Q]: the number of negatives scoring at least as high as the best positive. A query whose
-    positives all score -inf gets rank G (never a hit).
+    positives all score -inf, inf or NaN gets rank G (never a hit).
   """
-  best = np.max(np.where(positives, similarity, -np.inf), axis=1, keepdims=True)
-  ranks = np.sum((similarity >= best) & ~positives, axis=1)
+  best = np.max(np.where(positives & np.isfinite(similarity), similarity, -np.inf), axis=1, keepdims=True)
+  ranks = np.sum((similarity >= best) & ~positives, axis=1)  # NaN >= x is False: NaN negatives never count.
   return np.where(np.isneginf(best[:, 0]), similarity.shape[1], ranks)
 
 
 def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
   ranks = best_positive_ranks(similarity, positives)
   return {k: float(np.mean(ranks < k)) for k in ks}
+
+
+def check_finite(embeddings: Mapping[str, np.ndarray], step: Optional[int] = None) -> None:
+  """Raises ValueError naming the checkpoint `step` when an embedding [N, D] of `embeddings` (name ->
+  array) holds a NaN or inf: recall over such embeddings would measure nothing."""
+  for name, array in embeddings.items():
+    bad_rows = np.flatnonzero(~np.all(np.isfinite(array), axis=-1))
+    if bad_rows.size:
+      at = 'an unknown checkpoint step' if step is None else f'checkpoint step {step}'
+      raise ValueError(f'{bad_rows.size} of {len(array)} {name} embeddings at {at} are not finite (NaN or '
+                       f'inf; the first is row {bad_rows[0]}): the model has diverged or its parameters are '
+                       'damaged.')
+
+
+def _directions(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray):
+  """(name, queries, gallery, positives bool [Q, G]) for image-to-text, then text-to-image."""
+  positives_t2i = text_image_ids[:, None] == np.arange(image_embeddings.shape[0])[None, :]  # [T, N]
+  return (('i2t', image_embeddings, text_embeddings, positives_t2i.T),
+          ('t2i', text_embeddings, image_embeddings, positives_t2i))
+
+
+def _recall(indexes: Mapping[str, retrieval.Index], directions, ks: Sequence[int]) -> dict[str, float]:
+  metrics = {}
+  for name, queries, _, positives in directions:
+    recall = recall_at_k(indexes[name].similarity(queries), positives, ks)
+    metrics.update({f'{name}_r{k}': v for k, v in recall.items()})
+  metrics['rsum'] = 100.0 * sum(metrics.values())
+  metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
+  return metrics
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
@@ -45,13 +78,8 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   Returns:
     'i2t_r{k}', 't2i_r{k}' for each k, 'rsum' and 'mean_recall'.
   """
-  positives_t2i = text_image_ids[:, None] == np.arange(image_embeddings.shape[0])[None, :]  # [T, N]
-  i2t = recall_at_k(mode.similarity(image_embeddings, text_embeddings), positives_t2i.T, ks)
-  t2i = recall_at_k(mode.similarity(text_embeddings, image_embeddings), positives_t2i, ks)
-  metrics = {f'i2t_r{k}': v for k, v in i2t.items()} | {f't2i_r{k}': v for k, v in t2i.items()}
-  metrics['rsum'] = 100.0 * sum(metrics.values())
-  metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
-  return metrics
+  directions = _directions(image_embeddings, text_embeddings, text_image_ids)
+  return _recall({name: mode.build(gallery) for name, _, gallery, _ in directions}, directions, ks)
 
 
 def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.ImageTextSplit, batch_size: int
@@ -83,34 +111,75 @@ def embed_batches(embed: Callable, array: np.ndarray, batch_size: int) -> np.nda
   return np.concatenate(outputs)
 
 
+def validate_config(config, two_stage_backend: Optional[str] = None) -> None:
+  """Raises ValueError naming the field when config.eval asks for retrieval the model cannot serve.
+
+  Checks config.eval.two_stage ((coarse_dim, shortlist), ...), config.eval.funnel ((dim, shortlist), ...),
+  config.eval.ks, config.eval.two_stage_backend (or `two_stage_backend`, when given) and config.eval.scann
+  against the head: every dim must be in [1, config.model.embed_dim] (a larger one would silently search
+  the full head under its own name); every shortlist and k positive.
+  """
+  embed_dim = config.model.embed_dim
+  backend = two_stage_backend or config.eval.two_stage_backend
+  if backend not in retrieval.BACKENDS:
+    field = 'two_stage_backend' if two_stage_backend else 'config.eval.two_stage_backend'
+    raise ValueError(f'{field}={backend!r} is not one of {retrieval.BACKENDS}.')
+  retrieval.ScannSettings.from_config(config.eval.scann)  # Raises naming config.eval.scann.<field>.
+
+  def check_stages(field: str, stages) -> list[tuple[int, int]]:
+    pairs = []
+    for i, stage in enumerate(stages):
+      if len(stage) != 2 or not all(isinstance(x, (int, np.integer)) for x in stage):
+        raise ValueError(f'{field}[{i}]={stage!r} is not a (dim, shortlist) pair of integers.')
+      dim, shortlist = int(stage[0]), int(stage[1])
+      if not 0 < dim <= embed_dim:
+        raise ValueError(f'{field}[{i}]: dim {dim} is not in [1, config.model.embed_dim={embed_dim}].')
+      if shortlist <= 0:
+        raise ValueError(f'{field}[{i}]: shortlist {shortlist} must be positive.')
+      pairs.append((dim, shortlist))
+    return pairs
+
+  two_stage = check_stages('config.eval.two_stage', config.eval.two_stage)
+  if len(set(two_stage)) < len(two_stage):  # Equal entries would share one name, one row of the results.
+    raise ValueError(f'config.eval.two_stage={tuple(two_stage)} repeats an entry.')
+  funnel = check_stages('config.eval.funnel', config.eval.funnel)
+  dims, shortlists = [d for d, _ in funnel], [k for _, k in funnel]
+  if any(b <= a for a, b in zip(dims, dims[1:])):
+    raise ValueError(f'config.eval.funnel dims {dims} must strictly increase.')
+  if any(b > a for a, b in zip(shortlists, shortlists[1:])):
+    raise ValueError(f'config.eval.funnel shortlists {shortlists} must not grow.')
+  if not config.eval.ks or any(int(k) <= 0 for k in config.eval.ks):
+    raise ValueError(f'config.eval.ks={tuple(config.eval.ks)} must be one or more positive integers.')
+
+
 def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[retrieval.RetrievalMode]:
   """Exact search at every nested dim, then the coarse-to-fine modes that config.eval asks for.
 
   `two_stage_backend`: how the config.eval.two_stage modes run ('auto', 'rerank' or 'truncate', see
-  `retrieval.TwoStageSearch`); None: config.eval.two_stage_backend ('auto' modes are named
+  `coarse_to_fine.TwoStageSearch`); None: config.eval.two_stage_backend ('auto' modes are named
   two_stage_dim{d}_k{k}; a fixed backend adds a _rerank / _truncate suffix). ScaNN builds as
-  config.eval.scann says.
+  config.eval.scann says. The config is checked first (`validate_config`).
   """
+  validate_config(config, two_stage_backend)
   backend = two_stage_backend or config.eval.two_stage_backend
   settings = retrieval.ScannSettings.from_config(config.eval.scann)
   modes: list[retrieval.RetrievalMode] = [retrieval.ExactSearch(d) for d in config.model.nested_dims]
   for coarse_dim, shortlist in config.eval.two_stage:
-    modes.append(retrieval.TwoStageSearch(coarse_dim, shortlist, settings, backend=backend))
+    modes.append(coarse_to_fine.TwoStageSearch(coarse_dim, shortlist, settings, backend=backend))
   if config.eval.funnel:
-    modes.append(retrieval.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel), settings=settings))
+    modes.append(coarse_to_fine.FunnelSearch(tuple(tuple(s) for s in config.eval.funnel), settings=settings))
   return modes
 
 
-def speed_metrics(queries: np.ndarray, gallery: np.ndarray, mode: retrieval.RetrievalMode,
-                  exact_top: np.ndarray, k: int = 10, latency_queries: int = 100) -> dict[str, float]:
-  """How fast `mode` serves queries [Q, D] over gallery [G, D], as a deployment would (index built once).
+def speed_metrics(queries: np.ndarray, index: retrieval.Index, exact_top: np.ndarray, k: int = 10,
+                  latency_queries: int = 100) -> dict[str, float]:
+  """How fast a built `index` serves queries [Q, D], as a deployment would.
 
   Returns 'p50_ms' and 'p99_ms' (the first `latency_queries` queries one at a time) and 'queries_per_s'
-  (all of them in one call) for the top-k; coarse-to-fine modes add 'shortlist_recall' (the fraction of
+  (all of them in one call) for the top-k; coarse-to-fine indexes add 'shortlist_recall' (the fraction of
   `exact_top` [Q, n], the exact full-dim top-n, inside the stage-1 shortlist) and, where stage 1 is its
   own call (not in ScaNN's truncate mode, which runs both stages in one), 'stage1_p50_ms'.
   """
-  index = mode.index(gallery)  # Built (and cached) before the clock starts.
 
   def latencies(search) -> np.ndarray:
     search(queries[:1])  # Warm-up.
@@ -128,33 +197,39 @@ def speed_metrics(queries: np.ndarray, gallery: np.ndarray, mode: retrieval.Retr
          'queries_per_s': len(queries) / (time.perf_counter() - start)}
   if hasattr(index, 'shortlist_indices'):
     out['shortlist_recall'] = retrieval.shortlist_recall(index.shortlist_indices(queries), exact_top)
-    if isinstance(index, retrieval.CoarseToFineIndex):
+    if isinstance(index, coarse_to_fine.CoarseToFineIndex):
       out['stage1_p50_ms'] = float(np.percentile(latencies(index.shortlist_indices), 50))
   return out
 
 
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
-             modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0
-             ) -> dict[str, dict[str, float]]:
+             modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0,
+             step: Optional[int] = None) -> dict[str, dict[str, float]]:
   """Recall of every mode; with `latency_queries` > 0 also its speed both ways (see `speed_metrics`), as
-  't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions)."""
-  results = {mode.name: retrieval_metrics(image_embeddings, text_embeddings, text_image_ids, mode, ks)
-             for mode in modes}
-  if latency_queries:
-    for direction, queries, gallery in (('t2i', text_embeddings, image_embeddings),
-                                        ('i2t', image_embeddings, text_embeddings)):
-      exact_top = retrieval.exact_top_k(queries, gallery, max(ks))[1]
-      for mode in modes:
-        speed = speed_metrics(queries, gallery, mode, exact_top, max(ks), latency_queries)
-        results[mode.name].update({f'{direction}_{key}': value for key, value in speed.items()})
+  't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions).
+
+  Each mode indexes each direction's gallery once, for its recall and its speed. Non-finite embeddings
+  raise ValueError naming `step`, the checkpoint step they come from (`check_finite`).
+  """
+  check_finite({'image': image_embeddings, 'text': text_embeddings}, step)
+  directions = _directions(image_embeddings, text_embeddings, text_image_ids)
+  exact_tops = {}
+  if latency_queries:  # The exact full-dim top-max(ks) of each query, for shortlist recall.
+    exact_tops = {name: retrieval.ExactIndex(gallery).search(queries, min(max(ks), len(gallery)))[1]
+                  for name, queries, gallery, _ in directions}
+  results = {}
+  for mode in modes:
+    indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
+    results[mode.name] = _recall(indexes, directions, ks)
+    if latency_queries:
+      for name, queries, _, _ in directions:
+        speed = speed_metrics(queries, indexes[name], exact_tops[name], max(ks), latency_queries)
+        results[mode.name].update({f'{name}_{key}': value for key, value in speed.items()})
   return results
 
 
-def write_metrics_json(path: str, results: Mapping, step: int) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'step': step, **results}, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def write_metrics_json(path: files.PathLike, results: Mapping, step: int) -> None:
+  files.write_json(path, {'step': step, **results})
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:

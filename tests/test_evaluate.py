@@ -1,7 +1,9 @@
 """Recall metrics on hand-built similarity matrices."""
 
 import numpy as np
+import pytest
 
+from configs import default
 from hivlp_jax import evaluate
 from hivlp_jax import retrieval
 
@@ -45,3 +47,104 @@ def test_random_embeddings_are_near_chance():
   images, texts = rng.normal(size=(200, 32)), rng.normal(size=(1000, 32))
   metrics = evaluate.retrieval_metrics(images, texts, np.repeat(np.arange(200), 5), retrieval.ExactSearch(32))
   assert abs(metrics['t2i_r10'] - 10 / 200) < 0.03
+
+
+def _ranks_before_nan_handling(similarity, positives):
+  """best_positive_ranks as it was before NaN was handled: the reference for finite scores."""
+  best = np.max(np.where(positives, similarity, -np.inf), axis=1, keepdims=True)
+  ranks = np.sum((similarity >= best) & ~positives, axis=1)
+  return np.where(np.isneginf(best[:, 0]), similarity.shape[1], ranks)
+
+
+def test_ranks_of_finite_scores_are_unchanged():
+  rng = np.random.default_rng(0)
+  # Scores on a coarse grid: many ties; some items not retrieved (-inf).
+  similarity = np.round(rng.uniform(-1, 1, size=(200, 30)), 1)
+  similarity[rng.uniform(size=similarity.shape) < 0.2] = -np.inf
+  positives = rng.uniform(size=similarity.shape) < 0.1
+  ranks = evaluate.best_positive_ranks(similarity, positives)
+  np.testing.assert_array_equal(ranks, _ranks_before_nan_handling(similarity, positives))
+  assert 0 < np.mean(ranks < 5) < 1  # Neither trivial value.
+
+
+def test_all_nan_similarity_is_never_a_hit():
+  similarity = np.full((3, 4), np.nan)
+  positives = np.eye(4, dtype=bool)[:3]
+  np.testing.assert_array_equal(evaluate.best_positive_ranks(similarity, positives), [4, 4, 4])
+  assert evaluate.recall_at_k(similarity, positives, (1, 4)) == {1: 0.0, 4: 0.0}
+
+
+def test_nan_is_the_lowest_score_and_inf_positives_are_no_hits():
+  nan, inf = np.nan, np.inf
+  similarity = np.array([[nan, 0.2, 0.1],    # NaN positive: beats nothing -> never a hit
+                         [0.5, nan, nan],    # NaN negatives do not beat a finite positive -> rank 0
+                         [0.5, nan, 0.5],    # the tie still counts against the query -> rank 1
+                         [nan, 0.3, -inf],   # a NaN and a finite positive: the finite one counts -> rank 0
+                         [inf, 0.9, 0.1],    # a +inf positive is no hit
+                         [0.4, inf, nan]])   # a +inf negative outranks the positive -> rank 1
+  positives = np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]], bool)
+  np.testing.assert_array_equal(evaluate.best_positive_ranks(similarity, positives), [3, 0, 1, 0, 3, 1])
+
+
+def test_check_finite_names_the_step_and_the_rows():
+  images, texts = np.ones((4, 8), np.float32), np.ones((20, 8), np.float32)
+  evaluate.check_finite({'image': images, 'text': texts}, step=7)  # Finite: no error.
+  texts[[3, 11], 2] = [np.nan, np.inf]
+  with pytest.raises(ValueError, match=r'2 of 20 text embeddings at checkpoint step 7 .*row 3'):
+    evaluate.check_finite({'image': images, 'text': texts}, step=7)
+
+
+def test_evaluate_refuses_non_finite_embeddings():
+  rng = np.random.default_rng(0)
+  images, texts = rng.normal(size=(10, 16)), rng.normal(size=(50, 16))
+  ids = np.repeat(np.arange(10), 5)
+  modes = [retrieval.ExactSearch(16)]
+  assert evaluate.evaluate(images, texts, ids, modes, (1,), step=3)['exact_dim16']['t2i_r1'] >= 0
+  images[4] = np.nan
+  with pytest.raises(ValueError, match='image embeddings at checkpoint step 3'):
+    evaluate.evaluate(images, texts, ids, modes, (1,), step=3)
+  with pytest.raises(ValueError, match='unknown checkpoint step'):
+    evaluate.evaluate(images, texts, ids, modes, (1,))
+
+
+def _eval_config(**eval_fields):
+  config = default.get_config()  # embed_dim 256, nested dims (16, 32, 64, 128, 256).
+  config.eval.update(eval_fields)
+  return config
+
+
+def test_validate_config_accepts_the_default_and_modes_follow_it():
+  evaluate.validate_config(default.get_config())
+  config = _eval_config(two_stage=((32, 50), (256, 10)), funnel=((16, 200), (64, 50), (256, 50)))
+  names = [mode.name for mode in evaluate.modes_from_config(config)]
+  assert names[-3:] == ['two_stage_dim32_k50', 'two_stage_dim256_k10', 'funnel_16x200_64x50_256x50']
+
+
+@pytest.mark.parametrize('eval_fields,message', [
+    (dict(two_stage=((512, 50),)), r'config.eval.two_stage\[0\]: dim 512 is not in \[1, config.model.embed_dim=256\]'),
+    (dict(two_stage=((32, 50), (0, 50))), r'config.eval.two_stage\[1\]: dim 0'),
+    (dict(two_stage=((32, 0),)), r'config.eval.two_stage\[0\]: shortlist 0 must be positive'),
+    (dict(two_stage=((32, 50, 1),)), r'config.eval.two_stage\[0\]=\(32, 50, 1\) is not a \(dim, shortlist\) pair'),
+    (dict(two_stage=((32, 50), (32, 50))), r'config.eval.two_stage=.* repeats an entry'),
+    (dict(funnel=((16, 200), (300, 50))), r'config.eval.funnel\[1\]: dim 300 is not in'),
+    (dict(funnel=((16, 200), (64, -5))), r'config.eval.funnel\[1\]: shortlist -5'),
+    (dict(funnel=((64, 200), (16, 50))), r'config.eval.funnel dims \[64, 16\] must strictly increase'),
+    (dict(funnel=((16, 50), (64, 200))), r'config.eval.funnel shortlists \[50, 200\] must not grow'),
+    (dict(ks=(1, 0, 10)), r'config.eval.ks=\(1, 0, 10\) must be one or more positive integers'),
+    (dict(two_stage_backend='scann'), r"config.eval.two_stage_backend='scann' is not one of"),
+])
+def test_validate_config_names_the_field(eval_fields, message):
+  config = _eval_config(**eval_fields)
+  with pytest.raises(ValueError, match=message):
+    evaluate.validate_config(config)
+  with pytest.raises(ValueError, match=message):  # No mode is built under a name it does not serve.
+    evaluate.modes_from_config(config)
+
+
+def test_validate_config_checks_the_scann_settings_and_a_backend_override():
+  config = _eval_config()
+  config.eval.scann.num_leaves = -1
+  with pytest.raises(ValueError, match=r'config.eval.scann.num_leaves=-1 must be >= 0'):
+    evaluate.validate_config(config)
+  with pytest.raises(ValueError, match=r"two_stage_backend='fast' is not one of"):
+    evaluate.validate_config(_eval_config(), two_stage_backend='fast')

@@ -1,6 +1,9 @@
-"""The query tool on a tiny trained run: end to end, saved index reuse and rebuild, two-stage vs exact."""
+"""The query tool on a tiny trained run: end to end, saved index reuse and rebuild (also of damaged files),
+two-stage vs exact, unreadable folder images."""
 
 import io
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -8,16 +11,19 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+from hivlp_jax import checkpointing
+from hivlp_jax import coarse_to_fine
 from hivlp_jax import config_lib
 from hivlp_jax import evaluate
+from hivlp_jax import gallery as gallery_lib
 from hivlp_jax import index_store
 from hivlp_jax import query
 from hivlp_jax import retrieval
 from hivlp_jax import train
+from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
 
@@ -50,13 +56,13 @@ def _cosines(queries, gallery, indices):
 
 
 def test_config_is_rebuilt_from_the_workdir(run_dir, data_dir):
-  rebuilt = query.config_from_workdir(run_dir)
+  rebuilt = gallery_lib.config_from_workdir(run_dir)
   assert config_lib.flatten(rebuilt) == config_lib.flatten(_config(data_dir))
   assert rebuilt.model.nested_dims == (8, 16, 32, 64) and rebuilt.eval.two_stage == ((32, 50),)
   bad = _config(data_dir)
   bad.model.embed_dim = 32
   with pytest.raises(ValueError, match='model.embed_dim'):
-    query.load_config(run_dir, bad)
+    gallery_lib.load_config(run_dir, bad)
 
 
 def test_text_query_prints_hits_and_writes_sheet_and_page(run_dir, tmp_path, capsys):
@@ -109,20 +115,20 @@ def test_image_query_finds_captions(run_dir, data_dir, tmp_path, capsys):
 
 def _save_perturbed_checkpoint(workdir, config):
   """Saves the latest state again as step + 1 with slightly changed parameters."""
-  model = train.create_model(config, pipeline.get_tokenizer(config).vocab_size)
-  state = query.restore_state(workdir, config, model)
+  model = train_step.create_model(config, pipeline.get_tokenizer(config).vocab_size)
+  checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
+  state = checkpoints.restore_latest(train_step.create_train_state(config, model, jax.random.key(0)))
   params = jax.tree.map(lambda x: x * 1.01, state.params)
-  manager = train.checkpoint_manager(workdir, config)
   step = int(state.step) + 1
-  manager.save(step, args=ocp.args.StandardSave(state.replace(step=state.step + 1, params=params)))
-  manager.wait_until_finished()
+  checkpoints.save(step, state.replace(step=state.step + 1, params=params))
+  checkpoints.close()
   return step
 
 
 def test_second_query_reuses_the_index_and_a_new_checkpoint_rebuilds_it(run_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(run_dir, workdir)
-  shutil.rmtree(os.path.join(workdir, query.INDEX_DIR), ignore_errors=True)
+  shutil.rmtree(os.path.join(workdir, gallery_lib.INDEX_DIR), ignore_errors=True)
   first, = query.query(workdir, texts=[TEXT], k=3, out=io.StringIO())
   assert first.index.rebuilt and first.index.embedded
   assert first.index.directory == os.path.join(workdir, 'indexes', 'test-dim32')
@@ -133,7 +139,7 @@ def test_second_query_reuses_the_index_and_a_new_checkpoint_rebuilds_it(run_dir,
   assert not second.index.rebuilt and not second.index.embedded
   assert index_store.read_manifest(first.index.directory) == manifest
 
-  step = _save_perturbed_checkpoint(workdir, query.config_from_workdir(workdir))
+  step = _save_perturbed_checkpoint(workdir, gallery_lib.config_from_workdir(workdir))
   third, = query.query(workdir, texts=[TEXT], k=3, out=io.StringIO())
   assert third.step == step == 151
   assert third.index.rebuilt and third.index.embedded
@@ -147,11 +153,11 @@ def test_truncate_backend_and_a_backend_change(run_dir, tmp_path):
   rebuilds the saved index (its embeddings are reused) and gives the same top hits."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(run_dir, workdir)
-  shutil.rmtree(os.path.join(workdir, query.INDEX_DIR), ignore_errors=True)
+  shutil.rmtree(os.path.join(workdir, gallery_lib.INDEX_DIR), ignore_errors=True)
   out = io.StringIO()
   result, = query.query(workdir, texts=[TEXT], k=3, backend='truncate', out=out)
   found = result.index
-  assert found.backend == 'truncate' and isinstance(found.index, retrieval.ScannPrefixIndex)
+  assert found.backend == 'truncate' and isinstance(found.index, coarse_to_fine.ScannPrefixIndex)
   assert found.rebuilt and 'truncate' in out.getvalue()
   assert index_store.read_manifest(found.directory)['backend'] == 'truncate'
   embeddings = np.load(os.path.join(found.directory, index_store.EMBEDDINGS))
@@ -159,38 +165,121 @@ def test_truncate_backend_and_a_backend_change(run_dir, tmp_path):
   scores = np.array([h.score for h in result.hits])
   np.testing.assert_allclose(scores, _cosines(result.query_embedding[None], embeddings, indices)[0], atol=1e-5)
 
-  run = query.load_run(workdir)
-  images, _ = query.split_galleries(run, 'test')
-  rerank = query.gallery_index(run, images, 32, 50, backend='rerank')
+  run = gallery_lib.load_run(workdir)
+  images, _ = gallery_lib.split_galleries(run, 'test')
+  rerank = gallery_lib.gallery_index(run, images, 32, 50, backend='rerank')
   assert rerank.rebuilt and not rerank.embedded and rerank.backend == 'rerank'
   assert any(r.startswith("backend: saved 'truncate'") for r in rerank.stale_reasons), rerank.stale_reasons
-  assert isinstance(rerank.index, retrieval.CoarseToFineIndex)
+  assert isinstance(rerank.index, coarse_to_fine.CoarseToFineIndex)
   rerank_scores, _ = rerank.index.search(result.query_embedding[None], 3)
   np.testing.assert_allclose(rerank_scores[0], scores, atol=1e-5)
-  auto = query.gallery_index(run, images, 32, 50)  # 64 images: below the brute-force threshold.
+  auto = gallery_lib.gallery_index(run, images, 32, 50)  # 64 images: below the brute-force threshold.
   assert not auto.rebuilt and auto.backend == 'rerank'
 
 
-def test_cached_embeddings_need_the_same_step_and_source(tmp_path):
-  rng = np.random.default_rng(0)
-  embeddings = rng.standard_normal((50, 16)).astype(np.float32)
-  directory = str(tmp_path / 'index')
-  source = {'inputs': 'abc', 'params': 'def'}
-  assert index_store.cached_embeddings(directory, 3, source) is None
-  assert index_store.load_or_build(directory, embeddings, 3, coarse_dim=8, shortlist=10, source=source).rebuilt
-  np.testing.assert_array_equal(index_store.cached_embeddings(directory, 3, source), embeddings)
-  assert index_store.cached_embeddings(directory, 4, source) is None
-  assert index_store.cached_embeddings(directory, 3, source | {'params': 'xyz'}) is None
-  stored = index_store.load_or_build(directory, embeddings, 3, coarse_dim=8, shortlist=10,
-                                     source=source | {'params': 'xyz'})
-  assert stored.rebuilt and stored.stale_reasons and stored.stale_reasons[0].startswith('source:')
+def _fresh_copy(run_dir, tmp_path):
+  """A copy of the run without saved indexes."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, gallery_lib.INDEX_DIR), ignore_errors=True)
+  return workdir
+
+
+def _hits(result):
+  return [(h.index, h.score) for h in result.hits]
+
+
+def test_damaged_saved_files_are_rebuilt_never_reused(run_dir, tmp_path, caplog):
+  """A corrupt byte in the cached embeddings, or an empty ScaNN file: the query rebuilds from freshly
+  embedded data, gives what the first (fresh) build gave, and does not report the index as reused."""
+  caplog.set_level(logging.INFO)
+  workdir = _fresh_copy(run_dir, tmp_path)
+  first, = query.query(workdir, texts=[TEXT], k=5, out=io.StringIO())
+  directory = first.index.directory
+  embeddings_path = os.path.join(directory, index_store.EMBEDDINGS)
+  with open(embeddings_path, 'r+b') as f:  # One byte of the last float.
+    f.seek(-3, os.SEEK_END)
+    byte = f.read(1)
+    f.seek(-3, os.SEEK_END)
+    f.write(bytes([byte[0] ^ 0x40]))
+  caplog.clear()
+  out = io.StringIO()
+  second, = query.query(workdir, texts=[TEXT], k=5, out=out)
+  assert second.index.rebuilt and second.index.embedded
+  assert 'reused' not in out.getvalue(), out.getvalue()
+  assert any(r.startswith(index_store.EMBEDDINGS) for r in second.index.stale_reasons), second.index.stale_reasons
+  assert 'embeddings.npy' in caplog.text
+  assert _hits(second) == _hits(first)
+
+  scann_file = max((n for n in index_store.read_manifest(directory)['files'] if n.startswith('scann/')),
+                   key=lambda n: os.path.getsize(os.path.join(directory, n)))
+  open(os.path.join(directory, scann_file), 'wb').close()
+  out = io.StringIO()
+  third, = query.query(workdir, texts=[TEXT], k=5, out=out)
+  assert third.index.rebuilt and not third.index.embedded  # The embeddings are intact: reused.
+  assert third.index.stale_reasons == [f'{scann_file}: zero bytes']
+  assert 'index reused' not in out.getvalue() and ': rebuilt (' in out.getvalue()
+  assert _hits(third) == _hits(first)
+  assert not query.query(workdir, texts=[TEXT], k=5, out=io.StringIO())[0].index.rebuilt  # Repaired.
+
+
+def test_unreadable_images_in_the_folder_are_skipped_and_counted(run_dir, data_dir, tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  config = _config(data_dir)
+  data = pipeline.load_split(config, 'test', pipeline.get_tokenizer(config))
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  for i in range(6):
+    Image.fromarray(data.images[i]).save(folder / f'scene{i}.png')
+  (folder / 'broken.png').write_bytes(b'not an image at all')
+  (folder / 'cut.png').write_bytes((folder / 'scene0.png').read_bytes()[:60])  # A truncated PNG.
+  (folder / 'notes.txt').write_text('not an image name: not counted')
+  out = io.StringIO()
+  result, = query.query(run_dir, texts=[TEXT], k=10, image_dir=str(folder), out=out)
+  gallery = result.gallery
+  assert gallery.labels == [f'scene{i}.png' for i in range(6)] and gallery.size == 6
+  assert gallery.skipped == ['broken.png', 'cut.png']
+  assert len(result.hits) == 6 and {h.label for h in result.hits} == set(gallery.labels)
+  assert 'top 6 of 6 images in' in out.getvalue() and '2 unreadable files skipped' in out.getvalue()
+  assert 'broken.png' in caplog.text and 'cut.png' in caplog.text and 'notes.txt' not in caplog.text
+  with pytest.raises(ValueError, match='None of the 2 images'):
+    gallery_lib.folder_gallery(str(_only(folder, ['broken.png', 'cut.png'], tmp_path)), 32)
+
+
+def _only(folder, names, tmp_path):
+  """A folder holding just `names` of `folder`."""
+  other = tmp_path / 'only'
+  other.mkdir()
+  for name in names:
+    (other / name).write_bytes((folder / name).read_bytes())
+  return other
+
+
+def test_a_run_started_from_pretrained_towers_loads_without_them(run_dir, tmp_path):
+  """Only the parameters are restored, from the checkpoint: the pretrained files a run started from are
+  not read (they may be gone), and the optimizer / momentum state does not have to match the config."""
+  workdir = _fresh_copy(run_dir, tmp_path)
+  recorded = os.path.join(workdir, config_lib.CONFIG_FILE)
+  with open(recorded) as f:
+    flat = json.load(f)
+  flat['model.image.init_checkpoint'] = str(tmp_path / 'gone' / 'vit.npz')
+  with open(recorded, 'w') as f:
+    json.dump(flat, f)
+  run = gallery_lib.load_run(workdir)
+  assert run.step == 150 and run.config.model.image.init_checkpoint.endswith('vit.npz')
+  assert set(run.params) >= {'image_tower', 'text_tower'}
+  # The momentum towers and queues of a queue_size > 0 config are not in this checkpoint: not needed.
+  config = gallery_lib.config_from_workdir(workdir)
+  config.contrastive.queue_size = 64
+  result, = query.query(workdir, texts=[TEXT], k=3, config=config, out=io.StringIO())
+  assert result.step == 150 and len(result.hits) == 3
 
 
 def test_two_stage_recall_matches_exact_on_trained_embeddings(run_dir):
   """ScaNN over the 16-dim prefixes shortlisting 100 items (all 64 images for text-to-image, 100 of the
   320 captions the other way), re-ranked at 64 dims: the evaluator's two-stage mode gives the exact
   full-dim recall to 0.01 (measured: equal; the shortlists hold every exact top-10 caption)."""
-  run = query.load_run(run_dir)
+  run = gallery_lib.load_run(run_dir)
   data = pipeline.load_split(run.config, 'test', run.tokenizer)
   image_emb, text_emb, text_image_ids = evaluate.embed_split(*run.embedders(), data, run.config.eval.batch_size)
   config = run.config
@@ -202,8 +291,8 @@ def test_two_stage_recall_matches_exact_on_trained_embeddings(run_dir):
   assert exact['t2i_r10'] > 0.4 and exact['i2t_r10'] > 0.4, exact  # Trained: chance is about 0.16.
   for key in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10'):
     assert abs(two_stage[key] - exact[key]) <= 0.01, (key, exact, two_stage)
-  _, exact_top10 = retrieval.exact_top_k(image_emb, text_emb, 10)
-  _, shortlists = retrieval.TwoStageSearch(16, 100).build(text_emb).candidates(image_emb)
+  _, exact_top10 = retrieval.ExactIndex(text_emb).search(image_emb, 10)
+  _, shortlists = coarse_to_fine.TwoStageSearch(16, 100).build(text_emb).candidates(image_emb)
   assert retrieval.shortlist_recall(shortlists, exact_top10) >= 0.99
 
 

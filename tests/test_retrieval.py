@@ -1,16 +1,12 @@
-"""Coarse-to-fine retrieval and saved indexes, on real ScaNN (CPU, small galleries)."""
-
-import json
-import logging
-import os
+"""Retrieval indexes: the top-k, exact search and coarse-to-fine search on real ScaNN (CPU, small galleries)."""
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
+from hivlp_jax import coarse_to_fine
 from hivlp_jax import evaluate
-from hivlp_jax import index_store
 from hivlp_jax import retrieval
 
 # Every leaf searched and every candidate re-scored: the tree path, but exhaustive.
@@ -28,25 +24,30 @@ def decaying_embeddings(num_items, dim, seed=0, num_queries=0, noise=0.5):
   return gallery, queries
 
 
+def exact_top_k(queries, gallery, k, dim=None):
+  return retrieval.ExactIndex(gallery, dim).search(queries, k)
+
+
 def assert_matches_exact(similarity, queries, gallery):
-  exact = retrieval.ExactSearch(gallery.shape[1]).similarity(queries, gallery)
+  exact = retrieval.ExactSearch(gallery.shape[1]).build(gallery).similarity(queries)
   assert np.all(np.isfinite(similarity))
   np.testing.assert_allclose(similarity, exact, atol=1e-5)
 
 
 @pytest.mark.parametrize('settings,backend,index_type', [
-    (None, 'auto', retrieval.CoarseToFineIndex),  # 400 items: below the brute-force threshold.
-    (EXHAUSTIVE_TREE, 'rerank', retrieval.CoarseToFineIndex),
-    (EXHAUSTIVE_TREE, 'truncate', retrieval.ScannPrefixIndex),
+    (None, 'auto', coarse_to_fine.CoarseToFineIndex),  # 400 items: below the brute-force threshold.
+    (EXHAUSTIVE_TREE, 'rerank', coarse_to_fine.CoarseToFineIndex),
+    (EXHAUSTIVE_TREE, 'truncate', coarse_to_fine.ScannPrefixIndex),
 ], ids=['brute_force', 'rerank_tree', 'truncate_tree'])
 def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings, backend, index_type):
   gallery, queries = decaying_embeddings(400, 64, num_queries=20)
-  mode = retrieval.TwoStageSearch(coarse_dim=8, shortlist=400, settings=settings, backend=backend)
-  assert isinstance(mode.index(gallery), index_type)
-  assert_matches_exact(mode.similarity(queries, gallery), queries, gallery)
+  index = coarse_to_fine.TwoStageSearch(coarse_dim=8, shortlist=400, settings=settings, backend=backend
+                                        ).build(gallery)
+  assert isinstance(index, index_type)
+  assert_matches_exact(index.similarity(queries), queries, gallery)
   # Scores, not indices: equal scores may come back in either order.
-  scores, indices = mode.search(queries, gallery, k=10)
-  exact_scores, _ = retrieval.exact_top_k(queries, gallery, 10)
+  scores, indices = index.search(queries, k=10)
+  exact_scores, _ = exact_top_k(queries, gallery, 10)
   np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
   q, g = retrieval.normalized_prefix_np(queries, 64), retrieval.normalized_prefix_np(gallery, 64)
   np.testing.assert_allclose(np.sum(q[:, None] * g[indices], axis=-1), scores, atol=1e-5)
@@ -54,12 +55,12 @@ def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings, backend,
 
 def test_two_stage_recall_with_small_shortlist():
   gallery, queries = decaying_embeddings(4000, 128, num_queries=100)
-  _, exact_top10 = retrieval.exact_top_k(queries, gallery, 10)
+  _, exact_top10 = exact_top_k(queries, gallery, 10)
   # Brute force, and tree + AH scanning half the leaves, re-ranked by hand or by ScaNN's truncate mode
   # (measured: 1.0, 0.98 and 0.982 of the exact top-10 kept).
   half_tree = retrieval.ScannSettings(brute_force_below=0, num_leaves=40, leaves_to_search=20)
   for settings, backend in ((None, 'rerank'), (half_tree, 'rerank'), (half_tree, 'truncate')):
-    index = retrieval.TwoStageSearch(32, 200, settings, backend=backend).build(gallery)
+    index = coarse_to_fine.TwoStageSearch(32, 200, settings, backend=backend).build(gallery)
     _, candidates = index.candidates(queries)
     assert candidates.shape == (100, 200)
     assert retrieval.shortlist_recall(candidates, exact_top10) >= 0.95
@@ -72,13 +73,13 @@ def test_two_stage_recall_with_small_shortlist():
 
 def test_funnel_equals_exact_when_shortlists_cover_gallery():
   gallery, queries = decaying_embeddings(300, 64, num_queries=20)
-  mode = retrieval.FunnelSearch(stages=((8, 300), (16, 300), (32, 300)))
-  assert_matches_exact(mode.similarity(queries, gallery), queries, gallery)
+  index = coarse_to_fine.FunnelSearch(stages=((8, 300), (16, 300), (32, 300))).build(gallery)
+  assert_matches_exact(index.similarity(queries), queries, gallery)
 
 
 def test_funnel_shrinks_shortlist_and_ranks_at_final_dim():
   gallery, queries = decaying_embeddings(1000, 64, num_queries=10)
-  index = retrieval.FunnelSearch(stages=((8, 500), (16, 50)), final_dim=48).build(gallery)
+  index = coarse_to_fine.FunnelSearch(stages=((8, 500), (16, 50)), final_dim=48).build(gallery)
   scores, candidates = index.candidates(queries)
   assert candidates.shape == (10, 50)
   expected = np.sum(retrieval.normalized_prefix_np(queries, 48)[:, None]
@@ -86,23 +87,16 @@ def test_funnel_shrinks_shortlist_and_ranks_at_final_dim():
   np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
-def test_scann_prefix_mode_equals_exact_when_exhaustive():
-  gallery, queries = decaying_embeddings(400, 64, num_queries=20)
-  mode = retrieval.ScannPrefixSearch(dim=16, shortlist=400, settings=EXHAUSTIVE_TREE)
-  assert mode.backend == 'truncate' and mode.name == 'scann_prefix16_k400'
-  assert_matches_exact(mode.similarity(queries, gallery), queries, gallery)
-
-
 @pytest.mark.parametrize('final_dim', [None, 48])
 def test_truncate_backend_equals_exact_search_when_exhaustive(final_dim):
   """Stage 1 (tree + AH on the 8-prefix) keeps every item, stage 2 is ScaNN's exact re-scoring: the
   exact top-k by the cosine of the normalised `final_dim`-prefixes."""
   gallery, queries = decaying_embeddings(400, 64, num_queries=20)
-  mode = retrieval.TwoStageSearch(8, 400, EXHAUSTIVE_TREE, final_dim=final_dim, backend='truncate')
+  mode = coarse_to_fine.TwoStageSearch(8, 400, EXHAUSTIVE_TREE, final_dim=final_dim, backend='truncate')
   index = mode.build(gallery)
-  assert isinstance(index, retrieval.ScannPrefixIndex) and index.shortlist == 400
+  assert isinstance(index, coarse_to_fine.ScannPrefixIndex) and index.shortlist == 400
   dim = final_dim or 64
-  exact_scores, _ = retrieval.exact_top_k(queries, gallery, 400, dim=dim)
+  exact_scores, _ = exact_top_k(queries, gallery, 400, dim=dim)
   scores, indices = index.search(queries, 10)
   np.testing.assert_allclose(scores, exact_scores[:, :10], atol=1e-5)
   q, g = retrieval.normalized_prefix_np(queries, dim), retrieval.normalized_prefix_np(gallery, dim)
@@ -113,7 +107,7 @@ def test_truncate_backend_equals_exact_search_when_exhaustive(final_dim):
   assert all(set(row) == set(range(400)) for row in candidates)
   np.testing.assert_allclose(np.sort(candidate_scores, axis=1)[:, ::-1], exact_scores, atol=1e-5)
   # More neighbours than the shortlist: padded as the rerank backend pads.
-  small = retrieval.TwoStageSearch(8, 5, EXHAUSTIVE_TREE, backend='truncate').build(gallery)
+  small = coarse_to_fine.TwoStageSearch(8, 5, EXHAUSTIVE_TREE, backend='truncate').build(gallery)
   scores, indices = small.search(queries, 8)
   assert np.all(np.isfinite(scores[:, :5])) and np.all(np.isneginf(scores[:, 5:]))
   assert np.all(indices[:, 5:] == -1)
@@ -122,30 +116,30 @@ def test_truncate_backend_equals_exact_search_when_exhaustive(final_dim):
 def test_auto_backend_follows_the_brute_force_threshold():
   gallery, queries = decaying_embeddings(600, 32, num_queries=5)
   settings = retrieval.ScannSettings(brute_force_below=500)
-  mode = retrieval.TwoStageSearch(8, 50, settings)
+  mode = coarse_to_fine.TwoStageSearch(8, 50, settings)
   assert mode.backend == 'auto' and mode.name == 'two_stage_dim8_k50'
   assert mode.resolve_backend(600) == 'truncate' and mode.resolve_backend(499) == 'rerank'
   large, small = mode.build(gallery), mode.build(gallery[:400])
-  assert isinstance(large, retrieval.ScannPrefixIndex) and isinstance(small, retrieval.CoarseToFineIndex)
+  assert isinstance(large, coarse_to_fine.ScannPrefixIndex) and isinstance(small, coarse_to_fine.CoarseToFineIndex)
   assert mode.scann_settings(600).num_leaves > 0 and mode.scann_settings(600).reorder == 50
   assert mode.scann_settings(400).num_leaves == 0  # Brute force.
   for index in (large, small):
     assert index.search(queries, 10)[1].shape == (5, 10)
   # A fixed backend ignores the gallery's size, and says so in the name.
-  assert isinstance(retrieval.TwoStageSearch(8, 50, settings, backend='rerank').build(gallery),
-                    retrieval.CoarseToFineIndex)
-  assert isinstance(retrieval.TwoStageSearch(8, 50, settings, backend='truncate').build(gallery[:400]),
-                    retrieval.ScannPrefixIndex)
-  assert retrieval.TwoStageSearch(64, 1000, backend='rerank').name == 'two_stage_dim64_k1000_rerank'
-  assert retrieval.TwoStageSearch(64, 1000, backend='truncate').name == 'two_stage_dim64_k1000_truncate'
+  assert isinstance(coarse_to_fine.TwoStageSearch(8, 50, settings, backend='rerank').build(gallery),
+                    coarse_to_fine.CoarseToFineIndex)
+  assert isinstance(coarse_to_fine.TwoStageSearch(8, 50, settings, backend='truncate').build(gallery[:400]),
+                    coarse_to_fine.ScannPrefixIndex)
+  assert coarse_to_fine.TwoStageSearch(64, 1000, backend='rerank').name == 'two_stage_dim64_k1000_rerank'
+  assert coarse_to_fine.TwoStageSearch(64, 1000, backend='truncate').name == 'two_stage_dim64_k1000_truncate'
   with pytest.raises(ValueError, match='backend'):
-    retrieval.TwoStageSearch(8, 50, backend='scann')
+    coarse_to_fine.TwoStageSearch(8, 50, backend='scann')
 
 
 def test_modes_from_config_pass_the_backend():
-  config = ml_collections.ConfigDict({'model': {'nested_dims': (8, 32)},
+  config = ml_collections.ConfigDict({'model': {'nested_dims': (8, 32), 'embed_dim': 32},
                                       'eval': {'two_stage': ((8, 50),), 'funnel': (), 'two_stage_backend': 'auto',
-                                               'scann': default.get_config().eval.scann}})
+                                               'ks': (1, 5, 10), 'scann': default.get_config().eval.scann}})
   modes = evaluate.modes_from_config(config)
   assert [m.name for m in modes] == ['exact_dim8', 'exact_dim32', 'two_stage_dim8_k50']
   assert modes[-1].backend == 'auto'
@@ -163,20 +157,20 @@ def test_modes_from_config_pass_the_backend():
 
 def test_speed_metrics_time_each_mode_and_measure_the_shortlist():
   gallery, queries = decaying_embeddings(300, 32, num_queries=40, noise=0.3)
-  exact_top = retrieval.exact_top_k(queries, gallery, 10)[1]
+  exact_top = exact_top_k(queries, gallery, 10)[1]
   # Below the brute-force threshold stage 1 is the exact dim-8 top-20, so its recall of the full-dim top-10
   # is the overlap of two exact top lists, counted here with sets.
-  coarse_top = retrieval.exact_top_k(queries, gallery, 20, dim=8)[1]
+  coarse_top = exact_top_k(queries, gallery, 20, dim=8)[1]
   expected = np.mean([len(set(c) & set(e)) / 10 for c, e in zip(coarse_top, exact_top)])
   assert 0.3 < expected < 1.0  # A case where the figure is neither trivial value.
-  rerank = evaluate.speed_metrics(queries, gallery, retrieval.TwoStageSearch(8, 20, backend='rerank'), exact_top,
-                                  latency_queries=10)
+  rerank = evaluate.speed_metrics(queries, coarse_to_fine.TwoStageSearch(8, 20, backend='rerank').build(gallery),
+                                  exact_top, latency_queries=10)
   assert rerank['shortlist_recall'] == pytest.approx(expected)
   assert 0 < rerank['stage1_p50_ms'] and 0 < rerank['p50_ms'] <= rerank['p99_ms'] and rerank['queries_per_s'] > 0
-  truncate = evaluate.speed_metrics(queries, gallery, retrieval.TwoStageSearch(
-      8, 300, settings=EXHAUSTIVE_TREE, backend='truncate'), exact_top, latency_queries=10)
+  truncate = evaluate.speed_metrics(queries, coarse_to_fine.TwoStageSearch(
+      8, 300, settings=EXHAUSTIVE_TREE, backend='truncate').build(gallery), exact_top, latency_queries=10)
   assert truncate['shortlist_recall'] == 1.0 and 'stage1_p50_ms' not in truncate  # One ScaNN call, whole gallery.
-  exact = evaluate.speed_metrics(queries, gallery, retrieval.ExactSearch(32), exact_top, latency_queries=10)
+  exact = evaluate.speed_metrics(queries, retrieval.ExactSearch(32).build(gallery), exact_top, latency_queries=10)
   assert set(exact) == {'p50_ms', 'p99_ms', 'queries_per_s'}
   results = evaluate.evaluate(gallery, queries, np.arange(40) % 300, [retrieval.ExactSearch(32)], (1, 5, 10),
                               latency_queries=5)
@@ -188,9 +182,9 @@ def test_two_stage_plugs_into_the_evaluator():
   gallery, queries = decaying_embeddings(200, 32, num_queries=200, noise=0.3)
   ids = np.arange(200)
   exact = evaluate.retrieval_metrics(gallery, queries, ids, retrieval.ExactSearch(32))
-  two_stage = evaluate.retrieval_metrics(gallery, queries, ids, retrieval.TwoStageSearch(8, 200))
+  two_stage = evaluate.retrieval_metrics(gallery, queries, ids, coarse_to_fine.TwoStageSearch(8, 200))
   assert two_stage == pytest.approx(exact)
-  truncate = retrieval.TwoStageSearch(8, 200, EXHAUSTIVE_TREE, backend='truncate')
+  truncate = coarse_to_fine.TwoStageSearch(8, 200, EXHAUSTIVE_TREE, backend='truncate')
   assert evaluate.retrieval_metrics(gallery, queries, ids, truncate) == pytest.approx(exact)
 
 
@@ -226,93 +220,55 @@ def test_scann_serialize_round_trip(tmp_path):
   np.testing.assert_allclose(after[0], before[0], atol=1e-6)
 
 
-def test_load_or_build_reuses_and_detects_stale_index(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
-  gallery, queries = decaying_embeddings(1500, 32, num_queries=10)
-  directory = str(tmp_path / 'index')
-  settings = retrieval.ScannSettings(brute_force_below=0)
-  kwargs = dict(coarse_dim=8, shortlist=100, settings=settings, backend='rerank')
-
-  first = index_store.load_or_build(directory, gallery, step=100, **kwargs)
-  assert first.rebuilt
-  with open(os.path.join(directory, index_store.MANIFEST)) as f:
-    manifest = json.load(f)
-  assert manifest['step'] == 100 and manifest['coarse_dim'] == 8 and manifest['shape'] == [1500, 32]
-  assert manifest['backend'] == 'rerank' and first.backend == 'rerank'
-  assert manifest['fingerprint'] == retrieval.fingerprint(gallery)
-
-  again = index_store.load_or_build(directory, gallery, step=100, **kwargs)
-  assert not again.rebuilt
-  np.testing.assert_array_equal(again.embeddings, gallery)
-  # Serial search (threads=1) on both, as in the round-trip test.
-  fresh, reloaded = [
-      retrieval.CoarseToFineIndex(s.embeddings, ((8, 100),), 32, s.searcher, threads=1).search(queries, 10)
-      for s in (first, again)]
-  np.testing.assert_allclose(reloaded[0], fresh[0], atol=1e-6)
-
-  caplog.clear()
-  newer = index_store.load_or_build(directory, gallery, step=200, **kwargs)
-  assert newer.rebuilt and 'stale' in caplog.text and 'step' in caplog.text
-  assert index_store.read_manifest(directory)['step'] == 200
-
-  caplog.clear()
-  changed = gallery.copy()
-  changed[0, 0] += 1.0
-  rebuilt = index_store.load_or_build(directory, changed, step=200, **kwargs)
-  assert rebuilt.rebuilt and 'fingerprint' in caplog.text
-  np.testing.assert_array_equal(index_store.load(directory).embeddings, changed)
-  assert not [p for p in os.listdir(tmp_path) if p != 'index']  # No temporary directories left.
+def test_top_k_sorts_pads_and_ranks_nan_last():
+  scores = np.array([[0.1, 0.9, np.nan, 0.5, 0.9],
+                     [-np.inf, 0.2, 0.3, np.nan, 0.0]], np.float32)
+  ids = np.array([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+  top_scores, top_ids = retrieval.top_k(scores, 3, ids)
+  # Ties keep their column order (11 before 14); NaN is never among the best of a row with numbers.
+  np.testing.assert_array_equal(top_ids, [[11, 14, 13], [22, 21, 24]])
+  np.testing.assert_array_equal(top_scores, np.take_along_axis(scores, top_ids % 10, axis=1))
+  assert top_ids.dtype == np.int64 and top_scores.dtype == np.float32
+  # More than there are: every column sorted (NaN last), then -inf / -1.
+  top_scores, top_ids = retrieval.top_k(scores, 7)
+  np.testing.assert_array_equal(top_ids[0], [1, 4, 3, 0, 2, -1, -1])
+  assert np.isnan(top_scores[0, 4]) and np.all(np.isneginf(top_scores[:, 5:]))
 
 
-def _serial_search(stored, queries, k=10):
-  """Serial search (threads=1), as in the round-trip test."""
-  return stored.index(threads=1).search(queries, k)
+def test_exact_index_search_is_the_exact_top_k_and_pads_past_the_gallery():
+  gallery, queries = decaying_embeddings(50, 16, num_queries=7)
+  index = retrieval.ExactSearch(8).build(gallery)
+  similarity = index.similarity(queries)
+  scores, ids = index.search(queries, 5, chunk_size=3)  # Chunks of 3 queries: the last one partial.
+  np.testing.assert_array_equal(ids, np.argsort(-similarity, axis=1, kind='stable')[:, :5])
+  np.testing.assert_allclose(scores, np.sort(similarity, axis=1)[:, ::-1][:, :5], atol=1e-6)
+  scores, ids = index.search(queries, 60)
+  assert np.all(ids[:, 50:] == -1) and np.all(np.isneginf(scores[:, 50:])) and np.all(ids[:, :50] >= 0)
 
 
-def test_truncate_index_round_trip_and_backend_change(tmp_path, caplog):
-  caplog.set_level(logging.INFO)
-  gallery, queries = decaying_embeddings(1000, 32, num_queries=10)
-  directory = str(tmp_path / 'index')
-  settings = retrieval.ScannSettings(brute_force_below=500)  # 'auto' is 'truncate' at 1,000 items.
-  kwargs = dict(coarse_dim=8, shortlist=100, settings=settings)
-
-  first = index_store.load_or_build(directory, gallery, step=1, **kwargs)
-  assert first.rebuilt and first.backend == 'truncate'
-  assert index_store.read_manifest(directory)['backend'] == 'truncate'
-  assert isinstance(first.index(), retrieval.ScannPrefixIndex)
-  again = index_store.load_or_build(directory, gallery, step=1, **kwargs, backend='truncate')
-  assert not again.rebuilt and again.backend == 'truncate'
-  # Scores, not indices: equal scores may come back in either order.
-  fresh, reloaded = _serial_search(first, queries), _serial_search(again, queries)
-  np.testing.assert_allclose(reloaded[0], fresh[0], atol=1e-6)
-  exact_scores, _ = retrieval.exact_top_k(queries, gallery, 10)
-  # The noisy copy's source comes first for most queries; hashing the 8-d prefix can miss one now and then
-  # (about 1 query in 130 in repeated runs: ScaNN's training is not seeded).
-  assert np.mean(np.isclose(reloaded[0][:, 0], exact_scores[:, 0], atol=1e-5)) >= 0.8
-
-  # The other backend is stale: rebuilt (and back).
-  caplog.clear()
-  rerank = index_store.load_or_build(directory, gallery, step=1, **kwargs, backend='rerank')
-  assert rerank.rebuilt and rerank.backend == 'rerank'
-  assert any(r.startswith("backend: saved 'truncate'") for r in rerank.stale_reasons), rerank.stale_reasons
-  assert 'stale' in caplog.text and 'backend' in caplog.text
-  assert isinstance(rerank.index(), retrieval.CoarseToFineIndex)
-  assert index_store.read_manifest(directory)['backend'] == 'rerank'
-  back = index_store.load_or_build(directory, gallery, step=1, **kwargs)
-  assert back.rebuilt and back.backend == 'truncate'
-  assert any(r.startswith("backend: saved 'rerank'") for r in back.stale_reasons), back.stale_reasons
-
-
-def test_manifest_without_backend_is_a_rerank_index(tmp_path):
-  gallery, _ = decaying_embeddings(300, 16)
-  directory = str(tmp_path / 'index')
-  assert index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20).backend == 'rerank'
-  path = os.path.join(directory, index_store.MANIFEST)
-  manifest = index_store.read_manifest(directory)
-  del manifest['backend']  # As written before the backend was recorded.
-  with open(path, 'w') as f:
-    json.dump(manifest, f)
-  legacy = index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20)
-  assert not legacy.rebuilt and legacy.backend == 'rerank'
-  assert index_store.load_or_build(directory, gallery, step=1, coarse_dim=8, shortlist=20,
-                                   backend='truncate').rebuilt
+@pytest.mark.parametrize('mode', [
+    retrieval.ExactSearch(32),
+    coarse_to_fine.TwoStageSearch(8, 40, backend='auto'),
+    coarse_to_fine.TwoStageSearch(8, 40, EXHAUSTIVE_TREE, backend='rerank'),
+    coarse_to_fine.TwoStageSearch(8, 40, EXHAUSTIVE_TREE, backend='truncate'),
+    coarse_to_fine.FunnelSearch(((8, 100), (16, 40))),
+], ids=lambda mode: mode.name)
+def test_every_mode_builds_an_index_whose_search_agrees_with_its_similarity(mode):
+  """The evaluator ranks `similarity`, a deployment reads `search`: both must describe the same retrieval."""
+  gallery, queries = decaying_embeddings(300, 32, num_queries=12)
+  index = mode.build(gallery)
+  assert index.num_items == 300
+  similarity = index.similarity(queries)
+  assert similarity.shape == (12, 300)
+  scores, ids = index.search(queries, 50)  # More than a 40 shortlist: the rest is padding.
+  assert scores.shape == ids.shape == (12, 50)
+  np.testing.assert_array_equal(scores, -np.sort(-scores, axis=1))  # Descending.
+  retrieved = ids >= 0
+  assert np.all(np.isneginf(scores[~retrieved]))
+  rows = np.broadcast_to(np.arange(12)[:, None], ids.shape)
+  # Exact search scores its matrix in JAX and searches in numpy: equal up to float rounding.
+  np.testing.assert_allclose(similarity[rows[retrieved], ids[retrieved]], scores[retrieved], atol=1e-6)
+  # The matrix scores what search retrieved (the shortlist), -inf elsewhere; exact search retrieves all.
+  expected = 300 if isinstance(index, retrieval.ExactIndex) else retrieved.sum(axis=1)
+  np.testing.assert_array_equal(np.isfinite(similarity).sum(axis=1), expected)
+  assert np.all(retrieved.sum(axis=1) == (50 if isinstance(index, retrieval.ExactIndex) else 40))

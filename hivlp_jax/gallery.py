@@ -1,0 +1,313 @@
+"""A trained run's galleries and their saved two-stage indexes: what the query tool searches.
+
+`load_run` restores the parameters of a run's latest checkpoint (only the parameters: not the optimizer,
+the momentum towers or the queues), `split_galleries` / `folder_gallery` give what a query searches,
+`gallery_index` serves a gallery from WORKDIR/indexes/<key>-dim<coarse_dim>/ (`index_store`) while the
+checkpoint step, the parameters, the gallery's inputs and the backend are unchanged, and `search` runs
+one query. Rendering and the command line are in `query`.
+"""
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from hivlp_jax import checkpointing
+from hivlp_jax import config_lib
+from hivlp_jax import evaluate
+from hivlp_jax import evaluators
+from hivlp_jax import files
+from hivlp_jax import index_store
+from hivlp_jax import retrieval
+from hivlp_jax import train_step
+from hivlp_jax.data import pipeline
+from hivlp_jax.data import tokenizer as tokenizer_lib
+from hivlp_jax.models import two_towers
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                              'default.py')
+INDEX_DIR = 'indexes'
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
+# Config fields that must match the run's: they decide the parameters' shapes and the token ids.
+MODEL_FIELDS = ('model.', 'data.name', 'data.builder_config', 'data.vocab_file', 'data.vocab_size')
+# What PIL raises on a file that is not a readable image (UnidentifiedImageError is an OSError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run: config, tokenizer, parameters of the latest checkpoint.
+
+
+def _read_recorded_config(workdir: str) -> dict:
+  path = files.path(workdir) / config_lib.CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a training workdir? Pass --config=FILE '
+                            'to give the run\'s config explicitly.')
+  return files.read_json(path)
+
+
+def config_from_workdir(workdir: str, base: Optional[ml_collections.ConfigDict] = None
+                        ) -> ml_collections.ConfigDict:
+  """The config a run recorded in WORKDIR/config.json, rebuilt over `base` (default configs/default.py).
+
+  config.json is `config_lib.flatten(config)`: sequences were written as strings, so a field whose value
+  in `base` is a tuple is parsed back with `ast.literal_eval`. A recorded field that `base` lacks is an
+  error (pass the run's --config file instead).
+  """
+  flat = _read_recorded_config(workdir)
+  config = base if base is not None else config_lib.load_config_file(DEFAULT_CONFIG)
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  unknown = []
+  for name, value in flat.items():
+    *parents, key = name.split('.')
+    node = config
+    for parent in parents:
+      node = node.get(parent) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      unknown.append(name)
+      continue
+    if isinstance(node[key], (tuple, list)) and isinstance(value, str):
+      value = ast.literal_eval(value)
+    node[key] = value
+  if unknown:
+    raise ValueError(f'{files.path(workdir) / config_lib.CONFIG_FILE} has fields that {DEFAULT_CONFIG} lacks '
+                     f'({", ".join(unknown[:5])}): pass the run\'s config file with --config.')
+  return config
+
+
+def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
+                ) -> ml_collections.ConfigDict:
+  """`config` checked against the one WORKDIR/config.json recorded, or that one when `config` is None."""
+  if config is None:
+    return config_from_workdir(workdir)
+  if (files.path(workdir) / config_lib.CONFIG_FILE).exists():
+    recorded = _read_recorded_config(workdir)
+    current = json.loads(json.dumps(config_lib.flatten(config)))  # As config.json holds it.
+    bad = [k for k in sorted(set(recorded) | set(current))
+           if k.startswith(MODEL_FIELDS) and recorded.get(k) != current.get(k)]
+    if bad:
+      details = '; '.join(f'{k}: {recorded.get(k)!r} in the run, {current.get(k)!r} given' for k in bad[:5])
+      raise ValueError(f'The config does not match the run in {workdir!r} ({details}). Leave out --config '
+                       'to use the run\'s own.')
+  return config
+
+
+def restore_params(workdir: str, config: ml_collections.ConfigDict, model: two_towers.TwoTowers
+                   ) -> tuple[Any, int]:
+  """(host parameters, step) of the latest checkpoint in WORKDIR/checkpoints (FileNotFoundError if none).
+
+  The restore target is the parameters' shapes, traced from a fresh init that loads no pretrained
+  weights (a run started from a pretrained tower has the same shapes), so it costs no init.
+  """
+  abstract = jax.eval_shape(functools.partial(train_step.init_params, config, model),
+                            jax.random.key(config.seed))
+  params, step = checkpointing.restore_params(workdir, abstract)
+  return params, int(step)
+
+
+def params_fingerprint(params) -> str:
+  """sha1 over every parameter's path, dtype, shape and bytes."""
+  digest = hashlib.sha1()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    digest.update(f'{jax.tree_util.keystr(path)}:{index_store.fingerprint(np.asarray(leaf))};'.encode())
+  return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run, restored: what it takes to embed queries and galleries."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  tokenizer: tokenizer_lib.Tokenizer
+  model: two_towers.TwoTowers
+  step: int
+  params: Any  # Replicated over the local devices.
+  params_fingerprint: str
+
+  def __post_init__(self):
+    self._embed_images, self._embed_texts = evaluators.make_pmapped_embedders(self.model)
+
+  def embedders(self):
+    """(embed_images, embed_texts) as `evaluate.embed_split` takes them."""
+    return (functools.partial(self._embed_images, self.params),
+            functools.partial(self._embed_texts, self.params))
+
+  def embed(self, side: str, inputs: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray:
+    """Images uint8 [N, S, S, 3] (side 'image') or tokens int32 [N, L] (side 'text') -> float32 [N, D]."""
+    embed = self.embedders()[0 if side == 'image' else 1]
+    return evaluate.embed_batches(embed, inputs, batch_size or self.config.eval.batch_size)
+
+
+def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
+  """Restores the parameters of the latest checkpoint of the run in `workdir` (config: see `load_config`)."""
+  config = load_config(workdir, config)
+  vocab = pipeline.vocab_file(config)
+  if not files.path(vocab).exists():  # get_tokenizer would train a new one, whose ids the model never saw.
+    raise FileNotFoundError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
+  tokenizer = pipeline.get_tokenizer(config)
+  model = train_step.create_model(config, tokenizer.vocab_size)
+  params, step = restore_params(workdir, config, model)
+  return Run(workdir=workdir, config=config, tokenizer=tokenizer, model=model, step=step,
+             params=flax.jax_utils.replicate(params), params_fingerprint=params_fingerprint(params))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Galleries and their saved indexes.
+
+
+@dataclasses.dataclass
+class Gallery:
+  """What a query searches.
+
+  key: the index directory's name stem ('test', 'test-captions', 'dir-photos-1a2b3c4d').
+  side: 'image' or 'text', the tower that embeds `inputs`.
+  inputs: uint8 [G, S, S, 3] images or int32 [G, L] tokens.
+  labels: G str to print per item (a caption, or a file name).
+  images: uint8 [N, H, W, 3] to show; image_ids: int [G], the row of `images` that shows each item.
+  skipped: the files of a folder that could not be read as images (not in the gallery).
+  """
+  name: str
+  key: str
+  side: str
+  inputs: np.ndarray
+  labels: list[str]
+  images: np.ndarray
+  image_ids: np.ndarray
+  skipped: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def size(self) -> int:
+    return self.inputs.shape[0]
+
+
+def split_galleries(run: Run, split: str) -> tuple[Gallery, Gallery]:
+  """The images (labelled with their first caption) and the captions of a split of the run's data set."""
+  data = pipeline.load_split(run.config, split, run.tokenizer)
+  images = Gallery(name=f'{split} images', key=split, side='image', inputs=data.images,
+                   labels=[c[0] for c in data.captions], images=data.images,
+                   image_ids=np.arange(data.num_images))
+  captions = Gallery(name=f'{split} captions', key=f'{split}-captions', side='text',
+                     inputs=data.tokens.reshape(-1, data.tokens.shape[-1]),
+                     labels=[c for row in data.captions for c in row], images=data.images,
+                     image_ids=np.repeat(np.arange(data.num_images), data.captions_per_image))
+  return images, captions
+
+
+def load_image(path: files.PathLike, size: int) -> np.ndarray:
+  """An image file as the model takes it: RGB uint8 [size, size, 3] (bilinear resize)."""
+  with files.path(path).open('rb') as f, Image.open(f) as image:
+    image = image.convert('RGB')
+    if image.size != (size, size):
+      image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, np.uint8)
+
+
+def folder_gallery(directory: str, size: int) -> Gallery:
+  """The images of a folder (sorted by name), resized to the model's `size`; unreadable ones are skipped,
+  each logged, and listed in `skipped`."""
+  folder = files.path(directory)
+  names = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
+  if not names:
+    raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {directory}.')
+  images, labels, skipped = [], [], []
+  for name in names:
+    try:
+      images.append(load_image(folder / name, size))
+      labels.append(name)
+    except UNREADABLE_IMAGE_ERRORS as e:
+      logging.warning('Skipping %s: not a readable image (%s: %s).', folder / name, type(e).__name__, e)
+      skipped.append(name)
+  if skipped:
+    logging.warning('Skipped %d unreadable of the %d images in %s.', len(skipped), len(names), directory)
+  if not images:
+    raise ValueError(f'None of the {len(names)} images in {directory} could be read.')
+  images = np.stack(images)
+  path_hash = hashlib.sha1(str(files.absolute(directory)).encode()).hexdigest()[:8]
+  base = folder.name or 'root'
+  return Gallery(name=f'images in {directory}', key=f'dir-{base}-{path_hash}', side='image', inputs=images,
+                 labels=labels, images=images, image_ids=np.arange(len(labels)), skipped=skipped)
+
+
+@dataclasses.dataclass
+class GalleryIndex:
+  index: retrieval.Index  # coarse_to_fine.CoarseToFineIndex ('rerank') or ScannPrefixIndex ('truncate').
+  backend: str  # 'rerank' or 'truncate'.
+  directory: str
+  rebuilt: bool  # The ScaNN index was built (not loaded).
+  embedded: bool  # The gallery was embedded (its saved embeddings were not reused).
+  stale_reasons: list[str]
+
+
+def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto',
+                  settings: Optional[retrieval.ScannSettings] = None) -> GalleryIndex:
+  """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid.
+
+  Saved embeddings are reused when the checkpoint step and the `source` (the gallery's inputs and the
+  parameters, by fingerprint) match and their file is intact; the ScaNN index when, in addition, the
+  embeddings, settings and resolved backend ('auto': see `coarse_to_fine.TwoStageSearch`) do and its
+  files are intact. Non-finite embeddings raise ValueError naming the step.
+  """
+  directory = str(files.path(run.workdir) / INDEX_DIR / f'{gallery.key}-dim{coarse_dim}')
+  source = {'gallery': gallery.key, 'side': gallery.side, 'inputs': index_store.fingerprint(gallery.inputs),
+            'params': run.params_fingerprint}
+  embeddings = index_store.cached_embeddings(directory, run.step, source)
+  embedded = embeddings is None
+  if embedded:
+    logging.info('Embedding the %d %s.', gallery.size, gallery.name)
+    embeddings = run.embed(gallery.side, gallery.inputs)
+  evaluate.check_finite({gallery.name: embeddings}, run.step)
+  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, settings,
+                                     source=source, backend=backend)
+  return GalleryIndex(stored.index(), stored.backend, directory, stored.rebuilt, embedded,
+                      stored.stale_reasons)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Queries.
+
+
+@dataclasses.dataclass
+class Hit:
+  rank: int  # 1-based.
+  index: int  # Into the gallery.
+  score: float  # Full-dim cosine.
+  label: str
+
+
+@dataclasses.dataclass
+class QueryResult:
+  kind: str  # 'text' or 'image'.
+  query: str  # The text, or the image's path.
+  query_image: Optional[np.ndarray]  # uint8 [S, S, 3] for image queries.
+  query_embedding: np.ndarray  # float32 [D].
+  gallery: Gallery
+  hits: list[Hit]
+  step: int
+  index: GalleryIndex
+
+
+def search(run: Run, found: GalleryIndex, gallery: Gallery, kind: str, text_or_path: str, k: int
+           ) -> QueryResult:
+  """One query (a text, or an image file's path) against `gallery`, indexed as `found`: its top-k hits."""
+  if kind == 'text':
+    query_image = None
+    tokens = run.tokenizer.encode([text_or_path], run.config.model.text.max_len)
+    embedding = run.embed('text', tokens, batch_size=1)
+  else:
+    query_image = load_image(text_or_path, run.config.model.image_size)
+    embedding = run.embed('image', query_image[None], batch_size=1)
+  evaluate.check_finite({f'{kind} query': embedding}, run.step)
+  scores, ids = found.index.search(embedding, k)
+  hits = [Hit(rank + 1, int(i), float(s), gallery.labels[int(i)])
+          for rank, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
+  return QueryResult(kind, text_or_path, query_image, embedding[0], gallery, hits, run.step, found)
