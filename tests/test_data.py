@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from tokenizers import BertWordPieceTokenizer
 
 from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import pipeline
@@ -89,6 +90,11 @@ def test_tokenizer_trains_saves_and_encodes(tmp_path):
   assert cut[0, -1] == tok.special_ids['[SEP]']
   with pytest.raises(ValueError, match='Empty caption'):
     reloaded.encode(['fine', '  '], max_len=8)
+  # The vocabulary is read through files.py: the same ids as the tokenizers library reading the file itself.
+  direct = BertWordPieceTokenizer(str(tmp_path / 'vocab.txt'), lowercase=True)
+  unseen = ['a huge purple wedge , lower right', 'ZEBRA!']
+  assert [e.ids for e in direct.encode_batch(texts[:2] + unseen)] == [
+      list(row[row != 0]) for row in reloaded.encode(texts[:2] + unseen, max_len=40)]
 
 
 def test_train_order_is_a_function_of_the_step_and_covers_each_epoch():

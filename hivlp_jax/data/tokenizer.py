@@ -1,10 +1,15 @@
-"""WordPiece text tokenizer: trained on a data set's captions, or loaded from a BERT-style `vocab.txt`."""
+"""WordPiece text tokenizer: trained on a data set's captions, or loaded from a BERT-style `vocab.txt`.
 
-import os
+The vocabulary is read and written through hivlp_jax/files.py, so it may live in a bucket.
+"""
+
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
+
+from hivlp_jax import files
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 
@@ -16,12 +21,12 @@ class Tokenizer:
   """
 
   def __init__(self, vocab_file: str, lowercase: bool = True):
-    if not os.path.exists(vocab_file):
+    if not files.path(vocab_file).exists():
       raise FileNotFoundError(
           f'Tokenizer vocabulary {vocab_file!r} does not exist. Train one with '
           '`hivlp_jax.data.tokenizer.train_tokenizer` or point `config.data.vocab_file` at a BERT vocab.txt.')
     self.vocab_file = vocab_file
-    self._tokenizer = BertWordPieceTokenizer(vocab_file, lowercase=lowercase)
+    self._tokenizer = BertWordPieceTokenizer(read_vocab(vocab_file), lowercase=lowercase)
     vocab = self._tokenizer.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
@@ -51,14 +56,22 @@ class Tokenizer:
     return self._tokenizer.decode([int(i) for i in ids if i != 0])
 
 
+def read_vocab(vocab_file: str) -> dict[str, int]:
+  """{token: id} of a BERT vocab.txt, one token a line: what `tokenizers` reads from a local file itself."""
+  lines = files.path(vocab_file).read_text(encoding='utf-8').split('\n')
+  if lines and not lines[-1]:
+    lines.pop()  # The newline that ends the last line.
+  # As tokenizers' WordPiece.read_file: trailing whitespace trimmed, a repeated token keeps its last id.
+  return {line.rstrip(): index for index, line in enumerate(lines)}
+
+
 def train_tokenizer(texts: Iterable[str], vocab_file: str, vocab_size: int = 1000) -> Tokenizer:
   """Trains a WordPiece vocabulary on `texts` and writes it to `vocab_file` (BERT vocab.txt format)."""
   tokenizer = BertWordPieceTokenizer(lowercase=True)
   tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
                                 special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-  directory = os.path.dirname(vocab_file) or '.'
-  os.makedirs(directory, exist_ok=True)
-  # save_model writes '<dir>/<prefix>-vocab.txt'; move it to the requested name atomically.
-  written, = tokenizer.save_model(directory, prefix=os.path.basename(vocab_file) + '.tmp')
-  os.replace(written, vocab_file)
+  # save_model writes a local folder; the vocabulary then goes to its place (maybe a bucket) in one write.
+  with tempfile.TemporaryDirectory() as local:
+    written, = tokenizer.save_model(local)
+    files.write_bytes(vocab_file, files.path(written).read_bytes())
   return Tokenizer(vocab_file)
