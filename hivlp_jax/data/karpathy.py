@@ -8,7 +8,10 @@ pipeline share one reader and one missing-files message.
 
 import dataclasses
 import json
-import os
+
+from absl import logging
+
+from hivlp_jax import files
 
 # Karpathy's split names -> ours; restval joins train, as is usual for retrieval.
 KARPATHY_SPLITS = {'train': ('train', 'restval'), 'validation': ('val',), 'test': ('test',)}
@@ -37,8 +40,8 @@ class Layout:
 
   def check(self, manual_dir: str) -> None:
     """Raises FileNotFoundError, saying what to download and where to put it, when a file is missing."""
-    needed = [os.path.join(manual_dir, d) for d in self.images_dirs]
-    if not (all(os.path.isdir(d) for d in needed) and os.path.exists(os.path.join(manual_dir, self.splits_file))):
+    root = files.path(manual_dir)
+    if not (all((root / d).is_dir() for d in self.images_dirs) and (root / self.splits_file).exists()):
       raise FileNotFoundError(self.missing_files_message(manual_dir))
 
 
@@ -50,33 +53,67 @@ COCO = Layout(name='COCO', splits_file='dataset_coco.json', images_dirs=('train2
 LAYOUTS = {'flickr30k': FLICKR30K, 'coco': COCO}
 
 
-def read_split(path: str, split: str) -> list[dict]:
+# The keys every entry of a split file needs (COCO's also 'filepath', its image folder).
+ENTRY_KEYS = ('filename', 'split', 'sentences')
+
+
+def _entries(path: str, keys: tuple[str, ...] = ENTRY_KEYS) -> list[dict]:
+  """The 'images' list of a split file, each entry checked: ValueError naming the file, entry and key."""
+  try:
+    data = files.read_json(path)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); is it one of Karpathy\'s split files?') from e
+  if not isinstance(data, dict) or not isinstance(data.get('images'), list):
+    raise ValueError(f"{path} has no 'images' list: it is not one of Karpathy's split files ({SPLITS_DOWNLOAD}).")
+  for index, image in enumerate(data['images']):
+    if not isinstance(image, dict):
+      raise ValueError(f'{path}: images[{index}] is a {type(image).__name__}, not an object.')
+    missing = [k for k in keys if k not in image or (k != 'sentences' and not image[k])]
+    if missing:
+      raise ValueError(f'{path}: images[{index}] has no {missing[0]!r} (every entry needs {list(keys)}).')
+    if not isinstance(image['sentences'], list):
+      raise ValueError(f"{path}: images[{index}]['sentences'] is not a list.")
+    for j, sentence in enumerate(image['sentences']):
+      if not isinstance(sentence, dict) or not isinstance(sentence.get('raw'), str):
+        raise ValueError(f"{path}: images[{index}]['sentences'][{j}] has no 'raw' caption text.")
+  return data['images']
+
+
+def read_split(path: str, split: str, needs_filepath: bool = False) -> list[dict]:
   """Entries of one of our splits in a Karpathy JSON file, in file order.
 
-  Returns [{'filename', 'filepath' ('' when the file has none), 'captions': [str]}]; empty captions are dropped.
+  Returns [{'filename', 'filepath' ('' when the file has none), 'captions': [str]}]. A malformed file or
+  entry is a ValueError that names the file, the entry index and the key. Empty captions are dropped, with
+  a warning that counts them; an image left without any is still listed, with no captions (training skips
+  it and counts it as 'empty_captions'; evaluation refuses it as having too few captions).
   """
   if split not in KARPATHY_SPLITS:
     raise ValueError(f'Unknown split {split!r}; Karpathy splits map to {sorted(KARPATHY_SPLITS)}.')
-  with open(path) as f:
-    images = json.load(f)['images']
-  entries = []
-  for image in images:
+  entries, empty, first_empty = [], 0, []
+  keys = ENTRY_KEYS + (('filepath',) if needs_filepath else ())
+  for index, image in enumerate(_entries(path, keys)):
     if image['split'] in KARPATHY_SPLITS[split]:
       captions = [s['raw'].strip() for s in image['sentences']]
+      if not all(captions):
+        empty += captions.count('')
+        first_empty.append(index)
       entries.append({'filename': image['filename'], 'filepath': image.get('filepath', ''),
                       'captions': [c for c in captions if c]})
+  if empty:
+    logging.warning('%s: dropped %d empty captions of the %s split (images%s); an image left with none is '
+                    'skipped in training and refused in evaluation.', path, empty, split, first_empty[:5])
   return entries
 
 
 def image_path(manual_dir: str, layout: Layout, entry: dict) -> str:
   folder = entry['filepath'] if layout.per_entry_folder else layout.images_dirs[0]
-  return os.path.join(manual_dir, folder, entry['filename'])
+  return str(files.path(manual_dir) / folder / entry['filename'])
 
 
 def read_manual_split(manual_dir: str, layout: Layout, split: str) -> list[dict]:
   """`read_split` of the layout's split file, with each entry's image 'path'; checks the files first."""
   layout.check(manual_dir)
-  entries = read_split(os.path.join(manual_dir, layout.splits_file), split)
+  entries = read_split(str(files.path(manual_dir) / layout.splits_file), split, layout.per_entry_folder)
   for entry in entries:
     entry['path'] = image_path(manual_dir, layout, entry)
   return entries
