@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from hivlp_jax.data import images
+from hivlp_jax.data import sources
 from hivlp_jax.data import streaming
 from hivlp_jax.data import tokenizer as tokenizer_lib
 
@@ -99,11 +101,11 @@ def time_ops(data: bytes, repeats: int = 50) -> dict[str, float]:
 
   with Image.open(io.BytesIO(data)) as header:
     width, height = header.size
-  left, top, right, bottom = streaming.center_crop_box(height, width)
+  left, top, right, bottom = images.center_crop_box(height, width)
   decoded = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
   result = {
-      'pil_decode_crop_resize_ms': per_image(lambda: streaming.decode_for_training(data, size, rng)),
-      'pil_crop_resize_of_array_ms': per_image(lambda: streaming.random_resized_crop(decoded, size, rng)),
+      'pil_decode_crop_resize_ms': per_image(lambda: images.decode_for_training(data, size, rng)),
+      'pil_crop_resize_of_array_ms': per_image(lambda: images.random_resized_crop(decoded, size, rng)),
   }
   import tensorflow as tf  # Only here: about 4 s and 700 MiB.
   encoded = tf.constant(data)
@@ -163,7 +165,7 @@ def main(argv):
       with tarfile.open(paths[0]) as tar:
         ops = time_ops(tar.extractfile(tar.getmembers()[0]).read())
       print('Per image, one thread: ' + ', '.join(f'{k} {v:.2f}' for k, v in ops.items()), flush=True)
-    source = streaming.webdataset_source(','.join(paths))
+    source = sources.webdataset_source(','.join(paths))
     settings = [(int(n), False) for n in FLAGS.workers] + [(int(n), True) for n in FLAGS.processes]
     rows = []
     for num_workers, processes in settings:

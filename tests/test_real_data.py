@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hivlp_jax.data import flickr30k
+from hivlp_jax.data import images
 from hivlp_jax.data import scenes
 from hivlp_jax.data import webdataset
 
@@ -79,24 +80,37 @@ def _write_shards(root, num_shards=4, per_shard=5):
   return paths
 
 
-def test_webdataset_reader_skips_and_counts_bad_samples(tmp_path):
+def _keys_and_problems(shards):
+  return [(sample.key, sample.problem) for shard in shards for sample in webdataset.raw_samples(shard)]
+
+
+def test_webdataset_reader_yields_every_sample_with_its_problem(tmp_path):
   shards = _write_shards(tmp_path)
-  stats = webdataset.ReadStats()
-  samples = list(webdataset.read_shards(shards, stats))
-  assert stats.as_dict() == {'samples': 18, 'corrupt_images': 1, 'empty_captions': 1, 'missing_parts': 0}
-  keys = [key for key, _, _ in samples]
-  assert '00001' not in keys and '00007' not in keys and len(keys) == 18
-  for key, image, caption in samples:
-    assert caption == f'caption of {key}'
-    assert image.shape == (48, 48, 3) and image.dtype == np.uint8
-  assert 'skipped' in webdataset.count_by_reason(stats)
+  samples = [s for shard in shards for s in webdataset.raw_samples(shard)]
+  assert [s.key for s in samples] == [f'{i:05d}' for i in range(20)]  # In order, bad ones included.
+  assert {s.key: s.problem for s in samples if s.problem} == {'00007': 'empty_captions'}
+  for sample in samples:
+    if sample.key != '00007':
+      assert sample.caption == f'caption of {sample.key}'
+  # The corrupt JPEG is found by decoding it (in the stream's workers), not by reading.
+  assert images.decode_for_eval(samples[1].image, 16) is None
+  assert images.decode_for_eval(samples[0].image, 16).shape == (16, 16, 3)
+  stats = webdataset.ReadStats(samples=18, corrupt_images=1, empty_captions=1)
+  assert webdataset.count_by_reason(stats) == "18 samples read; skipped {'corrupt_images': 1, 'empty_captions': 1}"
+
+
+def test_global_stats_sum_the_counts_of_every_process():
+  stats = webdataset.ReadStats(samples=3 * 2**31 + 5, corrupt_images=1, corrupt_shards=2)
+  three_hosts = lambda words: np.stack([words] * 3)  # Three processes with the same counts.
+  total = webdataset.global_stats(stats, gather=three_hosts)
+  assert total == webdataset.ReadStats(samples=9 * 2**31 + 15, corrupt_images=3, corrupt_shards=6)
+  assert webdataset.global_stats(stats) == stats  # One process: its own counts.
 
 
 def test_webdataset_hosts_read_disjoint_halves(tmp_path):
   shards = _write_shards(tmp_path)
-  per_host = [[k for k, _, _ in webdataset.read_shards(webdataset.shards_for_host(shards, host, 2))]
-              for host in range(2)]
+  per_host = [[k for k, _ in _keys_and_problems(webdataset.shards_for_host(shards, host, 2))] for host in range(2)]
   assert not set(per_host[0]) & set(per_host[1])
-  assert sorted(per_host[0] + per_host[1]) == sorted(k for k, _, _ in webdataset.read_shards(shards))
+  assert sorted(per_host[0] + per_host[1]) == [f'{i:05d}' for i in range(20)]
   with pytest.raises(ValueError, match='4 shards cannot feed 8 hosts'):
     webdataset.shards_for_host(shards, 0, 8)

@@ -12,7 +12,11 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from hivlp_jax.data import eval_splits
+from hivlp_jax.data import images
 from hivlp_jax.data import karpathy
+from hivlp_jax.data import pipeline
+from hivlp_jax.data import sources
 from hivlp_jax.data import streaming
 from hivlp_jax.data import tokenizer as tokenizer_lib
 from tests.test_real_data import _jpeg
@@ -56,33 +60,33 @@ def _keys(tokenizer, batch):
 def test_random_resized_crop_box_keeps_scale_and_aspect():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    left, top, right, bottom = streaming.random_resized_crop_box(300, 400, rng, scale=(0.5, 1.0))
+    left, top, right, bottom = images.random_resized_crop_box(300, 400, rng, scale=(0.5, 1.0))
     w, h = right - left, bottom - top
     assert 0 <= left < right <= 400 and 0 <= top < bottom <= 300
     assert 0.49 <= w * h / (300 * 400) <= 1.0
     assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
   # A strip no crop fits: the centred crop of the widest allowed aspect.
-  assert streaming.random_resized_crop_box(10, 400, rng, scale=(0.9, 1.0)) == (193, 0, 206, 10)
+  assert images.random_resized_crop_box(10, 400, rng, scale=(0.9, 1.0)) == (193, 0, 206, 10)
 
 
 def test_decoded_transforms_equal_the_array_ops_and_are_deterministic():
   data, size = _jpeg(5), 32  # 48 px to 32: decoded at full scale.
   image = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
-  fused = streaming.decode_for_training(data, size, np.random.default_rng(7))
-  np.testing.assert_array_equal(fused, streaming.random_resized_crop(image, size, np.random.default_rng(7)))
-  np.testing.assert_array_equal(fused, streaming.decode_for_training(data, size, np.random.default_rng(7)))
-  assert not np.array_equal(fused, streaming.decode_for_training(data, size, np.random.default_rng(8)))
-  np.testing.assert_array_equal(streaming.decode_for_eval(data, size), streaming.resize_and_center_crop(image, size))
+  fused = images.decode_for_training(data, size, np.random.default_rng(7))
+  np.testing.assert_array_equal(fused, images.random_resized_crop(image, size, np.random.default_rng(7)))
+  np.testing.assert_array_equal(fused, images.decode_for_training(data, size, np.random.default_rng(7)))
+  assert not np.array_equal(fused, images.decode_for_training(data, size, np.random.default_rng(8)))
+  np.testing.assert_array_equal(images.decode_for_eval(data, size), images.resize_and_center_crop(image, size))
   assert fused.shape == (size, size, 3) and fused.dtype == np.uint8
-  assert streaming.decode_for_training(b'\xff\xd8 not a jpeg', size, np.random.default_rng(0)) is None
+  assert images.decode_for_training(b'\xff\xd8 not a jpeg', size, np.random.default_rng(0)) is None
 
 
 def test_large_jpegs_decode_at_reduced_scale_close_to_full():
   image = np.asarray(Image.fromarray(np.asarray(Image.open(io.BytesIO(_jpeg(1))))).resize((400, 300)))
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format='JPEG', quality=95)
-  reduced = streaming.decode_for_eval(buffer.getvalue(), 32)  # 300 / 32 >= 8: decoded at 1/8 scale.
-  full = streaming.resize_and_center_crop(image, 32)
+  reduced = images.decode_for_eval(buffer.getvalue(), 32)  # 300 / 32 >= 8: decoded at 1/8 scale.
+  full = images.resize_and_center_crop(image, 32)
   assert np.abs(reduced.astype(int) - full).mean() < 6
 
 
@@ -91,9 +95,9 @@ def test_large_jpegs_decode_at_reduced_scale_close_to_full():
 
 def test_web_stream_batches_in_pmap_layout_and_counts_bad_samples(tmp_path, tokenizer):
   with pytest.raises(FileNotFoundError, match=r'No webdataset shards match .*config.data.shards.*img2dataset'):
-    streaming.webdataset_source(str(tmp_path / '*.tar'))
+    sources.webdataset_source(str(tmp_path / '*.tar'))
   _write_shards(tmp_path)
-  source = streaming.webdataset_source(str(tmp_path / '{00000..00003}.tar'))
+  source = sources.webdataset_source(str(tmp_path / '{00000..00003}.tar'))
   with _stream(source, tokenizer, shuffle_buffer=0) as stream:
     batches = [next(stream) for _ in range(3)]  # 24 of the 18 good samples a pass: into epoch 1.
     stats = stream.stats.as_dict()
@@ -107,14 +111,16 @@ def test_web_stream_batches_in_pmap_layout_and_counts_bad_samples(tmp_path, toke
 
 
 def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
-  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
   straight = _take(_stream(source, tokenizer), 7)  # About 3 epochs of 18 good samples.
   resumed = _take(_stream(source, tokenizer, state=straight[2]['state']), 4)
   for a, b in zip(straight[3:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['text'], b['text'])
-    assert a['state'] == b['state']
+    assert a['state'] == b['state']  # Counts included: the resumed stream goes on counting.
   assert json.loads(json.dumps(straight[2]['state'])) == straight[2]['state']
+  # The counts are of the batches returned, not of the examples the workers and the queue read ahead.
+  assert [b['state']['stats']['samples'] for b in straight] == [8 * (i + 1) for i in range(7)]
   # The order does not depend on the number of workers, nor on decoding in the producer thread.
   inline = _take(_stream(source, tokenizer, num_workers=0), 3)
   np.testing.assert_array_equal(inline[2]['image'], straight[2]['image'])
@@ -131,14 +137,14 @@ def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
 
 
 def test_state_of_another_stream_is_refused(tmp_path, tokenizer):
-  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
   state = _take(_stream(source, tokenizer), 1)[0]['state']
   with pytest.raises(ValueError, match=r"changed \(saved, now\): \{'seed': \(3, 4\)\}"):
     _stream(source, tokenizer, seed=4, state=state)
 
 
 def test_hosts_stream_disjoint_shards(tmp_path, tokenizer):
-  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
   keys = []
   for host in range(2):
     batches = _take(_stream(source, tokenizer, global_batch=8, process_index=host, process_count=2), 2)
@@ -148,7 +154,7 @@ def test_hosts_stream_disjoint_shards(tmp_path, tokenizer):
 
 
 def test_device_prefetch_keeps_the_state_of_the_batch_returned(tmp_path, tokenizer):
-  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
   host = _take(_stream(source, tokenizer), 3)
   with _stream(source, tokenizer, device_prefetch=2) as stream:
     for expected in host:
@@ -172,15 +178,15 @@ def _write_coco_manual_dir(root, splits, captions_per_image=5):
   """dataset_coco.json in Karpathy's format: images in train2014/ or val2014/ named by 'filepath'."""
   for folder in karpathy.COCO.images_dirs:
     os.makedirs(root / folder)
-  images = []
+  entries = []
   for i, split in enumerate(splits):
     folder = 'train2014' if split == 'train' else 'val2014'
     filename = f'COCO_{folder}_{i:012d}.jpg'
     (root / folder / filename).write_bytes(_jpeg(i))
     count = captions_per_image + (i == len(splits) - 1)  # Some COCO images have 6 or 7 captions.
-    images.append({'filepath': folder, 'filename': filename, 'split': split, 'cocoid': i, 'imgid': i,
+    entries.append({'filepath': folder, 'filename': filename, 'split': split, 'cocoid': i, 'imgid': i,
                    'sentences': [{'raw': f'image {i} caption {c}.', 'tokens': [], 'sentid': c} for c in range(count)]})
-  (root / karpathy.COCO.splits_file).write_text(json.dumps({'images': images, 'dataset': 'coco'}))
+  (root / karpathy.COCO.splits_file).write_text(json.dumps({'images': entries, 'dataset': 'coco'}))
 
 
 def _data_config(name, manual_dir, **data):
@@ -202,15 +208,17 @@ def test_coco_karpathy_stream_is_a_permutation_of_train_and_restval(tmp_path, to
   keys = [int(k) for b in batches for k in _keys(tokenizer, b)]
   assert sorted(keys[:8]) == list(range(8)) and sorted(keys[8:]) == list(range(8)) and keys[:8] != keys[8:]
   assert state == {'epoch': 1, 'group': 0, 'offset': 8, 'seed': 0, 'process_index': 0, 'process_count': 1,
-                   'num_shards': 8, 'source': 'coco'}
+                   'num_shards': 8, 'source': 'coco',
+                   'stats': {'samples': 16, 'corrupt_images': 0, 'empty_captions': 0, 'missing_parts': 0,
+                             'malformed_json': 0, 'corrupt_shards': 0}}
 
-  test = streaming.load_eval_split(config, 'test', tokenizer)
+  test = eval_splits.load_eval_split(config, 'test', tokenizer)
   assert test.images.shape == (3, SIZE, SIZE, 3) and test.tokens.shape == (3, 5, 8)
   assert test.captions[2] == [f'image 12 caption {c}.' for c in range(5)]  # The 6th caption is left out.
   assert tokenizer.decode(test.tokens[0, 1]).startswith('image 10 caption 1')
   config.data.captions_per_image = 6
   with pytest.raises(ValueError, match='2 coco test images have fewer than 6 captions'):
-    streaming.load_eval_split(config, 'test', tokenizer)
+    eval_splits.load_eval_split(config, 'test', tokenizer)
 
 
 def test_missing_manual_files_say_what_to_download(tmp_path, tokenizer):
@@ -219,7 +227,7 @@ def test_missing_manual_files_say_what_to_download(tmp_path, tokenizer):
     streaming.create_train_stream(config, tokenizer)
   config = _data_config('flickr30k', tmp_path / 'nothing')
   with pytest.raises(FileNotFoundError, match="'flickr30k-images'.*dataset_flickr30k.json"):
-    streaming.load_eval_split(config, 'test', tokenizer)
+    eval_splits.load_eval_split(config, 'test', tokenizer)
   config = _data_config('coco', tmp_path, source='tfds', data_dir=str(tmp_path / 'tfds'))
   with pytest.raises(FileNotFoundError, match='tfds build coco_captions'):
     streaming.create_train_stream(config, tokenizer)
@@ -232,8 +240,9 @@ def test_flickr30k_through_the_tfds_builder(tmp_path, tokenizer):
   with streaming.create_train_stream(config, tokenizer) as stream:
     keys = [int(k) for _ in range(3) for k in _keys(tokenizer, next(stream))]
   assert sorted(keys[:6]) == list(range(6))
-  test = streaming.load_eval_split(config, 'test', tokenizer)
-  direct = streaming.load_eval_split(_data_config('flickr30k', manual), 'test', tokenizer)
+  assert pipeline.check_split(config, 'test', tokenizer) == 2  # From the build's split sizes.
+  test = eval_splits.load_eval_split(config, 'test', tokenizer)
+  direct = eval_splits.load_eval_split(_data_config('flickr30k', manual), 'test', tokenizer)
   order = np.argsort([c[0] for c in test.captions])  # TFDS stores in hashed-key order.
   np.testing.assert_array_equal(test.images[order], direct.images)
   np.testing.assert_array_equal(test.tokens[order], direct.tokens)
@@ -245,27 +254,27 @@ def test_coco_captions_tfds_features_map_to_examples(tmp_path):
   assert {'image', 'image/filename', 'captions'} <= set(features) and 'text' in features['captions'].feature
   example = {'image': _jpeg(0), 'image/filename': b'COCO_val2014_000000000042.jpg', 'image/id': 42,
              'captions': {'text': np.array([b'A dog. ', b'', b'A cat.']), 'id': np.array([1, 2, 3])}}
-  raw = streaming.tfds_example(example)
+  raw = sources.tfds_example(example)
   assert raw.key == 'COCO_val2014_000000000042.jpg' and raw.captions == ('A dog.', 'A cat.') and not raw.problem
-  assert streaming.TFDS_SPLITS['coco']['train'] == ('train', 'restval')
+  assert sources.TFDS_SPLITS['coco']['train'] == ('train', 'restval')
   assert set(builder.info.splits) <= {'train', 'val', 'test', 'restval'}
 
 
 def test_shard_patterns_and_empty_shards(tmp_path, tokenizer):
   paths = _write_shards(tmp_path)
-  assert streaming.webdataset_source(str(tmp_path / '{00001..00002}.tar')).shards == paths[1:3]
-  assert streaming.webdataset_source(f'{paths[3]},{paths[0]}').shards == [paths[0], paths[3]]
+  assert sources.webdataset_source(str(tmp_path / '{00001..00002}.tar')).shards == paths[1:3]
+  assert sources.webdataset_source(f'{paths[3]},{paths[0]}').shards == [paths[0], paths[3]]
   empty = tmp_path / 'empty'
   empty.mkdir()
   with tarfile.open(empty / '00000.tar', 'w'):
     pass
-  stream = _stream(streaming.webdataset_source(str(empty / '*.tar')), tokenizer)
+  stream = _stream(sources.webdataset_source(str(empty / '*.tar')), tokenizer)
   with pytest.raises(RuntimeError, match='hold no examples'):
     next(stream)
 
 
 def test_worker_processes_give_the_same_batches(tmp_path, tokenizer):
-  source = streaming.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
   threads = _take(_stream(source, tokenizer), 2)
   processes = _take(_stream(source, tokenizer, num_workers=1, worker_processes=True), 2)
   for a, b in zip(threads, processes):

@@ -82,3 +82,15 @@ def load_split(data_dir: str, split: str, config_name: str = 'default') -> dict[
       'image': data['image'][order],
       'captions': [[c.decode('utf-8') for c in data['captions'][i]] for i in order],
   }
+
+
+def num_examples(config_name: str, split: str) -> int:
+  """The number of images of a split of a builder config, without building it."""
+  configs = {c.name: c for c in EmbeddedScenes.BUILDER_CONFIGS}
+  if config_name not in configs:
+    raise ValueError(f'Unknown embedded_scenes config {config_name!r}; known: {sorted(configs)}.')
+  sizes = {'train': configs[config_name].num_train, 'validation': configs[config_name].num_validation,
+           'test': configs[config_name].num_test}
+  if split not in sizes:
+    raise ValueError(f'Unknown split {split!r} of embedded_scenes; known: {sorted(sizes)}.')
+  return sizes[split]

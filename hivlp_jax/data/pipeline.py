@@ -5,46 +5,25 @@ went straight to s or was resumed from a checkpoint, so resuming never restarts 
 """
 
 import dataclasses
-import os
 from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from hivlp_jax import files
 from hivlp_jax.data import embedded_scenes
-from hivlp_jax.data import streaming
+from hivlp_jax.data import eval_splits
+from hivlp_jax.data import image_text
+from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
 
-
-@dataclasses.dataclass
-class ImageTextSplit:
-  """One split, held in memory.
-
-  images: uint8 [num_images, H, W, 3].
-  tokens: int32 [num_images, captions_per_image, max_len].
-  captions: num_images lists of captions_per_image str, the text of `tokens` (for display).
-  """
-  images: np.ndarray
-  tokens: np.ndarray
-  captions: Optional[list[list[str]]] = dataclasses.field(default=None, repr=False)
-  # bool [num_images]: True where the captions were replaced by another image's (noisy-pair option).
-  replaced: Optional[np.ndarray] = None
-  # int32 [num_images, grid_h, grid_w]: visual-token ids of the images (masked vision modeling).
-  image_codes: Optional[np.ndarray] = None
-
-  @property
-  def num_images(self) -> int:
-    return self.images.shape[0]
-
-  @property
-  def captions_per_image(self) -> int:
-    return self.tokens.shape[1]
+ImageTextSplit = image_text.ImageTextSplit
 
 
 def vocab_file(config: ml_collections.ConfigDict) -> str:
-  return config.data.vocab_file or os.path.join(
-      config.data.data_dir, f'{config.data.name}-{config.data.builder_config}-vocab.txt')
+  return config.data.vocab_file or str(
+      files.path(config.data.data_dir) / f'{config.data.name}-{config.data.builder_config}-vocab.txt')
 
 
 # Captions read to train a vocabulary for a streamed data set that comes without one.
@@ -59,20 +38,24 @@ def is_streamed(config: ml_collections.ConfigDict) -> bool:
 def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   """Loads the tokenizer, training it on the training captions the first time."""
   path = vocab_file(config)
-  if config.data.vocab_file or os.path.exists(path):
+  if config.data.vocab_file or files.path(path).exists():
     return tokenizer_lib.Tokenizer(path)
   if is_streamed(config):
-    texts = streaming.caption_texts(config, limit=VOCAB_TRAINING_CAPTIONS)
+    texts = sources.caption_texts(config, limit=VOCAB_TRAINING_CAPTIONS)
   else:
     train = _load_raw(config, 'train')
     texts = (c for captions in train['captions'] for c in captions)
   return tokenizer_lib.train_tokenizer(texts, path, vocab_size=config.data.vocab_size)
 
 
-def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
+def _check_embedded(config: ml_collections.ConfigDict) -> None:
   if config.data.name != 'embedded_scenes':
     raise ValueError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
                      'webdataset, flickr30k, coco.')
+
+
+def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
+  _check_embedded(config)
   return embedded_scenes.load_split(config.data.data_dir, split, config.data.builder_config)
 
 
@@ -80,7 +63,7 @@ def load_split(config: ml_collections.ConfigDict, split: str,
                tokenizer: tokenizer_lib.Tokenizer) -> ImageTextSplit:
   """A whole split in memory (training on streamed data sets reads `streaming.TrainStream` instead)."""
   if is_streamed(config):
-    return streaming.load_eval_split(config, split, tokenizer)
+    return eval_splits.load_eval_split(config, split, tokenizer)
   raw = _load_raw(config, split)
   captions = raw['captions']
   per_image = len(captions[0])
@@ -89,6 +72,19 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   if split == 'train' and config.data.noisy_caption_fraction:
     data = with_replaced_captions(data, config.data.noisy_caption_fraction, config.seed)
   return data
+
+
+def check_split(config: ml_collections.ConfigDict, split: str, tokenizer: tokenizer_lib.Tokenizer) -> int:
+  """Checks, cheaply and before training, that `load_split(config, split, tokenizer)` will work.
+
+  Returns the split's number of images. Flickr30K / COCO: see `eval_splits.check_eval_split` (the split file,
+  the captions, and that every image file exists, naming the first missing ones). The embedded data set is
+  generated on demand and cannot miss a file: only the split's name is checked.
+  """
+  if is_streamed(config):
+    return eval_splits.check_eval_split(config, split, tokenizer)
+  _check_embedded(config)
+  return embedded_scenes.num_examples(config.data.builder_config, split)
 
 
 def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> ImageTextSplit:
