@@ -107,6 +107,43 @@ def test_train_order_is_a_function_of_the_step_and_covers_each_epoch():
     np.testing.assert_array_equal(order.indices(step)[1], fresh.indices(step)[1])
 
 
+def test_batches_that_straddle_an_epoch_never_hold_an_image_twice():
+  num_images, batch, seed = 10, 4, 0
+  order = pipeline.TrainOrder(num_images, 5, batch, seed)
+  permutation = lambda epoch: np.random.default_rng([seed, epoch]).permutation(num_images)
+  fixed = 0
+  for step in range(60):  # 24 epochs; 2 of every 5 batches straddle two.
+    images = order.indices(step)[0]
+    assert len(set(images.tolist())) == batch, (step, images)
+    epoch, offset = divmod(step * batch, num_images)
+    tail = permutation(epoch)[offset:offset + batch]
+    naive = np.concatenate([tail, permutation(epoch + 1)[:batch - len(tail)]])
+    if len(set(naive.tolist())) == batch:
+      np.testing.assert_array_equal(images, naive)  # Only batches that would repeat an image change.
+    else:
+      fixed += 1
+      rest = [i for i in permutation(epoch + 1) if i not in tail]
+      np.testing.assert_array_equal(images, np.concatenate([tail, rest[:batch - len(tail)]]))
+  assert fixed >= 3
+  with pytest.raises(ValueError, match='cannot hold 10 images once each'):
+    pipeline.TrainOrder(num_images, 5, 12, seed)
+
+
+def test_train_batches_never_hold_an_image_twice_and_repeat_from_any_step():
+  num_images = 12  # Global batch 8: one batch in three straddles two epochs.
+  data = pipeline.ImageTextSplit(images=np.arange(num_images, dtype=np.uint8).reshape(-1, 1, 1, 1),
+                                 tokens=np.arange(num_images * 5, dtype=np.int32).reshape(num_images, 5, 1))
+  batches = pipeline.train_batches(data, 8, seed=1, start_step=0)
+  straight = [next(batches) for _ in range(30)]
+  for batch in straight:
+    images = batch['image'].reshape(-1)
+    assert len(set(images.tolist())) == 8
+    np.testing.assert_array_equal(batch['text'].reshape(-1) // 5, images)  # A caption of the same image.
+  resumed = pipeline.train_batches(data, 8, seed=1, start_step=16)
+  for expected in straight[16:]:
+    np.testing.assert_array_equal(next(resumed)['image'], expected['image'])
+
+
 def test_padded_batches_keep_every_row_once():
   array = np.arange(10)[:, None]
   rows = [batch[mask] for batch, mask in pipeline.padded_batches(array, 4)]

@@ -113,35 +113,47 @@ def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> 
 
 
 class TrainOrder:
-  """Deterministic epoch-wise shuffled order of (image, caption) pairs, indexed by step."""
+  """Deterministic epoch-wise shuffled order of (image, caption) pairs, indexed by step.
+
+  Step s holds positions s * global_batch ... of the concatenated epoch permutations. A batch that straddles
+  an epoch's end takes the rest of that epoch, then the next epoch's permutation from its start, skipping
+  images already in the batch (an image must not be its own negative); those it skips appear in that batch
+  anyway, and the few it takes in their place come again a batch later.
+  """
 
   def __init__(self, num_images: int, captions_per_image: int, global_batch: int, seed: int):
+    if global_batch > num_images:
+      raise ValueError(f'A global batch of {global_batch} cannot hold {num_images} images once each.')
     self.num_images = num_images
     self.captions_per_image = captions_per_image
     self.global_batch = global_batch
     self.seed = seed
-    self._epoch = None
+    self._orders = {}
 
   def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    if self._epoch != epoch:
+    """(image permutation int [num_images], caption index of each image int [num_images]) of `epoch`."""
+    if epoch not in self._orders:
+      if len(self._orders) >= 2:  # A batch reads at most two epochs.
+        self._orders.pop(min(self._orders))
       rng = np.random.default_rng([self.seed, epoch])
-      self._order = (rng.permutation(self.num_images),
-                     rng.integers(0, self.captions_per_image, self.num_images))
-      self._epoch = epoch
-    return self._order
+      self._orders[epoch] = (rng.permutation(self.num_images),
+                             rng.integers(0, self.captions_per_image, self.num_images))
+    return self._orders[epoch]
 
   def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (image index, caption index), each int [global_batch], of training step `step`."""
-    positions = step * self.global_batch + np.arange(self.global_batch)
-    epochs, offsets = np.divmod(positions, self.num_images)
-    image_idx = np.empty(self.global_batch, np.int64)
-    caption_idx = np.empty(self.global_batch, np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      order, captions = self._epoch_order(int(epoch))
-      image_idx[sel] = order[offsets[sel]]
-      caption_idx[sel] = captions[image_idx[sel]]
-    return image_idx, caption_idx
+    epoch, offset = divmod(step * self.global_batch, self.num_images)
+    order, captions = self._epoch_order(epoch)
+    image_idx = order[offset:offset + self.global_batch]
+    caption_idx = captions[image_idx]
+    missing = self.global_batch - len(image_idx)
+    if missing:
+      order, captions = self._epoch_order(epoch + 1)
+      # At most len(image_idx) of the first global_batch images of the next epoch are already in the batch.
+      head = order[:self.global_batch]
+      head = head[~np.isin(head, image_idx)][:missing]
+      image_idx, caption_idx = np.concatenate([image_idx, head]), np.concatenate([caption_idx, captions[head]])
+    return image_idx.astype(np.int64), caption_idx.astype(np.int64)
 
 
 def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step: int,
