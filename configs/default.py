@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.two_stage = ((32, 50),)
   config.eval.funnel = ((16, 200), (64, 50))
   # How two_stage runs: 'auto' (ScaNN's truncate mode where it builds a tree, else an exact coarse shortlist
-  # re-ranked in numpy), 'rerank' or 'truncate'; see retrieval.TwoStageSearch.
+  # re-ranked in numpy), 'rerank' or 'truncate'; see coarse_to_fine.TwoStageSearch.
   config.eval.two_stage_backend = 'auto'
   # How ScaNN builds its searchers (retrieval.ScannSettings); 0: chosen from the gallery size.
   config.eval.scann = ml_collections.ConfigDict()
