@@ -23,7 +23,8 @@ import numpy as np
 
 from hivlp_jax import config_lib
 from hivlp_jax import masking
-from hivlp_jax import train
+from hivlp_jax import replication
+from hivlp_jax import train_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config to benchmark.')
@@ -59,9 +60,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   config_lib.validate(config)
-  model = train.create_model(config, FLAGS.vocab_size)
-  state = train.replicate_state(train.create_train_state(config, model, jax.random.key(0)))
-  num_params = sum(x.size for x in jax.tree.leaves(train.unreplicate(state).params))
+  model = train_step.create_model(config, FLAGS.vocab_size)
+  state = replication.replicate_state(train_step.create_train_state(config, model, jax.random.key(0)))
+  num_params = sum(x.size for x in jax.tree.leaves(replication.unreplicate(state).params))
   devices = jax.local_device_count()
   per_device = config.batch_size // devices
   rng = np.random.default_rng(0)
@@ -80,7 +81,7 @@ def main(argv):
         special_ids=(0, 1, 2, 3, 4), mask_text_tokens=config.mvlm.mlm_weight > 0,
         mask_patches=config.mvlm.mvm_weight > 0)
   batch = jax.tree.map(lambda x: x.reshape((devices, per_device) + x.shape[1:]), batch)
-  p_step = train.make_pmapped_train_step(config)
+  p_step = train_step.make_pmapped_train_step(config)
   flops = step_flops(p_step, state, batch) * devices
   for _ in range(3):
     state, metrics = p_step(state, batch)

@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.contrastive.filter_noisy_pairs = False
   config.contrastive.filter_k = 2.0
   config.contrastive.filter_stats_momentum = 0.99
+  # Steps before the filter drops anything (the momentum towers start random); its statistics still accumulate.
+  config.contrastive.filter_warmup_steps = 100
 
   # Token-level interaction (COTS masked vision-language modeling). Each weight 0: that loss is off.
   config.mvlm = ml_collections.ConfigDict()

@@ -2,17 +2,16 @@
 
 import importlib.util
 import json
-import os
+import math
 
-from absl import logging
 import jax
 import ml_collections
 
-from hivlp_jax import losses
-from hivlp_jax import momentum
-from hivlp_jax import queues
+from hivlp_jax import checkpointing
+from hivlp_jax import files
 from hivlp_jax import retrieval
-from hivlp_jax.models import matryoshka
+from hivlp_jax import settings
+from hivlp_jax.models import dvae
 from hivlp_jax.models import pretrained
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
@@ -22,6 +21,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_step
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
 TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # two_towers.TextTransformer, bert.BertTextTransformer.
+TOKENIZER_SPLITS = ('train', 'validation', 'test')
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
@@ -60,14 +60,50 @@ def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) ->
   return unknown
 
 
+def _check(condition: bool, field: str, value, requirement: str) -> None:
+  if not condition:
+    raise ValueError(f'config.{field}={value!r} {requirement}.')
+
+
+def _check_types(config: ml_collections.ConfigDict, default: ml_collections.ConfigDict, prefix: str = '') -> None:
+  """Every field has the type of the default config's field (an int where a float is expected is fine)."""
+  for key, expected in default.items():
+    if key not in config:
+      continue
+    value, name = config[key], prefix + key
+    if isinstance(expected, ml_collections.ConfigDict):
+      if isinstance(value, ml_collections.ConfigDict):
+        _check_types(value, expected, name + '.')
+      continue
+    if expected is None or value is None:
+      continue
+    if isinstance(expected, bool) or isinstance(value, bool):
+      ok = isinstance(value, bool) == isinstance(expected, bool)
+    elif isinstance(expected, (int, float)):
+      ok = isinstance(value, (int, float)) and (isinstance(expected, float) or isinstance(value, int))
+    elif isinstance(expected, (tuple, list)):
+      ok = isinstance(value, (tuple, list))
+    else:
+      ok = isinstance(value, type(expected))
+    _check(ok, name, value, f'has type {type(value).__name__}, but the field takes a {type(expected).__name__}')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field when the config cannot run on the devices at hand."""
-  if config.data.name not in DATA_SETS:
-    raise ValueError(f'config.data.name={config.data.name!r} is not one of {DATA_SETS}.')
-  dims = matryoshka.validate_dims(config.model.nested_dims, config.model.embed_dim)
-  if len(config.loss.dim_weights) != len(dims):
-    raise ValueError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
-                     f'config.model.nested_dims has {len(dims)}: give one weight per nested dim.')
+  from configs import default  # pylint: disable=g-import-not-at-top  (the reference for every field's type)
+  _check_types(config, default.get_config())
+  _check(config.data.name in DATA_SETS, 'data.name', config.data.name, f'is not one of {DATA_SETS}')
+  for name in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
+               'max_consecutive_nonfinite_steps', 'eval.batch_size'):
+    value = config[name] if '.' not in name else config.eval[name.split('.')[1]]
+    _check(value >= 1, name, value, 'must be >= 1')
+  _check(config.num_train_steps >= 0, 'num_train_steps', config.num_train_steps, 'must be >= 0')
+  opt = config.optimizer
+  for name in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'end_learning_rate_fraction'):
+    _check(math.isfinite(opt[name]) and opt[name] >= 0, f'optimizer.{name}', opt[name], 'must be finite and >= 0')
+  _check(opt.warmup_steps >= 0, 'optimizer.warmup_steps', opt.warmup_steps, 'must be >= 0')
+  for name in ('b1', 'b2'):
+    _check(0.0 <= opt[name] < 1.0, f'optimizer.{name}', opt[name], 'must be in [0, 1)')
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
@@ -79,14 +115,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     width, heads = config.model[tower].width, config.model[tower].num_heads
     if width % heads:
       raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
-  if config.num_train_steps < 0:
-    raise ValueError(f'config.num_train_steps={config.num_train_steps} must be >= 0.')
   if config.eval.two_stage_backend not in retrieval.BACKENDS:
     raise ValueError(f'config.eval.two_stage_backend={config.eval.two_stage_backend!r} is not one of '
                      f'{retrieval.BACKENDS}.')
   retrieval.ScannSettings.from_config(config.eval.scann)
-  validate_contrastive(config)
-  validate_mvlm(config)
+  settings.StepSettings.from_config(config)
+  if config.mvlm.mvm_weight:
+    validate_visual_tokenizer(config)
   validate_text_tower(config)
 
 
@@ -124,81 +159,37 @@ def validate_text_tower(config: ml_collections.ConfigDict) -> None:
                        'wrong rows of its word embeddings. Use that vocab.txt (extending it at the end is fine).')
 
 
-def validate_mvlm(config: ml_collections.ConfigDict) -> None:
-  """Checks config.mvlm (masked vision-language modeling) and, with MVM, config.visual_tokenizer."""
-  m = config.mvlm
-  for name in ('mlm_weight', 'mvm_weight'):
-    if m[name] < 0:
-      raise ValueError(f'config.mvlm.{name}={m[name]} must be >= 0 (0: off).')
-  for name in ('text_mask_ratio', 'image_mask_ratio'):
-    if not 0.0 < m[name] < 1.0:
-      raise ValueError(f'config.mvlm.{name}={m[name]} must be in (0, 1).')
-  patches = (config.model.image_size // config.model.image.patch_size)**2
-  if not 1 <= m.min_block_patches <= patches:
-    raise ValueError(f'config.mvlm.min_block_patches={m.min_block_patches} must be in [1, {patches}] '
-                     f'(the patches of a {config.model.image_size} px image).')
-  if m.mvm_weight and config.data.name != 'embedded_scenes':
-    # The visual-token codes are cached per image of an in-memory split; streamed sources would need the
-    # frozen tokenizer inside the step.
-    raise ValueError(f'config.mvlm.mvm_weight={m.mvm_weight}: masked vision modeling runs on the embedded data '
-                     f'set only so far, not on {config.data.name!r}; set it to 0.')
-  if m.mvm_weight:
-    from hivlp_jax import visual_tokenizer  # pylint: disable=g-import-not-at-top  (it imports this module)
-    visual_tokenizer.validate_config(config)
+def validate_visual_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field when config.visual_tokenizer cannot train or serve codes."""
+  vt = config.visual_tokenizer
+  if config.model.image_size % config.model.image.patch_size:
+    raise ValueError(f'config.model.image_size={config.model.image_size} is not a multiple of '
+                     f'config.model.image.patch_size={config.model.image.patch_size}: the code grid is the patch grid.')
+  try:
+    dvae.num_downsamplings(config.model.image.patch_size)
+  except ValueError as e:
+    raise ValueError(f'config.model.image.patch_size: {e}') from None
+  _check(vt.codebook_size >= 2, 'visual_tokenizer.codebook_size', vt.codebook_size, 'must be >= 2')
+  for name in ('hidden_dim', 'code_dim', 'batch_size', 'learning_rate', 'temperature_start', 'temperature_end',
+               'log_every_steps', 'checkpoint_every_steps'):
+    _check(vt[name] > 0, f'visual_tokenizer.{name}', vt[name], 'must be > 0')
+  for name in ('num_train_steps', 'warmup_steps', 'num_res_blocks', 'kl_weight', 'weight_decay'):
+    _check(vt[name] >= 0, f'visual_tokenizer.{name}', vt[name], 'must be >= 0')
+  if vt.temperature_end > vt.temperature_start:
+    raise ValueError(f'config.visual_tokenizer.temperature_end={vt.temperature_end} must be <= '
+                     f'temperature_start={vt.temperature_start} (the temperature is annealed down).')
+  _check(vt.eval_split in TOKENIZER_SPLITS, 'visual_tokenizer.eval_split', vt.eval_split,
+         f'is not one of {TOKENIZER_SPLITS}')
+  if vt.batch_size % jax.device_count():
+    raise ValueError(f'config.visual_tokenizer.batch_size={vt.batch_size} is not divisible by the '
+                     f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
 
 
-def validate_contrastive(config: ml_collections.ConfigDict) -> None:
-  """Checks config.contrastive (momentum queues, distillation, KL alignment, noisy-pair filter)."""
-  c = config.contrastive
-  if c.queue_size < 0:
-    raise ValueError(f'config.contrastive.queue_size={c.queue_size} must be >= 0 (0: in-batch negatives only).')
-  if c.queue_size == 0:
-    for name in ('distill_weight', 'kl_weight', 'filter_noisy_pairs'):
-      if c[name]:
-        raise ValueError(f'config.contrastive.{name}={c[name]!r} needs the momentum queues: set '
-                         f'config.contrastive.queue_size to a multiple of config.batch_size.')
-    return
-  queues.validate_size(c.queue_size, config.batch_size)
-  if not 0.0 <= c.momentum <= 1.0:
-    raise ValueError(f'config.contrastive.momentum={c.momentum} must be in [0, 1].')
-  choices = {'momentum_schedule': momentum.SCHEDULES, 'kl_direction': losses.KL_DIRECTIONS,
-             'kl_stop_gradient': losses.KL_STOP_GRADIENTS}
-  for name, allowed in choices.items():
-    if c[name] not in allowed:
-      raise ValueError(f'config.contrastive.{name}={c[name]!r} is not one of {allowed}.')
-  if not 0.0 <= c.distill_weight <= 1.0:
-    raise ValueError(f'config.contrastive.distill_weight={c.distill_weight} must be in [0, 1].')
-  for name in ('distill_warmup_steps', 'kl_weight', 'filter_k'):
-    if c[name] < 0:
-      raise ValueError(f'config.contrastive.{name}={c[name]} must be >= 0.')
-  if not 0.0 <= c.filter_stats_momentum < 1.0:
-    raise ValueError(f'config.contrastive.filter_stats_momentum={c.filter_stats_momentum} must be in [0, 1).')
-
-
-def _differences(saved: dict, current: dict) -> list[str]:
-  # A field the saved record lacks was added to the code after that run started: its default applies.
-  keys = sorted(set(saved))
-  changed = [k for k in keys if saved.get(k) != current.get(k)]
-  return [k for k in changed if not any(k == f or (f.endswith('.') and k.startswith(f)) for f in RESUMABLE_FIELDS)]
+def may_change_on_resume(key: str) -> bool:
+  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in RESUMABLE_FIELDS)
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records the config in `workdir`, or checks it against the one a previous run recorded there."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  current = json.loads(json.dumps(flatten(config)))
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    added = sorted(set(current) - set(saved))
-    if added:
-      logging.warning('Config fields new since the run in %s started (their current values apply): %s',
-                      workdir, ', '.join(f'{k}={current[k]!r}' for k in added[:20]))
-    bad = _differences(saved, current)
-    if bad:
-      details = '; '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in bad[:8])
-      raise ValueError(f'Workdir {workdir!r} holds a run of another config ({details}). '
-                       'Use a new --workdir, or pass the same config to resume that run.')
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+  """Records the config in WORKDIR/config.json, or checks it against the one a previous run recorded there."""
+  checkpointing.check_recorded(files.path(workdir) / CONFIG_FILE, json.loads(json.dumps(flatten(config))),
+                               may_change_on_resume, 'a run')

@@ -6,6 +6,7 @@ The second trains the visual tokenizer (discrete VAE) whose codes masked vision 
 
 On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device_count=N (see
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.
+On SIGTERM/SIGINT training checkpoints the current step and exits with status 75 (train.EXIT_PREEMPTED).
 """
 
 import re
@@ -55,14 +56,20 @@ def main(argv):
                jax.device_count(), jax.process_count(), jax.devices()[0].platform)
   if FLAGS.mode == 'tokenizer':
     visual_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
-  else:
+    return
+  try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(train.EXIT_PREEMPTED)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a one-line error naming a misspelt --config.x override."""
   try:
     return FLAGS(argv)
+  except flags.IllegalFlagValueError as e:  # E.g. --config.batch_size=abc: one line, no traceback.
+    sys.exit(f'Bad flag value: {str(e).splitlines()[0]}')
   except (AttributeError, KeyError) as e:
     paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
     unknown = config_lib.unknown_override_keys(config_lib.load_config_file(paths[-1]), argv) if paths else []

@@ -44,13 +44,6 @@ class QueueState:
   position: jnp.ndarray
 
 
-def validate_size(queue_size: int, global_batch: int) -> None:
-  if queue_size <= 0 or queue_size % global_batch:
-    raise ValueError(f'config.contrastive.queue_size={queue_size} must be a positive multiple of the global '
-                     f'batch (config.batch_size={global_batch}), so that every step writes whole rows of '
-                     f'every device shard; e.g. {max(1, queue_size // global_batch) * global_batch}.')
-
-
 def init(queue_size: int, embed_dim: int) -> QueueState:
   """Empty host queues of `queue_size` pairs at the full embedding dim."""
   return QueueState(image=jnp.zeros((queue_size, embed_dim), jnp.float32),
@@ -139,16 +132,6 @@ def shards_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> 
     return jax.make_array_from_single_device_arrays(shape, _global_sharding(device_order, len(shape)), shards)
   return QueueState(image=to_global(queues.image), text=to_global(queues.text), filled=to_global(queues.filled),
                     position=np.asarray(jax.device_get(queues.position.addressable_shards[0].data)).reshape(()))
-
-
-def bytes_per_device(queue_size: int, embed_dim: int, num_devices: int) -> int:
-  """Memory of one device's queue shard in bytes, from the arrays' shapes and dtypes (nothing allocated)."""
-  total = 0
-  for leaf in jax.tree.leaves(jax.eval_shape(lambda: init(queue_size, embed_dim))):
-    # Queue arrays are split over the devices along their first axis; the 0-d pointer is replicated.
-    shard_shape = (leaf.shape[0] // num_devices,) + leaf.shape[1:] if leaf.ndim else ()
-    total += int(np.prod(shard_shape)) * leaf.dtype.itemsize
-  return total
 
 
 def enqueue(queues: QueueState, image_keys: jnp.ndarray, text_keys: jnp.ndarray, keep: jnp.ndarray,

@@ -11,67 +11,38 @@ workdir), or from a user's own `.npy` (config.visual_tokenizer.codes_file).
 
 import functools
 import json
-import os
 import time
 from typing import Optional
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from hivlp_jax import checkpointing
 from hivlp_jax import config_lib
-from hivlp_jax import train
+from hivlp_jax import files
+from hivlp_jax import optim
+from hivlp_jax import replication
 from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import dvae
 from hivlp_jax.models import two_towers
 
-AXIS = train.AXIS
-MODEL_FILE = 'tokenizer.json'  # The model's hyperparameters and the fields a resume must keep.
+AXIS = replication.AXIS
+MODEL_FILE = 'tokenizer.json'  # The model's hyperparameters.
+FIELDS_FILE = 'tokenizer_config.json'  # The config fields a resume must keep.
 COMMAND = 'python -m hivlp_jax.main --mode=tokenizer --config=... --workdir=...'
 # config.visual_tokenizer fields that may change when the stage resumes in the same workdir.
 RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'workdir', 'codes_file')
-SPLITS = ('train', 'validation', 'test')
 
 
 def grid_size(config: ml_collections.ConfigDict) -> int:
   """Codes per side: one per ViT patch."""
   return config.model.image_size // config.model.image.patch_size
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field when config.visual_tokenizer cannot train or serve codes."""
-  vt = config.visual_tokenizer
-  if config.model.image_size % config.model.image.patch_size:
-    raise ValueError(f'config.model.image_size={config.model.image_size} is not a multiple of '
-                     f'config.model.image.patch_size={config.model.image.patch_size}: the code grid is the patch grid.')
-  try:
-    dvae.num_downsamplings(config.model.image.patch_size)
-  except ValueError as e:
-    raise ValueError(f'config.model.image.patch_size: {e}') from None
-  if vt.codebook_size < 2:
-    raise ValueError(f'config.visual_tokenizer.codebook_size={vt.codebook_size} must be >= 2.')
-  for name in ('hidden_dim', 'code_dim', 'batch_size', 'learning_rate', 'temperature_start', 'temperature_end',
-               'log_every_steps', 'checkpoint_every_steps'):
-    if vt[name] <= 0:
-      raise ValueError(f'config.visual_tokenizer.{name}={vt[name]} must be > 0.')
-  for name in ('num_train_steps', 'warmup_steps', 'num_res_blocks', 'kl_weight', 'weight_decay'):
-    if vt[name] < 0:
-      raise ValueError(f'config.visual_tokenizer.{name}={vt[name]} must be >= 0.')
-  if vt.temperature_end > vt.temperature_start:
-    raise ValueError(f'config.visual_tokenizer.temperature_end={vt.temperature_end} must be <= '
-                     f'temperature_start={vt.temperature_start} (the temperature is annealed down).')
-  if vt.eval_split not in SPLITS:
-    raise ValueError(f'config.visual_tokenizer.eval_split={vt.eval_split!r} is not one of {SPLITS}.')
-  if vt.batch_size % jax.device_count():
-    raise ValueError(f'config.visual_tokenizer.batch_size={vt.batch_size} is not divisible by the '
-                     f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -93,14 +64,7 @@ def temperature_at(step, start: float, end: float, num_steps: int):
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
   vt = config.visual_tokenizer
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=vt.learning_rate, warmup_steps=vt.warmup_steps,
-      decay_steps=max(vt.num_train_steps, vt.warmup_steps + 1), end_value=vt.learning_rate * 0.05)
-
-
-def weight_decay_mask(params):
-  """Decay conv and codebook kernels only: no biases, and not the mean image."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
+  return optim.warmup_cosine(vt.learning_rate, vt.warmup_steps, vt.num_train_steps, end_fraction=0.05)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: dvae.DiscreteVAE, rng,
@@ -111,10 +75,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: dvae.DiscreteVA
       rng, jnp.zeros((1, size, size, 3), jnp.uint8), rng=rng)['params']
   if mean_image is not None:
     params = dict(params, mean_image=jnp.asarray(mean_image, jnp.float32))
-  tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(create_learning_rate_fn(config), b1=0.9, b2=0.99,
-                  weight_decay=config.visual_tokenizer.weight_decay, mask=weight_decay_mask))
+  # Decay conv and codebook kernels only: no biases, and not the mean image.
+  tx = optim.adamw(create_learning_rate_fn(config), b1=0.9, b2=0.99, weight_decay=config.visual_tokenizer.weight_decay,
+                   grad_clip_norm=1.0, excluded_names=('mean_image',))
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -207,31 +170,15 @@ def _recorded_fields(config: ml_collections.ConfigDict) -> dict:
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the model and its fields in `workdir`, or checks them against a previous run's record there."""
-  path = os.path.join(workdir, MODEL_FILE)
-  current = json.loads(json.dumps(dict(model=model_kwargs(config), fields=_recorded_fields(config))))
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)['fields']
-    bad = [k for k in sorted(set(saved) | set(current['fields'])) if saved.get(k) != current['fields'].get(k)]
-    if bad:
-      details = '; '.join(f'{k}: {saved.get(k)!r} -> {current["fields"].get(k)!r}' for k in bad[:8])
-      raise ValueError(f'Workdir {workdir!r} holds a visual tokenizer of another config ({details}). '
-                       'Use a new --workdir, or pass the same config to resume that run.')
+  checkpointing.check_recorded(files.path(workdir) / FIELDS_FILE, json.loads(json.dumps(_recorded_fields(config))),
+                               lambda _: False, 'a visual tokenizer')
   if jax.process_index() == 0:
-    _write_json(path, current)
+    files.write_json(files.path(workdir) / MODEL_FILE, dict(model=model_kwargs(config)))
 
 
-def _write_json(path: str, data) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
-def _save_codes(path: str, codes: np.ndarray) -> None:
+def _save_codes(path, codes: np.ndarray) -> None:
   if jax.process_index() == 0:
-    with open(path + '.tmp', 'wb') as f:  # A file object: np.save would append .npy to the name.
-      np.save(f, codes.astype(np.int32))
-    os.replace(path + '.tmp', path)
+    files.save_npy(path, codes.astype(np.int32))
 
 
 def mean_image(images: np.ndarray, model: dvae.DiscreteVAE) -> np.ndarray:
@@ -249,9 +196,9 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow, as in train.py)
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  validate_config(config)
+  config_lib.validate_visual_tokenizer(config)
   vt = config.visual_tokenizer
-  os.makedirs(workdir, exist_ok=True)
+  files.path(workdir).mkdir(parents=True, exist_ok=True)
   _check_workdir(workdir, config)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -264,15 +211,14 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   logging.info('Visual tokenizer: %d parameters, a %dx%d code grid of %d codes; %d training images.',
                sum(x.size for x in jax.tree.leaves(state.params)), grid_size(config), grid_size(config),
                vt.codebook_size, train_data.num_images)
-  manager = train.checkpoint_manager(workdir, config)
-  state = train.restore_latest(manager, state)
+  checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
+  state = checkpoints.restore_latest(state)
   start_step = int(state.step)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
                           if k.startswith(('visual_tokenizer.', 'data.', 'model.image'))})
-  # Named like the pmap axis, the layout equals that of the step's outputs: one compile, not two.
   devices = devices or jax.local_devices()
-  state = flax.jax_utils.replicate(state, devices, axis_name=AXIS)
+  state = replication.replicate(state, devices)
 
   p_train_step = make_pmapped_train_step(config, model, devices)
   batches = pipeline.train_batches(train_data, vt.batch_size, config.seed, start_step)
@@ -297,14 +243,14 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
                                  'config.visual_tokenizer.learning_rate.')
       pending_metrics, window_start = [], time.perf_counter()
     if step % vt.checkpoint_every_steps == 0 or last:
-      manager.save(step, args=ocp.args.StandardSave(train.unreplicate(state)))
-  manager.wait_until_finished()
+      checkpoints.save(step, replication.unreplicate(state))
+  checkpoints.close()
 
   logging.info('Evaluating the visual tokenizer on the %s split; caching the codes of the training split.',
                vt.eval_split)
   eval_images = pipeline.load_split(config, vt.eval_split, tokenizer).images
   batch_size = _eval_batch_size(config)
-  params = flax.jax_utils.replicate(train.unreplicate(state.params), jax.local_devices(), axis_name=AXIS)
+  params = replication.replicate(replication.unreplicate(state.params))
   codes, reconstruction_se, baseline_se = run_eval(model, params, eval_images, average, batch_size)
   train_codes, _, _ = run_eval(model, params, train_data.images, average, batch_size)
   final_step = int(state.step[0])
@@ -316,8 +262,8 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   if is_chief:
     writer.write_scalars(final_step, {f'eval/{k}': results[k] for k in
                                       ('reconstruction_mse', 'mean_image_mse', 'perplexity', 'codes_used')})
-    _write_json(os.path.join(workdir, 'metrics.json'), results)
-  _save_codes(os.path.join(workdir, 'codes-train.npy'), train_codes)
+    files.write_json(files.path(workdir) / 'metrics.json', results)
+  _save_codes(files.path(workdir) / 'codes-train.npy', train_codes)
   writer.flush()
   logging.info('Visual tokenizer at step %d: %s', final_step, json.dumps(results))
   return results
@@ -352,16 +298,16 @@ def check_codes(codes: np.ndarray, config: ml_collections.ConfigDict, num_images
 
 def restore_model(workdir: str, config: ml_collections.ConfigDict):
   """The frozen tokenizer of a stage workdir: (model, params) from its record and newest checkpoint."""
-  with open(os.path.join(workdir, MODEL_FILE)) as f:
-    model = dvae.DiscreteVAE(**json.load(f)['model'])
-  manager = train.checkpoint_manager(workdir, config, create=False)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}: train the tokenizer first ({COMMAND}).')
-  # Without a target orbax restores the saved tree as it is; only the parameters are needed.
-  params = manager.restore(step, args=ocp.args.StandardRestore())['params']
-  manager.close()
-  return model, jax.tree.map(np.asarray, params)
+  del config  # The record holds the model's hyperparameters.
+  model = dvae.DiscreteVAE(**files.read_json(files.path(workdir) / MODEL_FILE)['model'])
+  size = model.image_size
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8),
+                                               temperature=1.0, rng=jax.random.key(0))['params'])
+  try:
+    params, _ = checkpointing.restore_params(workdir, abstract)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'No checkpoint in {workdir}: train the tokenizer first ({COMMAND}).') from None
+  return model, params
 
 
 def load_codes(config: ml_collections.ConfigDict, split: str = 'train', num_images: Optional[int] = None
@@ -381,17 +327,17 @@ def load_codes(config: ml_collections.ConfigDict, split: str = 'train', num_imag
       raise ValueError(f'config.visual_tokenizer.codes_file={vt.codes_file!r} holds the codes of the training '
                        f'split; for the {split!r} split put "{{split}}" in its name.')
     path = vt.codes_file.replace('{split}', split)
-    if not os.path.exists(path):
+    if not files.path(path).exists():
       raise FileNotFoundError(f'config.visual_tokenizer.codes_file={vt.codes_file!r}: {path} does not exist.')
-    return check_codes(np.load(path), config, num_images, f'config.visual_tokenizer.codes_file {path}')
+    return check_codes(files.load_npy(path), config, num_images, f'config.visual_tokenizer.codes_file {path}')
   if not vt.workdir:
     raise ValueError('No visual tokens: set config.visual_tokenizer.workdir to a tokenizer stage workdir '
                      f'(train one with {COMMAND}), or config.visual_tokenizer.codes_file to a .npy of codes.')
-  path = os.path.join(vt.workdir, f'codes-{split}.npy')
-  source = f'config.visual_tokenizer.workdir={vt.workdir!r} ({os.path.basename(path)})'
-  if os.path.exists(path):
-    return check_codes(np.load(path), config, num_images, source)
-  if not os.path.exists(os.path.join(vt.workdir, MODEL_FILE)):
+  path = files.path(vt.workdir) / f'codes-{split}.npy'
+  source = f'config.visual_tokenizer.workdir={vt.workdir!r} ({path.name})'
+  if path.exists():
+    return check_codes(files.load_npy(path), config, num_images, source)
+  if not (files.path(vt.workdir) / MODEL_FILE).exists():
     raise FileNotFoundError(f'config.visual_tokenizer.workdir={vt.workdir!r} holds no trained visual tokenizer; '
                             f'train one there with {COMMAND}.')
   model, params = restore_model(vt.workdir, config)
@@ -401,7 +347,7 @@ def load_codes(config: ml_collections.ConfigDict, split: str = 'train', num_imag
                      f'image.patch_size={config.model.image.patch_size}.')
   logging.info('Computing the visual tokens of the %s split with the tokenizer in %s.', split, vt.workdir)
   images = pipeline.load_split(config, split, pipeline.get_tokenizer(config)).images
-  params_replicated = flax.jax_utils.replicate(params, jax.local_devices(), axis_name=AXIS)
+  params_replicated = replication.replicate(params)
   codes, _, _ = run_eval(model, params_replicated, images, np.zeros((model.image_size,) * 2 + (3,), np.float32),
                          _eval_batch_size(config))
   codes = check_codes(codes, config, num_images, source)

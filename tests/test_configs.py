@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hivlp_jax import config_lib
-from hivlp_jax import train
+from hivlp_jax import train_step
 from tests.conftest import tiny_config
 
 CONFIGS = sorted(p for p in glob.glob('configs/*.py') if not p.endswith('__init__.py'))
@@ -52,13 +52,13 @@ def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
   STEPPED_SIGNATURES.add(signature)
   config.model.image.depth = config.model.text.depth = 1
   config.batch_size = jax.local_device_count()
-  model = train.create_model(config, vocab_size=64)
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(0)))
+  model = train_step.create_model(config, vocab_size=64)
+  state = flax.jax_utils.replicate(train_step.create_train_state(config, model, jax.random.key(0)))
   rng = np.random.default_rng(0)
   size, max_len = 32, config.model.text.max_len  # Stored images are 32 px; the model resizes them.
   batch = {'image': rng.integers(0, 256, (jax.local_device_count(), 1, size, size, 3), dtype=np.uint8),
            'text': rng.integers(5, 64, (jax.local_device_count(), 1, max_len), dtype=np.int32)}
-  state, metrics = train.make_pmapped_train_step(config)(state, batch)
+  state, metrics = train_step.make_pmapped_train_step(config)(state, batch)
   assert np.isfinite(float(metrics['loss'][0]))
   assert int(state.step[0]) == 1
 

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from hivlp_jax import losses
 from hivlp_jax import masking
-from hivlp_jax import train
+from hivlp_jax import train_step
 from tests.conftest import tiny_config
 from tests.test_train import _random_batch
 
@@ -87,8 +87,8 @@ def test_masked_token_loss_equals_numpy_over_masked_positions_on_any_device_coun
 
 def _mvlm_model_and_params(config, vocab_size=50):
   config.mvlm.mlm_weight = config.mvlm.mvm_weight = 1.0
-  model = train.create_model(config, vocab_size=vocab_size)
-  return model, train.create_train_state(config, model, jax.random.key(0)).params
+  model = train_step.create_model(config, vocab_size=vocab_size)
+  return model, train_step.create_train_state(config, model, jax.random.key(0)).params
 
 
 def test_heads_see_the_other_modality_and_have_no_cross_attention():
@@ -103,8 +103,8 @@ def test_heads_see_the_other_modality_and_have_no_cross_attention():
   masked_text[:, 1:4] = MASK_ID
 
   def outputs(images, texts):
-    _, _, extras = model.apply({'params': params}, images, texts, masked_texts=masked_text, patch_mask=patch_mask)
-    return np.asarray(extras['mlm_logits']), np.asarray(extras['mvm_logits'])
+    outputs = model.apply({'params': params}, images, texts, masked_texts=masked_text, patch_mask=patch_mask)
+    return np.asarray(outputs.mlm_logits), np.asarray(outputs.mvm_logits)
 
   mlm, mvm = outputs(batch['image'], batch['text'])
   codebook = config.visual_tokenizer.codebook_size

@@ -70,13 +70,13 @@ def test_checkpoint_of_another_size_is_refused_with_the_names(tmp_path):
 
 
 def test_train_state_starts_from_the_checkpoint_named_in_the_config(tmp_path, data_dir):
-  from hivlp_jax import train  # pylint: disable=g-import-not-at-top
+  from hivlp_jax import train_step  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   checkpoint = _checkpoint(np.random.default_rng(1))
   np.savez(tmp_path / 'vit.npz', **checkpoint)
   config = tiny_config(data_dir)
   config.model.image.init_checkpoint = str(tmp_path / 'vit.npz')
-  state = train.create_train_state(config, train.create_model(config, vocab_size=50), jax.random.key(0))
+  state = train_step.create_train_state(config, train_step.create_model(config, vocab_size=50), jax.random.key(0))
   np.testing.assert_array_equal(state.params['image_tower']['cls'], checkpoint['cls'])
   assert 'text_tower' in state.params
 
@@ -234,7 +234,7 @@ def test_bert_checkpoint_errors_name_the_problem(tmp_path):
 
 
 def test_bert_tower_trains_inside_two_towers_with_mlm_from_the_configured_checkpoint(tmp_path):
-  from hivlp_jax import train  # pylint: disable=g-import-not-at-top
+  from hivlp_jax import train_step  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config('unused')
   config.model.image.depth = 1
@@ -243,8 +243,8 @@ def test_bert_tower_trains_inside_two_towers_with_mlm_from_the_configured_checkp
   arrays = _bert_checkpoint(np.random.default_rng(3), vocab=50, width=64, depth=1, mlp=128)
   config.model.text.init_checkpoint = _write_bert_checkpoint(tmp_path / 'bert', arrays, num_heads=2)
   config_lib.validate(config)
-  model = train.create_model(config, vocab_size=50)
-  state = train.create_train_state(config, model, jax.random.key(0))
+  model = train_step.create_model(config, vocab_size=50)
+  state = train_step.create_train_state(config, model, jax.random.key(0))
   text_tower = state.params['text_tower']
   np.testing.assert_array_equal(text_tower['token_embedding']['embedding'], arrays['bert/embeddings/word_embeddings'])
   np.testing.assert_array_equal(text_tower['encoder']['block0']['output_norm']['scale'],
@@ -254,9 +254,9 @@ def test_bert_tower_trains_inside_two_towers_with_mlm_from_the_configured_checkp
   masked[:, 2] = 4
 
   def mlm_logit_sum(params):
-    _, _, extras = model.apply({'params': params}, np.zeros((2, 32, 32, 3), np.uint8), texts, masked_texts=masked)
-    assert extras['mlm_logits'].shape == (2, 8, 50)
-    return extras['mlm_logits'][:, 2, 40].sum()
+    outputs = model.apply({'params': params}, np.zeros((2, 32, 32, 3), np.uint8), texts, masked_texts=masked)
+    assert outputs.mlm_logits.shape == (2, 8, 50)
+    return outputs.mlm_logits[:, 2, 40].sum()
 
   grads = jax.jit(jax.grad(mlm_logit_sum))(state.params)
   # Token 40 is in no input: its embedding row gets a gradient only through `attend`, the tied output.

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from hivlp_jax import losses
-from hivlp_jax import momentum
 from hivlp_jax import queues
+from hivlp_jax import settings
+from tests.conftest import tiny_config
 
 AXIS = 'batch'
 
@@ -75,6 +76,13 @@ def _inputs(global_batch=8, embed_dim=8, queue_size=16, seed=0):
               queue_image=normal(queue_size, embed_dim), queue_text=normal(queue_size, embed_dim), filled=filled)
 
 
+def _queue_settings(distill_weight=0.0, kl_weight=0.0, kl_direction='symmetric'):
+  return settings.QueueSettings(
+      size=16, momentum=0.99, momentum_schedule='constant', distill_weight=distill_weight, distill_warmup_steps=0,
+      kl_weight=kl_weight, kl_direction=kl_direction, kl_stop_gradient='none', filter_noisy_pairs=True, filter_k=1.0,
+      filter_stats_momentum=0.99, filter_warmup_steps=0)
+
+
 def _sharded_loss_and_grads(num_devices, inputs, temperature, dims, weights, keep, **options):
   """Pmapped loss of the mean over devices and d(global loss)/d(online embeddings) [B, D] each."""
   devices = jax.local_devices()[:num_devices]
@@ -88,9 +96,10 @@ def _sharded_loss_and_grads(num_devices, inputs, temperature, dims, weights, kee
   def device_loss(local_image, local_text, momentum_image, momentum_text, shard, local_keep):
     global_image = jax.lax.all_gather(local_image, AXIS, tiled=True)
     global_text = jax.lax.all_gather(local_text, AXIS, tiled=True)
-    loss, _ = losses.momentum_info_nce(local_image, local_text, global_image, global_text, momentum_image,
-                                       momentum_text, shard, temperature, dims, weights, axis_name=AXIS,
-                                       keep=local_keep, **options)
+    loss, _ = losses.contrastive_loss(
+        losses.Pair(local_image, local_text), losses.Pair(global_image, global_text),
+        losses.Pair(momentum_image, momentum_text), temperature, dims, weights, axis_name=AXIS, queue=shard,
+        options=_queue_settings(**options), keep=local_keep, distill_weight=options.get('distill_weight'))
     return loss
 
   def step(*args):
@@ -146,7 +155,7 @@ def test_sharded_queue_loss_and_gradients_equal_replicated_numpy(num_devices, va
   np.testing.assert_array_equal(image_grad[~keep], 0.0)
 
 
-@pytest.mark.parametrize('direction', losses.KL_DIRECTIONS)
+@pytest.mark.parametrize('direction', settings.KL_DIRECTIONS)
 def test_task_kl_equals_numpy_for_each_direction(direction):
   """KL over [pair i, queue shard]: 2 devices, 3 rows each, 5 slots each."""
   rng = np.random.default_rng(3)
@@ -261,95 +270,10 @@ def test_global_to_shards_and_back_round_trip():
     queues.global_to_shards(queues.init(10, 2), devices, devices, AXIS)
 
 
-def test_queue_bytes_per_device_from_shapes():
-  """Two float32 [Q / n, D] queues, a [Q / n] bool mask, and a replicated int32 pointer."""
-  for num_devices in (1, 2, 4):
-    expected = (2 * 65536 * 256 * 4 + 65536) // num_devices + 4
-    assert queues.bytes_per_device(65536, 256, num_devices) == expected
-  assert queues.bytes_per_device(65536, 256, 1) == 134_283_268  # 128.1 MiB on one device.
-
-
 def test_queue_size_must_be_a_multiple_of_the_global_batch():
+  config = tiny_config('unused')
+  config.batch_size, config.contrastive.queue_size = 32, 100
   with pytest.raises(ValueError, match=r'queue_size=100 must be a positive multiple of the global batch'):
-    queues.validate_size(100, 32)
-  queues.validate_size(96, 32)
-
-
-def test_ema_update_equals_its_formula_and_gets_no_gradient():
-  ema = {'w': np.array([1.0, 2.0]), 'b': np.array(3.0)}
-  online = {'w': np.array([0.0, 4.0]), 'b': np.array(-1.0)}
-  updated = momentum.ema_update(ema, online, 0.9)
-  np.testing.assert_allclose(updated['w'], 0.9 * ema['w'] + 0.1 * online['w'])
-  np.testing.assert_allclose(updated['b'], 0.9 * 3.0 + 0.1 * -1.0)
-  grad = jax.grad(lambda p: jnp.sum(momentum.ema_update(ema, p, 0.9)['w']))(online)
-  np.testing.assert_array_equal(grad['w'], 0.0)
-
-
-def test_momentum_schedules():
-  assert float(momentum.momentum_at(jnp.asarray(7), 0.995, 'constant', 100)) == pytest.approx(0.995)
-  cosine = lambda step: float(momentum.momentum_at(jnp.asarray(step), 0.99, 'cosine', 100))
-  assert cosine(0) == pytest.approx(0.99)
-  assert cosine(50) == pytest.approx(0.995)
-  assert cosine(100) == pytest.approx(1.0)
-  assert cosine(20) < cosine(40) < cosine(60)
-
-
-def test_filter_drops_exactly_the_pairs_under_the_threshold():
-  """First step: the batch's own statistics; second step: their EMA with the next batch's."""
-  rng = np.random.default_rng(6)
-  k, stats_momentum = 1.0, 0.9
-  scores = [rng.normal(0.3, 0.1, size=8).astype(np.float32), rng.normal(0.3, 0.2, size=8).astype(np.float32)]
-  step = jax.pmap(functools.partial(momentum.filter_pairs, k=k, stats_momentum=stats_momentum, axis_name=AXIS),
-                  AXIS, in_axes=(0, None), devices=jax.local_devices()[:2])
-  stats = momentum.init_filter_stats()
-  mean, var = scores[0].astype(np.float64).mean(), scores[0].astype(np.float64).var()
-  for step_scores in scores:
-    keep, new_stats, dropped = step(step_scores.reshape(2, 4), stats)
-    if int(stats.updates):
-      mean = stats_momentum * mean + (1 - stats_momentum) * step_scores.mean()
-      var = stats_momentum * var + (1 - stats_momentum) * step_scores.var()
-    stats = jax.tree.map(lambda x: x[0], new_stats)
-    np.testing.assert_allclose([stats.mean, stats.var], [mean, var], rtol=1e-5)
-    expected_keep = step_scores >= mean - k * np.sqrt(var)
-    assert 0 < np.sum(~expected_keep) < 8  # The case is not trivial.
-    np.testing.assert_array_equal(np.asarray(keep).reshape(-1), expected_keep)
-    np.testing.assert_allclose(dropped[0], np.mean(~expected_keep), rtol=1e-6)
-
-
-
-def test_flag_rates_count_dropped_noisy_and_clean_pairs_over_all_devices():
-  keep = np.array([[False, True, False, True], [True, True, False, True]])
-  noisy = np.array([[True, True, False, False], [False, False, True, False]])
-  rates = jax.pmap(functools.partial(momentum.flag_rates, axis_name=AXIS), AXIS,
-                   devices=jax.local_devices()[:2])(keep, noisy)
-  # Noisy pairs: 3, of which 2 dropped; clean pairs: 5, of which 1 dropped.
-  np.testing.assert_allclose(rates['filter_flagged_noisy'], [2 / 3, 2 / 3], rtol=1e-6)
-  np.testing.assert_allclose(rates['filter_dropped_clean'], [1 / 5, 1 / 5], rtol=1e-6)
-
-def test_the_queue_is_never_all_gathered():
-  """In the compiled 4-device loss step, every all-gather is of the batch (B = 8 rows), none of the queue."""
-  inputs = _inputs(queue_size=256)
-  num_devices, embed_dim = 4, 8
-  host_queue = queues.QueueState(image=inputs['queue_image'].astype(np.float32),
-                                 text=inputs['queue_text'].astype(np.float32), filled=inputs['filled'],
-                                 position=np.zeros((), np.int32))
-
-  def device_loss(local_image, local_text, momentum_image, momentum_text, shard):
-    global_image = jax.lax.all_gather(local_image, AXIS, tiled=True)
-    global_text = jax.lax.all_gather(local_text, AXIS, tiled=True)
-    return losses.momentum_info_nce(local_image, local_text, global_image, global_text, momentum_image,
-                                    momentum_text, shard, 0.1, (4, 8), (1.0, 1.0), axis_name=AXIS,
-                                    distill_weight=0.4, kl_weight=1.0)[0]
-
-  split = lambda x: np.asarray(x, np.float32).reshape((num_devices, -1) + x.shape[1:])
-  step = jax.pmap(jax.grad(device_loss, argnums=(0, 1)), AXIS, in_axes=(0, 0, None, None, 0),
-                  devices=jax.local_devices()[:num_devices])
-  hlo = step.lower(split(inputs['image']), split(inputs['text']), inputs['momentum_image'].astype(np.float32),
-                   inputs['momentum_text'].astype(np.float32),
-                   queues.global_to_shards(host_queue, jax.local_devices()[:num_devices],
-                                           jax.local_devices()[:num_devices], AXIS)).compile().as_text()
-  gathered = re.findall(r'= \w+\[([\d,]*)\][^\n=]*? all-gather(?:-start)?\(', hlo)
-  assert gathered, 'expected all-gathers of the batch'
-  for shape in gathered:
-    elements = int(np.prod([int(d) for d in shape.split(',') if d]))
-    assert elements <= 8 * embed_dim, shape  # The queue shards hold 64 x 8 each; the queue 256 x 8.
+    settings.QueueSettings.from_config(config)
+  config.contrastive.queue_size = 96
+  assert settings.QueueSettings.from_config(config).size == 96

@@ -1,6 +1,5 @@
 """The train step and loop: sharded equals unsharded, resume equals uninterrupted, learning beats chance."""
 
-import functools
 import json
 import os
 
@@ -10,8 +9,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from hivlp_jax import checkpointing
 from hivlp_jax import evaluate
+from hivlp_jax import replication
+from hivlp_jax import settings
 from hivlp_jax import train
+from hivlp_jax import train_step
 from tests.conftest import tiny_config
 
 
@@ -25,31 +28,36 @@ def _random_batch(config, global_batch, vocab_size, seed=0):
 
 
 def _run_steps(config, model, batch, devices, steps):
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(0)), devices)
-  p_step = train.make_pmapped_train_step(config, devices=devices)
+  state = flax.jax_utils.replicate(train_step.create_train_state(config, model, jax.random.key(0)), devices)
+  p_step = train_step.make_pmapped_train_step(config, devices=devices)
   sharded = jax.tree.map(lambda x: x.reshape((len(devices), -1) + x.shape[1:]), batch)
   history = []
   for _ in range(steps):
     state, metrics = p_step(state, sharded)
     history.append(jax.tree.map(lambda m: float(m[0]), metrics))
-  return train.unreplicate(state), history
+  return replication.unreplicate(state), history
 
 
 def test_gradient_on_4_devices_equals_gradient_on_1_device(data_dir):
   """Same global batch of 16: 4 devices x 4 examples vs 1 device x 16, to float32 round-off."""
   config = tiny_config(data_dir)
-  model = train.create_model(config, vocab_size=50)
-  params = train.create_train_state(config, model, jax.random.key(0)).params
+  model = train_step.create_model(config, vocab_size=50)
+  state = train_step.create_train_state(config, model, jax.random.key(0))
   batch = _random_batch(config, 16, 50)
-  grad_fn = functools.partial(train.loss_and_grads, apply_fn=model.apply, nested_dims=(8, 16, 32, 64),
-                              dim_weights=(1.0, 1.0, 1.0, 1.0))
+  step_settings = settings.StepSettings.from_config(config)
+
+  def grad_fn(state, batch):
+    value_and_grad = jax.value_and_grad(train_step.loss_fn, has_aux=True)
+    (loss, metrics), grads = value_and_grad(state.params, state, batch, step_settings, None, None, None)
+    return jax.lax.pmean((loss, metrics), replication.AXIS), jax.lax.pmean(grads, replication.AXIS)
+
   results = {}
   for n in (4, 1):
     devices = jax.local_devices()[:n]
     sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
-    results[n] = train.unreplicate(
-        jax.pmap(grad_fn, axis_name=train.AXIS, devices=devices)(flax.jax_utils.replicate(params, devices),
-                                                                 batch=sharded))
+    results[n] = replication.unreplicate(
+        jax.pmap(grad_fn, axis_name=replication.AXIS, devices=devices)(replication.replicate(state, devices),
+                                                                       sharded))
   (loss4, metrics4), grads4 = results[4]
   (loss1, metrics1), grads1 = results[1]
   np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
@@ -66,7 +74,7 @@ def test_train_steps_on_4_devices_match_1_device(data_dir):
   config = tiny_config(data_dir)
   config.batch_size = 16
   config.optimizer.warmup_steps = 1
-  model = train.create_model(config, vocab_size=50)
+  model = train_step.create_model(config, vocab_size=50)
   batch = _random_batch(config, 16, 50)
   _, history4 = _run_steps(config, model, batch, jax.local_devices()[:4], steps=3)
   _, history1 = _run_steps(config, model, batch, jax.local_devices()[:1], steps=3)
@@ -79,20 +87,21 @@ def test_train_steps_on_4_devices_match_1_device(data_dir):
 def test_nonfinite_step_is_skipped_and_counted(data_dir):
   config = tiny_config(data_dir)
   config.optimizer.warmup_steps = 1
-  model = train.create_model(config, vocab_size=50)
-  state = train.create_train_state(config, model, jax.random.key(0))
+  model = train_step.create_model(config, vocab_size=50)
+  state = train_step.create_train_state(config, model, jax.random.key(0))
   state = state.replace(params=jax.tree.map(lambda x: x, state.params))
   bad_params = flax.core.copy(state.params, {})
   bad_params['log_temperature'] = np.float32(np.nan)
   state = state.replace(params=bad_params)
   devices = jax.local_devices()[:1]
   before = jax.tree.map(np.asarray, state.params)
-  p_step = train.make_pmapped_train_step(config, devices=devices)
+  p_step = train_step.make_pmapped_train_step(config, devices=devices)
   batch = jax.tree.map(lambda x: x[None], _random_batch(config, 8, 50))
   new_state, metrics = p_step(flax.jax_utils.replicate(state, devices), batch)
   assert float(metrics['nonfinite'][0]) == 1.0
   assert int(new_state.nonfinite_steps[0]) == 1
-  after = train.unreplicate(new_state).params
+  assert int(new_state.step[0]) == 1  # The step counter still advances, equal to the loop's.
+  after = replication.unreplicate(new_state).params
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(a, b)
 
@@ -136,9 +145,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  model = train.create_model(config, vocab_size=_vocab_size(config))
-  state = train.create_train_state(config, model, jax.random.key(0))
-  restored = train.restore_latest(train.checkpoint_manager(workdir, config), state)
+  model = train_step.create_model(config, vocab_size=_vocab_size(config))
+  state = train_step.create_train_state(config, model, jax.random.key(0))
+  restored = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep).restore_latest(state)
   assert int(restored.step) == 3
 
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from hivlp_jax import config_lib
 from hivlp_jax import visual_tokenizer
 from hivlp_jax.models import dvae
 from tests.conftest import tiny_config
@@ -113,11 +114,11 @@ def test_validate_config_names_the_field(data_dir):
     config = tiny_config(data_dir)
     config.visual_tokenizer[name] = value
     with pytest.raises(ValueError, match=f'config.visual_tokenizer.{name}'):
-      visual_tokenizer.validate_config(config)
+      config_lib.validate_visual_tokenizer(config)
   config = tiny_config(data_dir)
   config.model.image.patch_size = 4
   config.model.image_size = 24  # 6x6 patches, fine; a patch of 6 is not a power of 2.
-  visual_tokenizer.validate_config(config)
+  config_lib.validate_visual_tokenizer(config)
   config.model.image.patch_size = 6
   with pytest.raises(ValueError, match='patch_size'):
-    visual_tokenizer.validate_config(config)
+    config_lib.validate_visual_tokenizer(config)

@@ -1,11 +1,12 @@
 """Two-tower image-text model: a ViT image tower and a Transformer text tower, no fusion.
 
-`TwoTowers(images, texts)` returns (image_embedding, text_embedding, extras). The embeddings are the full
+`TwoTowers(images, texts)` returns `TowerOutputs` (image and text embeddings, the learned temperature and
+the masked-token logits when asked for). The embeddings are the full
 nested-head projections [B, embed_dim], unnormalised; `matryoshka.normalized_prefix` reads them at any
 nested dim. Either input may be None, so evaluation embeds images and texts separately.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,15 @@ import ml_collections
 from hivlp_jax.models import matryoshka
 
 Dtype = Any
+
+
+class TowerOutputs(NamedTuple):
+  """What `TwoTowers.__call__` returns; a field is None where its input was not given."""
+  image: Optional[jnp.ndarray]  # [B, embed_dim] float32, unnormalised.
+  text: Optional[jnp.ndarray]  # [B, embed_dim] float32, unnormalised.
+  temperature: jnp.ndarray  # Scalar.
+  mlm_logits: Optional[jnp.ndarray] = None  # [B, L, vocab], with `masked_texts`.
+  mvm_logits: Optional[jnp.ndarray] = None  # [B, patches, codebook], with `patch_mask`.
 
 
 class MlpBlock(nn.Module):
@@ -175,7 +185,9 @@ class TwoTowers(nn.Module):
       self.mvm_output = nn.Dense(self.mvm_codebook_size, dtype=dtype)
 
   def temperature(self) -> jnp.ndarray:
-    return jnp.clip(jnp.exp(self.log_temperature), self.config.temperature_min, self.config.temperature_max)
+    # No clip here: the train step clamps the parameter itself to [temperature_min, temperature_max], so the
+    # gradient never vanishes at a clamp that Adam could not leave (as open_clip and ALBEF do).
+    return jnp.exp(self.log_temperature)
 
   def _encode_images(self, pixels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Preprocessed float32 [B, S, S, 3] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
@@ -200,11 +212,11 @@ class TwoTowers(nn.Module):
     """Embeds images [B, H, W, 3] uint8 and texts [B, L] int32 (either may be None).
 
     For masked vision-language modeling pass both, and `masked_texts` int32 [B, L] (with `mlm`) and/or
-    `patch_mask` bool [B, patches] (with `mvm_codebook_size`): extras then hold 'mlm_logits'
-    [B, L, vocab] and 'mvm_logits' [B, patches, codebook]. The masked views are extra passes through the
+    `patch_mask` bool [B, patches] (with `mvm_codebook_size`): the outputs then hold `mlm_logits`
+    [B, L, vocab] and `mvm_logits` [B, patches, codebook]. The masked views are extra passes through the
     towers; the embeddings always come from the unmasked ones.
     """
-    extras = {'temperature': self.temperature()}
+    mlm_logits = mvm_logits = None
     image_embedding = text_embedding = image_pooled = text_pooled = None
     if images is not None:
       pixels = preprocess_images(images, self.config.image_size)  # Once, for the unmasked and masked passes.
@@ -214,9 +226,9 @@ class TwoTowers(nn.Module):
     if masked_texts is not None:
       _, text_states = self.text_tower(masked_texts)
       transformed = self.mlm_head(text_states, image_pooled)
-      extras['mlm_logits'] = (self.text_tower.attend(transformed) + self.mlm_bias).astype(jnp.float32)
+      mlm_logits = (self.text_tower.attend(transformed) + self.mlm_bias).astype(jnp.float32)
     if patch_mask is not None:
       _, image_states = self.image_tower(pixels, patch_mask)
       transformed = self.mvm_head(image_states[:, 1:], text_pooled)
-      extras['mvm_logits'] = self.mvm_output(transformed).astype(jnp.float32)
-    return image_embedding, text_embedding, extras
+      mvm_logits = self.mvm_output(transformed).astype(jnp.float32)
+    return TowerOutputs(image_embedding, text_embedding, self.temperature(), mlm_logits, mvm_logits)

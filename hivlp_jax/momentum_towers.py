@@ -15,17 +15,13 @@ import jax.numpy as jnp
 
 from hivlp_jax.models import matryoshka
 
-SCHEDULES = ('constant', 'cosine')
-
-
 def momentum_at(step: jnp.ndarray, base: float, schedule: str, total_steps: int) -> jnp.ndarray:
-  """EMA momentum at `step`: `base` throughout, or raised from `base` to 1 on a cosine (MoCo v3)."""
-  if schedule == 'constant':
-    return jnp.asarray(base, jnp.float32)
+  """EMA momentum at `step`: `base` throughout ('constant'), or raised from `base` to 1 on a cosine ('cosine',
+  MoCo v3)."""
   if schedule == 'cosine':
     progress = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
     return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
-  raise ValueError(f'config.contrastive.momentum_schedule={schedule!r} is not one of {SCHEDULES}.')
+  return jnp.asarray(base, jnp.float32)
 
 
 def ema_update(ema_params, params, momentum: jnp.ndarray):
@@ -68,11 +64,13 @@ def keep_mask(scores: jnp.ndarray, stats: FilterStats, k: float) -> jnp.ndarray:
 
 
 def filter_pairs(scores: jnp.ndarray, stats: FilterStats, *, k: float, stats_momentum: float,
-                 axis_name: str) -> tuple[jnp.ndarray, FilterStats, jnp.ndarray]:
+                 axis_name: str, active: jnp.ndarray | bool = True) -> tuple[jnp.ndarray, FilterStats, jnp.ndarray]:
   """Updates the running statistics with the global batch's scores, then thresholds; call under pmap.
 
   The threshold uses the statistics after this batch's update, so the first step thresholds against its
   own batch. Every pair updates the statistics, kept or not, so a run of noisy batches cannot drift them.
+  While `active` is False (the warm-up, when the momentum towers are still near random) nothing is dropped,
+  but the statistics still accumulate.
 
   Args:
     scores: [b] momentum positive similarities of this device's pairs.
@@ -83,10 +81,9 @@ def filter_pairs(scores: jnp.ndarray, stats: FilterStats, *, k: float, stats_mom
   batch_mean = jax.lax.pmean(jnp.mean(scores), axis_name)
   batch_var = jax.lax.pmean(jnp.mean(jnp.square(scores - batch_mean)), axis_name)
   stats = update_filter_stats(stats, batch_mean, batch_var, stats_momentum)
-  keep = keep_mask(scores, stats, k)
+  keep = keep_mask(scores, stats, k) | jnp.logical_not(active)
   dropped = 1.0 - jax.lax.pmean(jnp.mean(keep.astype(jnp.float32)), axis_name)
   return keep, stats, dropped
-
 
 
 def flag_rates(keep: jnp.ndarray, noisy: jnp.ndarray, axis_name: str) -> dict:

@@ -1,0 +1,249 @@
+"""Checkpoints of both trainers: orbax saves with checksums, restore with fallback, the recorded config, a lock.
+
+Layout in a workdir: `checkpoints/<step>/` (orbax), `checkpoint_checksums/<step>.json` (sha256 of every file
+of that step, written once the async save has committed), `checkpoints_quarantine/` (step folders that failed
+to restore, moved aside rather than deleted), `config.json` (the run's config) and `run.lock`.
+"""
+
+import hashlib
+import os
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from hivlp_jax import files
+
+CHECKPOINTS = 'checkpoints'
+CHECKSUMS = 'checkpoint_checksums'
+QUARANTINE = 'checkpoints_quarantine'
+LOCK_FILE = 'run.lock'
+
+
+def all_finite(tree) -> bool:
+  """True when every floating-point leaf of `tree` (host or device arrays) is finite."""
+  for leaf in jax.tree.leaves(tree):
+    # A global array of several processes (the queues) is checked shard by shard: each process its own.
+    arrays = ([s.data for s in leaf.addressable_shards] if isinstance(leaf, jax.Array) else [leaf])
+    for array in map(np.asarray, arrays):
+      if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+        return False
+  return True
+
+
+def step_checksums(step_dir: files.Path) -> dict[str, str]:
+  """{relative file path: sha256} of every file under a step folder."""
+  sums = {}
+  # walk, not rglob: epath refuses recursive globs (they would be thousands of requests on a bucket).
+  paths = sorted(root / name for root, _, names in step_dir.walk() for name in names)
+  for path in paths:
+    digest = hashlib.sha256()
+    with path.open('rb') as f:
+      for block in iter(lambda: f.read(1 << 24), b''):  # pylint: disable=cell-var-from-loop
+        digest.update(block)
+    sums[str(path.relative_to(step_dir))] = digest.hexdigest()
+  return sums
+
+
+class Checkpoints:
+  """Async orbax checkpoints in WORKDIR/checkpoints, verified by checksums at restore.
+
+  `save` refuses a non-finite state (it would be a broken "last good" checkpoint). `restore_latest` tries
+  the steps newest first, each with a fresh manager (a failed attempt leaves a manager unusable for the
+  next), checks the checksums, and moves a step that fails aside to WORKDIR/checkpoints_quarantine.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
+    self.workdir = files.absolute(workdir)
+    self.directory = self.workdir / CHECKPOINTS
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                 enable_async_checkpointing=True)
+    self.manager = self._new_manager()
+    self._unrecorded: list[int] = []
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options)
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state) -> None:
+    """Starts an async save of the host `state` (see replication.unreplicate_state) as `step`."""
+    if not all_finite(state):
+      raise FloatingPointError(f'Refusing to checkpoint step {step}: the state holds non-finite values. The '
+                               f'checkpoints in {self.directory} (steps {self.all_steps()}) are unchanged.')
+    self._record_checksums()
+    self.manager.save(step, args=ocp.args.StandardSave(state))
+    self._unrecorded.append(step)
+
+  def wait(self) -> None:
+    """Blocks until every save has committed, and records its checksums."""
+    self._record_checksums()
+
+  def close(self) -> None:
+    self.wait()
+    self.manager.close()
+
+  def _record_checksums(self) -> None:
+    self.manager.wait_until_finished()
+    if jax.process_index() == 0:
+      kept = set(self.all_steps())
+      for step in self._unrecorded:
+        if step in kept:
+          files.write_json(self.workdir / CHECKSUMS / f'{step}.json', step_checksums(self.directory / str(step)))
+      checksums_dir = self.workdir / CHECKSUMS
+      if checksums_dir.exists():  # Steps orbax has deleted (max_to_keep) lose their record too.
+        for record in checksums_dir.glob('*.json'):
+          if record.stem.isdigit() and int(record.stem) not in kept:
+            record.unlink()
+    self._unrecorded = []
+
+  def verify(self, step: int) -> None:
+    """Raises IOError naming the first file of `step` whose checksum differs (no record: not checked)."""
+    record = self.workdir / CHECKSUMS / f'{step}.json'
+    if not record.exists():
+      logging.warning('Checkpoint of step %d has no checksum record (its save did not finish recording); '
+                      'restoring it unverified.', step)
+      return
+    expected = files.read_json(record)
+    actual = step_checksums(self.directory / str(step))
+    for name, digest in expected.items():
+      if actual.get(name) != digest:
+        problem = 'is missing' if name not in actual else 'differs from its checksum'
+        raise IOError(f'{self.directory / str(step) / name} {problem}')
+
+  def restore_latest(self, target):
+    """The newest checkpoint that verifies and restores into `target`'s structure, or `target` if none exists."""
+    steps = sorted(self.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        self.verify(step)
+        restored = self._new_manager().restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('Checkpoint of step %d in %s could not be restored (%s: %s); trying an older one.',
+                      step, self.directory, type(e).__name__, e)
+        failed.append(step)
+        continue
+      logging.info('Resumed from the checkpoint of step %d in %s.', step, self.directory)
+      self._quarantine(failed)
+      return restored
+    if steps:
+      raise RuntimeError(f'No checkpoint in {self.directory} could be restored (steps {steps}; the errors are '
+                         'logged above). Nothing was moved or deleted: fix or remove them, or use a new --workdir.')
+    return target
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unrestorable step folders aside, so that the run can save those steps again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        destination = self.workdir / QUARANTINE / f'{step}-{int(time.time())}'
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(destination)
+        record = self.workdir / CHECKSUMS / f'{step}.json'
+        if record.exists():
+          record.unlink()
+        logging.warning('Moved the unrestorable checkpoint of step %d to %s.', step, destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('hivlp_jax: checkpoints quarantined')
+    self.manager = self._new_manager()
+
+
+def restore_params(workdir: str, abstract_params, step: Optional[int] = None) -> tuple[Any, int]:
+  """Only the `params` of a workdir's checkpoint (newest, or `step`): no optimizer, EMA or queues.
+
+  abstract_params: the parameter tree's shapes and dtypes (e.g. `jax.eval_shape` of the model's init).
+  Returns (params as host arrays, the step).
+  """
+  checkpoints = Checkpoints(workdir, max_to_keep=1, create=False)
+  steps = checkpoints.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {checkpoints.directory}: train there first.')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f'--step={step}: {checkpoints.directory} holds steps {steps}.')
+  checkpoints.verify(step)
+  item = {'params': abstract_params}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      checkpoints.directory / str(step) / 'default',
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  return restored['params'], step
+
+
+def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[str], bool], what: str) -> None:
+  """Records `current` (flat, JSON-able) at `path`, or checks it against the record a previous run left.
+
+  A key the record lacks was added to the code after that run started: it is reported and its current value
+  applies. Any other difference, except keys for which `may_change(key)` is True, is an error naming it.
+  """
+  path = files.path(path)
+  if path.exists():
+    saved = files.read_json(path)
+    added = sorted(set(current) - set(saved))
+    if added:
+      logging.warning('Config fields new since the run in %s started (their current values apply): %s',
+                      path.parent, ', '.join(f'{k}={current[k]!r}' for k in added[:20]))
+    bad = [k for k in sorted(saved) if saved.get(k) != current.get(k) and not may_change(k)]
+    if bad:
+      details = '; '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in bad[:8])
+      raise ValueError(f'Workdir {str(path.parent)!r} holds {what} of another config ({details}). '
+                       'Use a new --workdir, or pass the same config to resume that run.')
+  if jax.process_index() == 0:
+    files.write_json(path, current)
+
+
+class WorkdirLock:
+  """WORKDIR/run.lock while a run trains there: a second run refuses to start, naming the first.
+
+  A lock whose process is gone (same host, pid not alive) is stale and taken over. Only process 0 of a
+  multi-process job holds it.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = files.path(workdir) / LOCK_FILE
+    self.held = False
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+    if self.path.exists():
+      try:
+        owner = files.read_json(self.path)
+      except ValueError:
+        owner = {}
+      if owner.get('host') == me['host'] and not _pid_alive(int(owner.get('pid', -1))):
+        logging.warning('Taking over the stale lock %s of process %s, which is gone.', self.path, owner.get('pid'))
+      elif owner:
+        raise RuntimeError(f'Another run is training in this workdir: process {owner.get("pid")} on host '
+                           f'{owner.get("host")!r}, started {owner.get("started")} ({self.path}). Wait for it, '
+                           'use another --workdir, or delete the lock file if that run is gone.')
+    files.write_json(self.path, me)
+    self.held = True
+    return self
+
+  def __exit__(self, *exc):
+    if self.held and self.path.exists():
+      self.path.unlink()
+    self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True

@@ -1,0 +1,71 @@
+"""Evaluators chosen by the config, separate from training (big_vision style): each has `run(params) -> metrics`.
+
+The trainer builds them before training starts, so a missing or malformed evaluation split fails at
+start-up rather than after hours of training, and runs them on the final parameters.
+"""
+
+import functools
+from typing import Mapping
+
+from absl import logging
+import jax
+import ml_collections
+
+from hivlp_jax import evaluate
+from hivlp_jax import files
+from hivlp_jax.data import pipeline
+from hivlp_jax.models import two_towers
+
+METRICS_FILE = 'metrics.json'
+
+
+def make_pmapped_embedders(model: two_towers.TwoTowers):
+  """(params [devices, ...], images uint8 [devices, b, H, W, 3]) -> [devices, b, D]; the same for tokens."""
+  embed_images = jax.pmap(lambda params, x: model.apply({'params': params}, x, method=model.embed_images))
+  embed_texts = jax.pmap(lambda params, x: model.apply({'params': params}, x, method=model.embed_texts))
+  return embed_images, embed_texts
+
+
+class RetrievalEvaluator:
+  """Image-text retrieval on one split: recall (and speed) of every retrieval mode of config.eval."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str, data: pipeline.ImageTextSplit):
+    self.config, self.split, self.data = config, split, data
+    self.name = split
+
+  def run(self, model: two_towers.TwoTowers, params_replicated, step: int) -> dict[str, dict[str, float]]:
+    """{mode name: metrics} for the replicated parameters of `step`."""
+    embed_images, embed_texts = make_pmapped_embedders(model)
+    image_emb, text_emb, text_image_ids = evaluate.embed_split(
+        functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
+        self.data, self.config.eval.batch_size)
+    return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(self.config),
+                             self.config.eval.ks, self.config.eval.latency_queries)
+
+
+def from_config(config: ml_collections.ConfigDict, tokenizer) -> list[RetrievalEvaluator]:
+  """The evaluators of config.eval, with their data loaded (a bad split fails here, naming it)."""
+  split = config.eval.split
+  try:
+    data = pipeline.load_split(config, split, tokenizer)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise ValueError(f'config.eval.split={split!r} of config.data.name={config.data.name!r} cannot be loaded '
+                     f'({type(e).__name__}: {e}); fix it before training.') from e
+  return [RetrievalEvaluator(config, split, data)]
+
+
+def run_all(evaluator_list, model, params_replicated, step: int) -> dict[str, dict[str, float]]:
+  """Runs every evaluator; the results of all of them in one {mode: metrics} dict."""
+  results = {}
+  for evaluator in evaluator_list:
+    logging.info('Evaluating on the %s split.', evaluator.name)
+    results.update(evaluator.run(model, params_replicated, step))
+  return results
+
+
+def write_results(workdir: str, results: Mapping[str, Mapping[str, float]], step: int,
+                  config: ml_collections.ConfigDict) -> None:
+  """WORKDIR/metrics.json (process 0) and the recall table in the log."""
+  if jax.process_index() == 0:
+    files.write_json(files.path(workdir) / METRICS_FILE, {'step': step, **results})
+  logging.info('Results at step %d:\n%s', step, evaluate.format_table(results, config.eval.ks))
