@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import retrieval_data
 from hivlp_jax import coarse_to_fine
 from hivlp_jax import files
 from hivlp_jax import retrieval
@@ -103,55 +104,6 @@ flags.DEFINE_float('replica_noise', 0.1, 'With --from_workdir: noise std of the 
                    'coordinate\'s std.')
 
 K = 10
-
-
-def synthetic_data(num_items: int, dim: int, num_queries: int, noise: float, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """Gallery [G, dim] with variance 1 / (1 + i / 16)^2 on coordinate i; queries [Q, dim], noisy copies."""
-  rng = np.random.default_rng(seed)
-  std = (1.0 / (1.0 + np.arange(dim) / 16.0)).astype(np.float32)
-  gallery = np.empty((num_items, dim), np.float32)
-  for start in range(0, num_items, 65536):  # In chunks: no float64 temporaries at 1M x 768.
-    block = rng.standard_normal((min(65536, num_items - start), dim), np.float32)
-    gallery[start:start + len(block)] = block * std
-  sources = rng.choice(num_items, num_queries, replace=False)
-  queries = gallery[sources] + noise * rng.standard_normal((num_queries, dim), np.float32) * std
-  return gallery, queries
-
-
-def trained_embeddings(workdir: str, config_file: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Image [N, D] and caption [N * captions, D] embeddings of `split` by the latest checkpoint of `workdir`."""
-  from hivlp_jax import config_lib
-  from hivlp_jax import evaluate
-  from hivlp_jax import gallery as gallery_lib
-  from hivlp_jax.data import pipeline
-  run = gallery_lib.load_run(workdir, config_lib.load_config_file(config_file) if config_file else None)
-  data = pipeline.load_split(run.config, split, run.tokenizer)
-  images, texts, _ = evaluate.embed_split(*run.embedders(), data, run.config.eval.batch_size)
-  logging.info('Embedded %d images and %d captions of %s (step %d, dim %d).', len(images), len(texts), split,
-               run.step, images.shape[1])
-  return images, texts
-
-
-def replicated_data(images: np.ndarray, texts: np.ndarray, num_items: int, num_queries: int, noise: float,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Gallery [G, D]: the N `images`, then noisy copies (item i copies image i mod N); queries [Q, D], `texts`.
-
-  A copy adds Gaussian noise of std `noise` times each coordinate's std over the N images. Queries are
-  sampled without replacement (with, when Q exceeds the captions).
-  """
-  rng = np.random.default_rng(seed)
-  images = images.astype(np.float32)
-  std = images.std(axis=0)
-  gallery = np.empty((num_items, images.shape[1]), np.float32)
-  for start in range(0, num_items, 65536):
-    rows = np.arange(start, min(num_items, start + 65536))
-    block = images[rows % len(images)]
-    copies = rows >= len(images)  # The first N rows are the real embeddings.
-    block[copies] += noise * rng.standard_normal((int(copies.sum()), images.shape[1]), np.float32) * std
-    gallery[rows] = block
-  picks = rng.choice(len(texts), num_queries, replace=num_queries > len(texts))
-  return gallery, texts[picks].astype(np.float32)
 
 
 def directory_bytes(path: str) -> int:
@@ -352,7 +304,7 @@ def main(argv):
     import scann  # pylint: disable=unused-import  # Imports TensorFlow (seconds): not in a build time.
   trained = None
   if FLAGS.from_workdir:
-    trained = trained_embeddings(FLAGS.from_workdir, FLAGS.config, FLAGS.from_split)
+    trained = retrieval_data.trained_embeddings(FLAGS.from_workdir, FLAGS.config, FLAGS.from_split)
     FLAGS.dim = trained[0].shape[1]  # Tables and plots show the model's dim.
     for name, suffix in (('out', '.json'), ('plot', '.png')):
       path = getattr(FLAGS, name)
@@ -361,9 +313,9 @@ def main(argv):
   results = []
   for size in (int(s) for s in FLAGS.sizes):
     if trained is None:
-      gallery, queries = synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
+      gallery, queries = retrieval_data.synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
     else:
-      gallery, queries = replicated_data(*trained, size, FLAGS.queries, FLAGS.replica_noise, FLAGS.seed)
+      gallery, queries = retrieval_data.replicated_data(*trained, size, FLAGS.queries, FLAGS.replica_noise, FLAGS.seed)
     rows, tops = [], []
     for method in methods():
       logging.info('G=%d: %s', size, method.name)
