@@ -60,6 +60,7 @@ def _directions(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_
 
 
 def _recall(indexes: Mapping[str, retrieval.Index], directions, ks: Sequence[int]) -> dict[str, float]:
+  """'{direction}_r{k}' for each direction and k (indexes: direction -> its built index), 'rsum', 'mean_recall'."""
   metrics = {}
   for name, queries, _, positives in directions:
     recall = recall_at_k(indexes[name].similarity(queries), positives, ks)
