@@ -30,7 +30,7 @@ from hivlp_jax import replication
 from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import dvae
-from hivlp_jax.models import two_towers
+from hivlp_jax.models import encoders
 
 AXIS = replication.AXIS
 MODEL_FILE = 'tokenizer.json'  # The model's hyperparameters.
@@ -185,7 +185,7 @@ def mean_image(images: np.ndarray, model: dvae.DiscreteVAE) -> np.ndarray:
   """The mean of uint8 images [N, H, W, 3] in the model's pixel space: float32 [image_size, image_size, 3]."""
   # Preprocessing is affine and resizing linear, so this is also the mean of the preprocessed images.
   average = images.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
-  return np.asarray(two_towers.preprocess_images(average, model.image_size))[0]
+  return np.asarray(encoders.preprocess_images(average, model.image_size))[0]
 
 
 def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hivlp_jax.models import pretrained
-from hivlp_jax.models import two_towers
+from hivlp_jax.models import encoders
 
 
 def _checkpoint(rng, width=64, heads=2, mlp=128, depth=2, patch=8, grid=2):
@@ -34,7 +34,7 @@ def _checkpoint(rng, width=64, heads=2, mlp=128, depth=2, patch=8, grid=2):
 
 
 def _vit_params(width=64):
-  vit = two_towers.ViT(patch_size=8, width=width, depth=2, num_heads=2, mlp_dim=128)
+  vit = encoders.ViT(patch_size=8, width=width, depth=2, num_heads=2, mlp_dim=128)
   return vit, vit.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
 
 
@@ -221,7 +221,7 @@ def test_bert_checkpoint_errors_name_the_problem(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match=r'found no .*empty/bert_model\.ckpt\.index\. Give the checkpoint prefix'):
     pretrained.load_bert_checkpoint(str(tmp_path / 'empty'), params)
-  pre_ln = two_towers.TextTransformer(30, 8, 16, 2, 2, 32)
+  pre_ln = encoders.TextTransformer(30, 8, 16, 2, 2, 32)
   pre_ln_params = jax.eval_shape(pre_ln.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))['params']
   with pytest.raises(ValueError, match="fits only the BERT text tower: set config.model.text.architecture='bert'"):
     pretrained.load_bert_checkpoint(prefix, pre_ln_params)

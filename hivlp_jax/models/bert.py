@@ -1,6 +1,6 @@
 """BERT-architecture text tower: post-LayerNorm blocks, so that a BERT-base checkpoint fits it.
 
-`config.model.text.architecture = 'bert'` picks it instead of two_towers.TextTransformer (pre-LN); it has
+`config.model.text.architecture = 'bert'` picks it instead of encoders.TextTransformer (pre-LN); it has
 the same interface, and `pretrained.load_bert_checkpoint` fills it from Google's TF BERT checkpoints.
 Differences from BERT, all of them neutral to a loaded checkpoint:
 - One segment: the token-type embedding of type 0 is kept (a [width] vector added to every token).
@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from hivlp_jax.models import two_towers
+from hivlp_jax.models import encoders
 
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-12  # BERT's; flax's default is 1e-6.
@@ -39,23 +39,10 @@ class BertBlock(nn.Module):
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name='output_norm')(x + y)
 
 
-class BertEncoder(nn.Module):
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask=None):
-    for i in range(self.depth):
-      x = BertBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f'block{i}')(x, mask)
-    return x  # Post-LN blocks end normalised: no final LayerNorm.
-
-
-class BertTextTransformer(two_towers.TextTransformer):
+class BertTextTransformer(encoders.TextTransformer):
   """Token ids [B, L] (0 = padding, [CLS] first) -> pooled [B, width] ([CLS] state) and tokens [B, L, width].
 
-  The constructor arguments, outputs and the tied `attend` are those of two_towers.TextTransformer.
+  The constructor arguments, outputs and the tied `attend` are those of encoders.TextTransformer.
   """
 
   @nn.compact
@@ -68,5 +55,7 @@ class BertTextTransformer(two_towers.TextTransformer):
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name='embedding_norm')(x).astype(self.dtype)
     # Padding is masked as keys only (BERT's attention mask): every query row, padding too, stays defined.
     mask = (tokens != 0)[:, None, None, :]  # [B, 1 (heads), 1 (queries), L (keys)]
-    x = BertEncoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name='encoder')(x, mask)
+    # Post-LN blocks end normalised: no final LayerNorm.
+    x = encoders.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, block=BertBlock,
+                         final_norm=False, name='encoder')(x, mask)
     return x[:, 0], x

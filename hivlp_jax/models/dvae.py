@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hivlp_jax.models import two_towers
+from hivlp_jax.models import encoders
 
 
 def num_downsamplings(patch_size: int) -> int:
@@ -81,7 +81,7 @@ class Decoder(nn.Module):
 class DiscreteVAE(nn.Module):
   """Images uint8 [B, H, W, 3] <-> int32 codes [B, image_size / patch_size, image_size / patch_size].
 
-  Images are preprocessed as the image tower's (`two_towers.preprocess_images`): float in [-1, 1], resized
+  Images are preprocessed as the image tower's (`encoders.preprocess_images`): float in [-1, 1], resized
   to image_size. Reconstructions are in that space.
   """
   image_size: int
@@ -105,7 +105,7 @@ class DiscreteVAE(nn.Module):
 
   def preprocess(self, images: jnp.ndarray) -> jnp.ndarray:
     """uint8 [B, H, W, 3] -> float32 [B, image_size, image_size, 3] in [-1, 1]: the reconstruction target."""
-    return two_towers.preprocess_images(images, self.image_size)
+    return encoders.preprocess_images(images, self.image_size)
 
   def encode(self, images: jnp.ndarray) -> jnp.ndarray:
     """uint8 [B, H, W, 3] -> code logits float32 [B, gh, gw, codebook_size]."""

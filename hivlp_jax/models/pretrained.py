@@ -1,7 +1,7 @@
 """Initialise the towers from public checkpoints: a ViT `.npz` (google-research/big_vision layout) into the
 image tower, and Google's original TF BERT checkpoint into the 'bert' text tower (`load_bert_checkpoint`).
 
-Names in the checkpoint -> names in `two_towers.ViT`:
+Names in the checkpoint -> names in `encoders.ViT`:
   embedding/{kernel,bias}                               -> patch_embed/{kernel,bias}
   cls                                                   -> cls
   Transformer/posembed_input/pos_embedding              -> pos_embedding (resized to the model's grid)
@@ -20,6 +20,8 @@ import re
 import flax
 import jax
 import numpy as np
+
+from hivlp_jax import files
 
 
 def _tensorflow():
@@ -78,7 +80,7 @@ def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
   """Returns the image tower's params with every matching checkpoint array copied in, and a report."""
   flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(image_tower_params)).items()}
   report = LoadReport()
-  with np.load(path) as checkpoint:
+  with files.path(path).open('rb') as f, np.load(f) as checkpoint:
     for checkpoint_name in checkpoint.files:
       name = vit_name(checkpoint_name)
       if name not in flat:
