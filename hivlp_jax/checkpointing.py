@@ -157,26 +157,33 @@ class Checkpoints:
 
 
 def restore_params(workdir: str, abstract_params, step: Optional[int] = None) -> tuple[Any, int]:
-  """Only the `params` of a workdir's checkpoint (newest, or `step`): no optimizer, EMA or queues.
+  """Only the `params` of a workdir's checkpoint: no optimizer, EMA or queues.
 
   abstract_params: the parameter tree's shapes and dtypes (e.g. `jax.eval_shape` of the model's init).
+  step: that checkpoint, or None: the newest one that verifies and restores (older ones are tried in turn).
   Returns (params as host arrays, the step).
   """
   checkpoints = Checkpoints(workdir, max_to_keep=1, create=False)
-  steps = checkpoints.all_steps()
+  steps = sorted(checkpoints.all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f'No checkpoint in {checkpoints.directory}: train there first.')
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise ValueError(f'--step={step}: {checkpoints.directory} holds steps {steps}.')
-  checkpoints.verify(step)
+  if step is not None and step not in steps:
+    raise ValueError(f'--step={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
   item = {'params': abstract_params}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      checkpoints.directory / str(step) / 'default',
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  return restored['params'], step
+  for candidate in [step] if step is not None else steps:
+    try:
+      checkpoints.verify(candidate)
+      restored = ocp.PyTreeCheckpointer().restore(
+          checkpoints.directory / str(candidate) / 'default',
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+      return restored['params'], candidate
+    except Exception as e:  # pylint: disable=broad-except
+      if step is not None or candidate == steps[-1]:
+        raise
+      logging.error('Parameters of step %d in %s could not be restored (%s: %s); trying an older step.',
+                    candidate, checkpoints.directory, type(e).__name__, e)
+  raise AssertionError('unreachable')
 
 
 def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[str], bool], what: str) -> None:

@@ -9,7 +9,7 @@ import ml_collections
 
 from hivlp_jax import checkpointing
 from hivlp_jax import files
-from hivlp_jax import retrieval
+from hivlp_jax import evaluate
 from hivlp_jax import settings
 from hivlp_jax.models import dvae
 from hivlp_jax.models import pretrained
@@ -20,7 +20,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_step
                     'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
-TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # two_towers.TextTransformer, bert.BertTextTransformer.
+TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # encoders.TextTransformer, bert.BertTextTransformer.
 TOKENIZER_SPLITS = ('train', 'validation', 'test')
 
 
@@ -115,10 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     width, heads = config.model[tower].width, config.model[tower].num_heads
     if width % heads:
       raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
-  if config.eval.two_stage_backend not in retrieval.BACKENDS:
-    raise ValueError(f'config.eval.two_stage_backend={config.eval.two_stage_backend!r} is not one of '
-                     f'{retrieval.BACKENDS}.')
-  retrieval.ScannSettings.from_config(config.eval.scann)
+  evaluate.validate_config(config)
   settings.StepSettings.from_config(config)
   if config.mvlm.mvm_weight:
     validate_visual_tokenizer(config)

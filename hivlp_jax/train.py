@@ -118,8 +118,9 @@ def _summary(pending_metrics: list, batch_size: int, elapsed: float, stream) -> 
   summary = {k: float(np.mean([m[k][0] for m in pending_metrics])) for k in pending_metrics[0]}
   summary['examples_per_sec'] = len(pending_metrics) * batch_size / elapsed
   summary['nonfinite_steps'] = summary.pop('nonfinite') * len(pending_metrics)
-  if stream is not None:
-    summary.update({f'data_skipped_{reason}': count for reason, count in stream.stats.as_dict().items()
+  if stream is not None:  # Every process logs (a collective), so the counts are global.
+    summary.update({f'data_skipped_{reason}': count
+                    for reason, count in webdataset.global_stats(stream.stats).as_dict().items()
                     if reason != 'samples'})
   return summary
 
@@ -146,7 +147,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
 
   tokenizer = pipeline.get_tokenizer(config)
-  evaluator_list = evaluators.from_config(config, tokenizer)  # Loads (and so checks) the evaluation data now.
+  evaluator_list = evaluators.from_config(config, tokenizer)  # Checks their splits now, before training.
   model = train_step.create_model(config, tokenizer.vocab_size)
   state = replication.with_global_queues(train_step.create_train_state(config, model, jax.random.key(config.seed)))
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
@@ -202,7 +203,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
   checkpoints.close()
   if stream is not None:
     stream.close()
-    logging.info('Training data: %s.', webdataset.count_by_reason(stream.stats))
+    logging.info('Training data (all processes): %s.', webdataset.count_by_reason(webdataset.global_stats(stream.stats)))
   if end_step < config.num_train_steps:
     logging.info('Stopped after step %d of %d as asked; run again to resume.', end_step, config.num_train_steps)
     return None

@@ -136,21 +136,6 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(straight))
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
-  config = tiny_config(data_dir)
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  # Damage every file of the newest checkpoint (step 6); step 3 stays intact.
-  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', '6')):
-    for name in files:
-      with open(os.path.join(root, name), 'wb') as f:
-        f.write(b'garbage')
-  model = train_step.create_model(config, vocab_size=_vocab_size(config))
-  state = train_step.create_train_state(config, model, jax.random.key(0))
-  restored = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep).restore_latest(state)
-  assert int(restored.step) == 3
-
-
 def _vocab_size(config):
   from hivlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.get_tokenizer(config).vocab_size
