@@ -12,7 +12,6 @@ writes JSON. Recall is on the clean test split.
 """
 
 import glob
-import json
 import os
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ import sys
 from absl import app
 from absl import flags
 import numpy as np
+
+from hivlp_jax import files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('root', 'runs/cots_ablation', 'One workdir per variant is made under this folder.')
@@ -88,8 +89,7 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def summarise(variant: str, workdir: str) -> dict:
-  with open(os.path.join(workdir, 'metrics.json')) as f:
-    metrics = json.load(f)
+  metrics = files.read_json(os.path.join(workdir, 'metrics.json'))
   scalars = read_scalars(workdir)
   last_step = max(step for step, _ in scalars['loss'])
   # Rates after the filter's statistics have warmed up: the second half of training.
@@ -126,9 +126,7 @@ def main(argv):
   del argv
   results = [summarise(v, run_variant(v)) for v in FLAGS.variants]
   print(table(results))
-  os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
-  with open(FLAGS.out, 'w') as f:
-    json.dump({'noisy_fraction': FLAGS.noisy_fraction, 'results': results, 'table': table(results)}, f, indent=2)
+  files.write_json(FLAGS.out, {'noisy_fraction': FLAGS.noisy_fraction, 'results': results, 'table': table(results)})
   print(f'Wrote {FLAGS.out}')
 
 

@@ -15,7 +15,6 @@ start-up, first reads) are not timed; each timed batch is one `next()` plus `blo
 """
 
 import io
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from hivlp_jax import files
 from hivlp_jax.data import images
 from hivlp_jax.data import sources
 from hivlp_jax.data import streaming
@@ -178,9 +178,7 @@ def main(argv):
             'platform': jax.default_backend(), 'cpu_count': os.cpu_count(), 'machine': platform.machine(),
             'python': platform.python_version()}
   if FLAGS.out:
-    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'config': config, 'ops_ms_per_image': ops, 'results': rows}, f, indent=2)
+    files.write_json(FLAGS.out, {'config': config, 'ops_ms_per_image': ops, 'results': rows})
 
 
 if __name__ == '__main__':
