@@ -45,13 +45,9 @@ class RetrievalMode(Protocol):
     """gallery [G, D] (full dim, unnormalised) -> its index."""
 
 
-def normalized_prefix_np(embeddings: np.ndarray, dim: int, eps: float = 1e-6) -> np.ndarray:
-  """numpy twin of `matryoshka.normalized_prefix` (same eps): [..., D] -> float32 [..., dim].
-
-  Serving code stays in numpy so that a single query pays no JAX dispatch or device copy.
-  """
-  prefix = np.asarray(embeddings, np.float32)[..., :dim]
-  return prefix / np.sqrt(np.sum(prefix * prefix, axis=-1, keepdims=True) + eps)
+def normalized_prefix_np(embeddings: np.ndarray, dim: int) -> np.ndarray:
+  """[..., D] -> float32 [..., dim]: `matryoshka.normalized_prefix` of the embeddings as float32 numpy."""
+  return matryoshka.normalized_prefix(np.asarray(embeddings, np.float32), dim)
 
 
 def top_k(scores: np.ndarray, k: int, ids: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 
 def validate_dims(nested_dims: Sequence[int], embed_dim: int) -> tuple[int, ...]:
@@ -23,10 +24,15 @@ def validate_dims(nested_dims: Sequence[int], embed_dim: int) -> tuple[int, ...]
   return dims
 
 
-def normalized_prefix(embeddings: jnp.ndarray, dim: int, eps: float = 1e-6) -> jnp.ndarray:
-  """[..., D] -> [..., dim]: the first `dim` coordinates, L2-normalised."""
+def normalized_prefix(embeddings, dim: int, eps: float = 1e-6):
+  """[..., D] -> [..., dim]: the first `dim` coordinates, L2-normalised.
+
+  The one implementation for training (JAX arrays, traced) and serving (numpy arrays stay numpy, so a single
+  query pays no JAX dispatch or device copy).
+  """
+  xp = np if isinstance(embeddings, np.ndarray) else jnp
   prefix = embeddings[..., :dim]
-  return prefix / jnp.sqrt(jnp.sum(prefix * prefix, axis=-1, keepdims=True) + eps)
+  return prefix / xp.sqrt(xp.sum(prefix * prefix, axis=-1, keepdims=True) + eps)
 
 
 class NestedProjection(nn.Module):
