@@ -110,7 +110,11 @@ class Checkpoints:
       logging.warning('Checkpoint of step %d has no checksum record (its save did not finish recording); '
                       'restoring it unverified.', step)
       return
-    expected = files.read_json(record)
+    try:
+      expected = files.read_json(record)
+    except ValueError:  # The record is damaged, not the checkpoint: do not discard a step for it.
+      logging.warning('The checksum record %s is unreadable; restoring step %d unverified.', record, step)
+      return
     actual = step_checksums(self.directory / str(step))
     for name, digest in expected.items():
       if actual.get(name) != digest:
@@ -194,7 +198,11 @@ def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[st
   """
   path = files.path(path)
   if path.exists():
-    saved = files.read_json(path)
+    try:
+      saved = files.read_json(path)
+    except ValueError as e:
+      raise ValueError(f'{path} is not valid JSON ({e}): it records the config of the run in that workdir. '
+                       'Restore it, or delete it to resume without the check.') from None
     added = sorted(set(current) - set(saved))
     if added:
       logging.warning('Config fields new since the run in %s started (their current values apply): %s',
@@ -228,6 +236,7 @@ class WorkdirLock:
         owner = files.read_json(self.path)
       except ValueError:
         owner = {}
+        logging.warning('The lock %s is unreadable (a run killed while writing it?); taking it over.', self.path)
       if owner.get('host') == me['host'] and not _pid_alive(int(owner.get('pid', -1))):
         logging.warning('Taking over the stale lock %s of process %s, which is gone.', self.path, owner.get('pid'))
       elif owner:

@@ -98,6 +98,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config[name] if '.' not in name else config.eval[name.split('.')[1]]
     _check(value >= 1, name, value, 'must be >= 1')
   _check(config.num_train_steps >= 0, 'num_train_steps', config.num_train_steps, 'must be >= 0')
+  _check(config.model.text.max_len >= 2, 'model.text.max_len', config.model.text.max_len,
+         'must be >= 2 ([CLS] and at least one token)')
   opt = config.optimizer
   for name in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'end_learning_rate_fraction'):
     _check(math.isfinite(opt[name]) and opt[name] >= 0, f'optimizer.{name}', opt[name], 'must be finite and >= 0')

@@ -57,11 +57,15 @@ def main(argv):
   if FLAGS.mode == 'tokenizer':
     visual_tokenizer.train_tokenizer(FLAGS.config, FLAGS.workdir)
     return
+  if FLAGS.stop_after_step is not None and FLAGS.stop_after_step < 1:
+    raise app.UsageError(f'--stop_after_step={FLAGS.stop_after_step} must be >= 1.')
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_after_step=FLAGS.stop_after_step)
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(train.EXIT_PREEMPTED)
+  except KeyboardInterrupt:  # A second SIGINT/SIGTERM: stopped at once, without the checkpoint.
+    sys.exit('Interrupted twice: stopped without checkpointing the current step; the last checkpoint stands.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:

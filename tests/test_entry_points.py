@@ -33,6 +33,7 @@ ENTRY_POINTS = {
                                 '--repeats', '--from_workdir', '--out', '--plot'],
     'benchmarks/input_pipeline.py': ['--workers', '--processes', '--batches', '--out'],
     'benchmarks/cots_ablation.py': ['--root', '--out', '--variants', '--extra'],
+    'benchmarks/bad_inputs.py': ['--out_dir', '--only'],
 }
 # Documented shell scripts: checked for syntax (`bash -n`; running them trains or needs a cluster), and
 # every Python tool they start must be one of ENTRY_POINTS.

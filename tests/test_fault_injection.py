@@ -208,3 +208,12 @@ def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
   files.write_json(tmp_path / checkpointing.LOCK_FILE, {'host': socket.gethostname(), 'pid': dead.pid})
   with checkpointing.WorkdirLock(str(tmp_path)) as lock:
     assert lock.held
+
+
+def test_an_unreadable_checksum_record_does_not_discard_its_checkpoint(data_dir, tmp_path, straight_run):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight_run[0], workdir)
+  (workdir / checkpointing.CHECKSUMS / '6.json').write_text('{garbage')
+  restored = checkpointing.Checkpoints(str(workdir), 2).restore_latest(_initial_state(_config(data_dir)))
+  assert int(restored.step) == 6
+  assert not (workdir / checkpointing.QUARANTINE).exists()

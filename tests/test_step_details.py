@@ -96,3 +96,16 @@ def test_wrong_flag_type_is_one_line_without_traceback():
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert 'batch_size' in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_damaged_config_record_is_named(tmp_path):
+  config = tiny_config('unused')
+  (tmp_path / config_lib.CONFIG_FILE).write_text('{"seed": 0,, }')
+  with pytest.raises(ValueError, match=r'config\.json is not valid JSON'):
+    config_lib.check_workdir_config(str(tmp_path), config)
+
+
+def test_stop_after_step_below_1_is_refused():
+  result = subprocess.run([sys.executable, '-m', 'hivlp_jax.main', '--config=configs/tiny.py', '--workdir=unused',
+                           '--stop_after_step=-1'], capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0 and '--stop_after_step=-1 must be >= 1' in result.stderr
