@@ -60,11 +60,6 @@ def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) ->
   return unknown
 
 
-def _check(condition: bool, field: str, value, requirement: str) -> None:
-  if not condition:
-    raise ValueError(f'config.{field}={value!r} {requirement}.')
-
-
 def _check_types(config: ml_collections.ConfigDict, default: ml_collections.ConfigDict, prefix: str = '') -> None:
   """Every field has the type of the default config's field (an int where a float is expected is fine)."""
   for key, expected in default.items():
@@ -85,27 +80,27 @@ def _check_types(config: ml_collections.ConfigDict, default: ml_collections.Conf
       ok = isinstance(value, (tuple, list))
     else:
       ok = isinstance(value, type(expected))
-    _check(ok, name, value, f'has type {type(value).__name__}, but the field takes a {type(expected).__name__}')
+    settings.check_field(ok, name, value, f'has type {type(value).__name__}, but the field takes a {type(expected).__name__}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field when the config cannot run on the devices at hand."""
   from configs import default  # pylint: disable=g-import-not-at-top  (the reference for every field's type)
   _check_types(config, default.get_config())
-  _check(config.data.name in DATA_SETS, 'data.name', config.data.name, f'is not one of {DATA_SETS}')
+  settings.check_field(config.data.name in DATA_SETS, 'data.name', config.data.name, f'is not one of {DATA_SETS}')
   for name in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
                'max_consecutive_nonfinite_steps', 'eval.batch_size'):
     value = config[name] if '.' not in name else config.eval[name.split('.')[1]]
-    _check(value >= 1, name, value, 'must be >= 1')
-  _check(config.num_train_steps >= 0, 'num_train_steps', config.num_train_steps, 'must be >= 0')
-  _check(config.model.text.max_len >= 2, 'model.text.max_len', config.model.text.max_len,
+    settings.check_field(value >= 1, name, value, 'must be >= 1')
+  settings.check_field(config.num_train_steps >= 0, 'num_train_steps', config.num_train_steps, 'must be >= 0')
+  settings.check_field(config.model.text.max_len >= 2, 'model.text.max_len', config.model.text.max_len,
          'must be >= 2 ([CLS] and at least one token)')
   opt = config.optimizer
   for name in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'end_learning_rate_fraction'):
-    _check(math.isfinite(opt[name]) and opt[name] >= 0, f'optimizer.{name}', opt[name], 'must be finite and >= 0')
-  _check(opt.warmup_steps >= 0, 'optimizer.warmup_steps', opt.warmup_steps, 'must be >= 0')
+    settings.check_field(math.isfinite(opt[name]) and opt[name] >= 0, f'optimizer.{name}', opt[name], 'must be finite and >= 0')
+  settings.check_field(opt.warmup_steps >= 0, 'optimizer.warmup_steps', opt.warmup_steps, 'must be >= 0')
   for name in ('b1', 'b2'):
-    _check(0.0 <= opt[name] < 1.0, f'optimizer.{name}', opt[name], 'must be in [0, 1)')
+    settings.check_field(0.0 <= opt[name] < 1.0, f'optimizer.{name}', opt[name], 'must be in [0, 1)')
   devices = jax.device_count()
   if config.batch_size % devices:
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
@@ -168,16 +163,16 @@ def validate_visual_tokenizer(config: ml_collections.ConfigDict) -> None:
     dvae.num_downsamplings(config.model.image.patch_size)
   except ValueError as e:
     raise ValueError(f'config.model.image.patch_size: {e}') from None
-  _check(vt.codebook_size >= 2, 'visual_tokenizer.codebook_size', vt.codebook_size, 'must be >= 2')
+  settings.check_field(vt.codebook_size >= 2, 'visual_tokenizer.codebook_size', vt.codebook_size, 'must be >= 2')
   for name in ('hidden_dim', 'code_dim', 'batch_size', 'learning_rate', 'temperature_start', 'temperature_end',
                'log_every_steps', 'checkpoint_every_steps'):
-    _check(vt[name] > 0, f'visual_tokenizer.{name}', vt[name], 'must be > 0')
+    settings.check_field(vt[name] > 0, f'visual_tokenizer.{name}', vt[name], 'must be > 0')
   for name in ('num_train_steps', 'warmup_steps', 'num_res_blocks', 'kl_weight', 'weight_decay'):
-    _check(vt[name] >= 0, f'visual_tokenizer.{name}', vt[name], 'must be >= 0')
+    settings.check_field(vt[name] >= 0, f'visual_tokenizer.{name}', vt[name], 'must be >= 0')
   if vt.temperature_end > vt.temperature_start:
     raise ValueError(f'config.visual_tokenizer.temperature_end={vt.temperature_end} must be <= '
                      f'temperature_start={vt.temperature_start} (the temperature is annealed down).')
-  _check(vt.eval_split in TOKENIZER_SPLITS, 'visual_tokenizer.eval_split', vt.eval_split,
+  settings.check_field(vt.eval_split in TOKENIZER_SPLITS, 'visual_tokenizer.eval_split', vt.eval_split,
          f'is not one of {TOKENIZER_SPLITS}')
   if vt.batch_size % jax.device_count():
     raise ValueError(f'config.visual_tokenizer.batch_size={vt.batch_size} is not divisible by the '

@@ -20,7 +20,8 @@ KL_DIRECTIONS = ('i2t_t2i', 't2i_i2t', 'symmetric')
 KL_STOP_GRADIENTS = ('none', 'target')
 
 
-def _check(condition: bool, field: str, value, requirement: str) -> None:
+def check_field(condition: bool, field: str, value, requirement: str) -> None:
+  """Raises ValueError('config.FIELD=VALUE REQUIREMENT.') unless `condition` holds."""
   if not condition:
     raise ValueError(f'config.{field}={value!r} {requirement}.')
 
@@ -45,24 +46,24 @@ class QueueSettings:
   def from_config(cls, config: ml_collections.ConfigDict) -> Optional['QueueSettings']:
     """None without queues (config.contrastive.queue_size == 0): in-batch negatives only."""
     c = config.contrastive
-    _check(c.queue_size >= 0, 'contrastive.queue_size', c.queue_size, 'must be >= 0 (0: in-batch negatives only)')
+    check_field(c.queue_size >= 0, 'contrastive.queue_size', c.queue_size, 'must be >= 0 (0: in-batch negatives only)')
     if c.queue_size == 0:
       for name in ('distill_weight', 'kl_weight', 'filter_noisy_pairs'):
-        _check(not c[name], f'contrastive.{name}', c[name], 'needs the momentum queues: set '
+        check_field(not c[name], f'contrastive.{name}', c[name], 'needs the momentum queues: set '
                'config.contrastive.queue_size to a multiple of config.batch_size')
       return None
     if c.queue_size % config.batch_size:
       raise ValueError(f'config.contrastive.queue_size={c.queue_size} must be a positive multiple of the global '
                        f'batch (config.batch_size={config.batch_size}), so that every step writes whole rows of '
                        f'every device shard; e.g. {max(1, c.queue_size // config.batch_size) * config.batch_size}.')
-    _check(0.0 <= c.momentum <= 1.0, 'contrastive.momentum', c.momentum, 'must be in [0, 1]')
+    check_field(0.0 <= c.momentum <= 1.0, 'contrastive.momentum', c.momentum, 'must be in [0, 1]')
     for name, allowed in (('momentum_schedule', MOMENTUM_SCHEDULES), ('kl_direction', KL_DIRECTIONS),
                           ('kl_stop_gradient', KL_STOP_GRADIENTS)):
-      _check(c[name] in allowed, f'contrastive.{name}', c[name], f'is not one of {allowed}')
-    _check(0.0 <= c.distill_weight <= 1.0, 'contrastive.distill_weight', c.distill_weight, 'must be in [0, 1]')
+      check_field(c[name] in allowed, f'contrastive.{name}', c[name], f'is not one of {allowed}')
+    check_field(0.0 <= c.distill_weight <= 1.0, 'contrastive.distill_weight', c.distill_weight, 'must be in [0, 1]')
     for name in ('distill_warmup_steps', 'kl_weight', 'filter_k', 'filter_warmup_steps'):
-      _check(c[name] >= 0, f'contrastive.{name}', c[name], 'must be >= 0')
-    _check(0.0 <= c.filter_stats_momentum < 1.0, 'contrastive.filter_stats_momentum', c.filter_stats_momentum,
+      check_field(c[name] >= 0, f'contrastive.{name}', c[name], 'must be >= 0')
+    check_field(0.0 <= c.filter_stats_momentum < 1.0, 'contrastive.filter_stats_momentum', c.filter_stats_momentum,
            'must be in [0, 1)')
     return cls(size=int(c.queue_size), momentum=float(c.momentum), momentum_schedule=c.momentum_schedule,
                distill_weight=float(c.distill_weight), distill_warmup_steps=int(c.distill_warmup_steps),
@@ -83,11 +84,11 @@ class MaskedModelingSettings:
     """None when both weights are 0."""
     m = config.mvlm
     for name in ('mlm_weight', 'mvm_weight'):
-      _check(m[name] >= 0, f'mvlm.{name}', m[name], 'must be >= 0 (0: off)')
+      check_field(m[name] >= 0, f'mvlm.{name}', m[name], 'must be >= 0 (0: off)')
     for name in ('text_mask_ratio', 'image_mask_ratio'):
-      _check(0.0 < m[name] < 1.0, f'mvlm.{name}', m[name], 'must be in (0, 1)')
+      check_field(0.0 < m[name] < 1.0, f'mvlm.{name}', m[name], 'must be in (0, 1)')
     patches = (config.model.image_size // config.model.image.patch_size)**2
-    _check(1 <= m.min_block_patches <= patches, 'mvlm.min_block_patches', m.min_block_patches,
+    check_field(1 <= m.min_block_patches <= patches, 'mvlm.min_block_patches', m.min_block_patches,
            f'must be in [1, {patches}] (the patches of a {config.model.image_size} px image)')
     if m.mvm_weight and config.data.name != 'embedded_scenes':
       # The visual-token codes are cached per image of an in-memory split; streamed sources would need the
@@ -116,10 +117,10 @@ class StepSettings:
       raise ValueError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
                        f'config.model.nested_dims has {len(dims)}: give one weight per nested dim.')
     for weight in config.loss.dim_weights:
-      _check(math.isfinite(weight) and weight >= 0, 'loss.dim_weights', tuple(config.loss.dim_weights),
+      check_field(math.isfinite(weight) and weight >= 0, 'loss.dim_weights', tuple(config.loss.dim_weights),
              'must be finite and >= 0')
     m = config.model
-    _check(0 < m.temperature_min <= m.temperature_init <= m.temperature_max, 'model.temperature_init',
+    check_field(0 < m.temperature_min <= m.temperature_init <= m.temperature_max, 'model.temperature_init',
            m.temperature_init, f'must lie in [temperature_min={m.temperature_min}, temperature_max='
            f'{m.temperature_max}], with temperature_min > 0')
     return cls(nested_dims=dims, dim_weights=tuple(float(w) for w in config.loss.dim_weights),
