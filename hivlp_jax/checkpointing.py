@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hivlp_jax import errors
 from hivlp_jax import files
 
 CHECKPOINTS = 'checkpoints'
@@ -138,8 +139,9 @@ class Checkpoints:
       self._quarantine(failed)
       return restored
     if steps:
-      raise RuntimeError(f'No checkpoint in {self.directory} could be restored (steps {steps}; the errors are '
-                         'logged above). Nothing was moved or deleted: fix or remove them, or use a new --workdir.')
+      raise errors.RunStateError(f'No checkpoint in {self.directory} could be restored (steps {steps}; the errors '
+                                 'are logged above). Nothing was moved or deleted: fix or remove them, or use a new '
+                                 '--workdir.')
     return target
 
   def _quarantine(self, steps: list[int]) -> None:
@@ -170,9 +172,9 @@ def restore_params(workdir: str, abstract_params, step: Optional[int] = None) ->
   checkpoints = Checkpoints(workdir, max_to_keep=1, create=False)
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if not steps:
-    raise FileNotFoundError(f'No checkpoint in {checkpoints.directory}: train there first.')
+    raise errors.MissingInputError(f'No checkpoint in {checkpoints.directory}: train there first.')
   if step is not None and step not in steps:
-    raise ValueError(f'--step={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
+    raise errors.InputError(f'--step={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
   item = {'params': abstract_params}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   for candidate in [step] if step is not None else steps:
@@ -201,8 +203,8 @@ def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[st
     try:
       saved = files.read_json(path)
     except ValueError as e:
-      raise ValueError(f'{path} is not valid JSON ({e}): it records the config of the run in that workdir. '
-                       'Restore it, or delete it to resume without the check.') from None
+      raise errors.InputError(f'{path} is not valid JSON ({e}): it records the config of the run in that workdir. '
+                              'Restore it, or delete it to resume without the check.') from None
     added = sorted(set(current) - set(saved))
     if added:
       logging.warning('Config fields new since the run in %s started (their current values apply): %s',
@@ -210,8 +212,8 @@ def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[st
     bad = [k for k in sorted(saved) if saved.get(k) != current.get(k) and not may_change(k)]
     if bad:
       details = '; '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in bad[:8])
-      raise ValueError(f'Workdir {str(path.parent)!r} holds {what} of another config ({details}). '
-                       'Use a new --workdir, or pass the same config to resume that run.')
+      raise errors.InputError(f'Workdir {str(path.parent)!r} holds {what} of another config ({details}). '
+                              'Use a new --workdir, or pass the same config to resume that run.')
   if jax.process_index() == 0:
     files.write_json(path, current)
 
@@ -240,9 +242,9 @@ class WorkdirLock:
       if owner.get('host') == me['host'] and not _pid_alive(int(owner.get('pid', -1))):
         logging.warning('Taking over the stale lock %s of process %s, which is gone.', self.path, owner.get('pid'))
       elif owner:
-        raise RuntimeError(f'Another run is training in this workdir: process {owner.get("pid")} on host '
-                           f'{owner.get("host")!r}, started {owner.get("started")} ({self.path}). Wait for it, '
-                           'use another --workdir, or delete the lock file if that run is gone.')
+        raise errors.RunStateError(f'Another run is training in this workdir: process {owner.get("pid")} on host '
+                                   f'{owner.get("host")!r}, started {owner.get("started")} ({self.path}). Wait for it, '
+                                   'use another --workdir, or delete the lock file if that run is gone.')
     files.write_json(self.path, me)
     self.held = True
     return self

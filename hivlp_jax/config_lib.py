@@ -3,15 +3,21 @@
 import importlib.util
 import json
 import math
+import re
+import sys
 
+from absl import flags
 import jax
 import ml_collections
 
 from hivlp_jax import checkpointing
-from hivlp_jax import files
+from hivlp_jax import errors
 from hivlp_jax import evaluate
+from hivlp_jax import files
 from hivlp_jax import settings
+from hivlp_jax.data import embedded_scenes
 from hivlp_jax.models import dvae
+from hivlp_jax.models import encoders
 from hivlp_jax.models import pretrained
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
@@ -20,6 +26,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_step
                     'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
+DTYPES = ('float32', 'bfloat16', 'float16')  # The towers' compute dtype; parameters stay float32.
 TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # encoders.TextTransformer, bert.BertTextTransformer.
 TOKENIZER_SPLITS = ('train', 'validation', 'test')
 
@@ -60,6 +67,32 @@ def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) ->
   return unknown
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for the entry points: a bad flag, a misspelt --config.x override or a config file
+  that does not load ends the program with one line naming it, instead of a traceback."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      flags.FLAGS.config.keys()  # config_flags loads the file lazily: fail here, naming it.
+    return remaining
+  except flags.IllegalFlagValueError as e:  # E.g. --config.batch_size=abc.
+    sys.exit(f'Bad flag value: {str(e).splitlines()[0]}')
+  except flags.UnrecognizedFlagError as e:
+    sys.exit(f'Unknown flag --{e.flagname}; --helpfull lists the flags.')
+  except OSError as e:  # A config file that does not exist or does not load.
+    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    sys.exit(f'The config file {paths[-1] if paths else ""!r} could not be loaded: '
+             f'{" ".join(str(e).split())[-300:]}')
+  except (AttributeError, KeyError) as e:
+    paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    unknown = unknown_override_keys(load_config_file(paths[-1]), argv) if paths else []
+    if not unknown:
+      raise
+    suggestion = re.search(r'Did you mean "(\w+)"', str(e))
+    hint = f' Did you mean {suggestion.group(1)!r}?' if suggestion else ''
+    sys.exit(f'Unknown config key {unknown[0]!r} on the command line.{hint} The config file lists the keys.')
+
+
 def _check_types(config: ml_collections.ConfigDict, default: ml_collections.ConfigDict, prefix: str = '') -> None:
   """Every field has the type of the default config's field (an int where a float is expected is fine)."""
   for key, expected in default.items():
@@ -88,6 +121,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from configs import default  # pylint: disable=g-import-not-at-top  (the reference for every field's type)
   _check_types(config, default.get_config())
   settings.check_field(config.data.name in DATA_SETS, 'data.name', config.data.name, f'is not one of {DATA_SETS}')
+  if config.data.name == 'embedded_scenes':
+    known = [c.name for c in embedded_scenes.EmbeddedScenes.BUILDER_CONFIGS]
+    settings.check_field(config.data.builder_config in known, 'data.builder_config', config.data.builder_config,
+                         f'is not one of the embedded scenes\' configs {known}')
+  settings.check_field(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'is not one of {DTYPES}')
+  image_init = config.model.image.init_checkpoint
+  settings.check_field(not image_init or files.path(image_init).exists(), 'model.image.init_checkpoint', image_init,
+                       'does not exist (a ViT .npz, see models/pretrained.py; empty: train from scratch)')
   for name in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
                'max_consecutive_nonfinite_steps', 'eval.batch_size'):
     value = config[name] if '.' not in name else config.eval[name.split('.')[1]]
@@ -103,15 +144,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     settings.check_field(0.0 <= opt[name] < 1.0, f'optimizer.{name}', opt[name], 'must be in [0, 1)')
   devices = jax.device_count()
   if config.batch_size % devices:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
-                     f'use a multiple of {devices}.')
+    raise errors.InputError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
+                            f'use a multiple of {devices}.')
   if config.model.image_size % config.model.image.patch_size:
-    raise ValueError(f'config.model.image_size={config.model.image_size} is not a multiple of '
-                     f'config.model.image.patch_size={config.model.image.patch_size}.')
+    raise errors.InputError(f'config.model.image_size={config.model.image_size} is not a multiple of '
+                            f'config.model.image.patch_size={config.model.image.patch_size}.')
   for tower in ('image', 'text'):
     width, heads = config.model[tower].width, config.model[tower].num_heads
     if width % heads:
-      raise ValueError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
+      raise errors.InputError(f'config.model.{tower}.width={width} is not divisible by num_heads={heads}.')
+  remat_choices = tuple(encoders.REMAT_POLICIES)
+  settings.check_field(config.model.remat in remat_choices, 'model.remat', config.model.remat,
+                       f'is not one of {remat_choices}')
   evaluate.validate_config(config)
   settings.StepSettings.from_config(config)
   if config.mvlm.mvm_weight:
@@ -123,24 +167,25 @@ def validate_text_tower(config: ml_collections.ConfigDict) -> None:
   """Checks config.model.text.architecture and the BERT checkpoint it may start from."""
   text = config.model.text
   if text.architecture not in TEXT_ARCHITECTURES:
-    raise ValueError(f'config.model.text.architecture={text.architecture!r} is not one of {TEXT_ARCHITECTURES}.')
+    raise errors.InputError(f'config.model.text.architecture={text.architecture!r} is not one of {TEXT_ARCHITECTURES}.')
   if not text.init_checkpoint:
     return
   if text.architecture != 'bert':
-    raise ValueError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} is a BERT checkpoint, which fits '
-                     f"only config.model.text.architecture='bert' (not {text.architecture!r}).")
+    raise errors.InputError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} is a BERT '
+                            "checkpoint, which fits only config.model.text.architecture='bert' "
+                            f'(not {text.architecture!r}).')
   try:
     prefix = pretrained.bert_checkpoint_prefix(text.init_checkpoint)
   except FileNotFoundError as e:
-    raise ValueError(f'config.model.text.init_checkpoint: {e}') from None
+    raise errors.InputError(f'config.model.text.init_checkpoint: {e}') from None
   # The checkpoint's word embeddings are rows of its vocab.txt: the tokenizer must read the same ids.
   checkpoint_vocab = f'{prefix.rpartition("/")[0] or "."}/vocab.txt'
   if not pretrained.gfile().exists(checkpoint_vocab):
     return
   if not config.data.vocab_file:
-    raise ValueError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} with an empty '
-                     f'config.data.vocab_file: a vocabulary trained on the captions would not match the '
-                     f"checkpoint's word embeddings. Set config.data.vocab_file={checkpoint_vocab!r}.")
+    raise errors.InputError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} with an empty '
+                            f'config.data.vocab_file: a vocabulary trained on the captions would not match the '
+                            f"checkpoint's word embeddings. Set config.data.vocab_file={checkpoint_vocab!r}.")
   if pretrained.gfile().exists(config.data.vocab_file):
     with pretrained.gfile().GFile(checkpoint_vocab) as f:
       expected = f.read().splitlines()
@@ -148,21 +193,23 @@ def validate_text_tower(config: ml_collections.ConfigDict) -> None:
       actual = f.read().splitlines()
     rows = min(len(expected), len(actual))
     if expected[:rows] != actual[:rows]:
-      raise ValueError(f'config.data.vocab_file={config.data.vocab_file!r} differs from the vocab.txt of '
-                       f'config.model.text.init_checkpoint ({checkpoint_vocab}): the token ids would index the '
-                       'wrong rows of its word embeddings. Use that vocab.txt (extending it at the end is fine).')
+      raise errors.InputError(f'config.data.vocab_file={config.data.vocab_file!r} differs from the vocab.txt of '
+                              f'config.model.text.init_checkpoint ({checkpoint_vocab}): the token ids would index '
+                              'the wrong rows of its word embeddings. Use that vocab.txt (extending it at the end is '
+                              'fine).')
 
 
 def validate_visual_tokenizer(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field when config.visual_tokenizer cannot train or serve codes."""
   vt = config.visual_tokenizer
   if config.model.image_size % config.model.image.patch_size:
-    raise ValueError(f'config.model.image_size={config.model.image_size} is not a multiple of '
-                     f'config.model.image.patch_size={config.model.image.patch_size}: the code grid is the patch grid.')
+    raise errors.InputError(f'config.model.image_size={config.model.image_size} is not a multiple of '
+                            f'config.model.image.patch_size={config.model.image.patch_size}: the code grid is the '
+                            'patch grid.')
   try:
     dvae.num_downsamplings(config.model.image.patch_size)
   except ValueError as e:
-    raise ValueError(f'config.model.image.patch_size: {e}') from None
+    raise errors.InputError(f'config.model.image.patch_size: {e}') from None
   settings.check_field(vt.codebook_size >= 2, 'visual_tokenizer.codebook_size', vt.codebook_size, 'must be >= 2')
   for name in ('hidden_dim', 'code_dim', 'batch_size', 'learning_rate', 'temperature_start', 'temperature_end',
                'log_every_steps', 'checkpoint_every_steps'):
@@ -170,13 +217,13 @@ def validate_visual_tokenizer(config: ml_collections.ConfigDict) -> None:
   for name in ('num_train_steps', 'warmup_steps', 'num_res_blocks', 'kl_weight', 'weight_decay'):
     settings.check_field(vt[name] >= 0, f'visual_tokenizer.{name}', vt[name], 'must be >= 0')
   if vt.temperature_end > vt.temperature_start:
-    raise ValueError(f'config.visual_tokenizer.temperature_end={vt.temperature_end} must be <= '
-                     f'temperature_start={vt.temperature_start} (the temperature is annealed down).')
+    raise errors.InputError(f'config.visual_tokenizer.temperature_end={vt.temperature_end} must be <= '
+                            f'temperature_start={vt.temperature_start} (the temperature is annealed down).')
   settings.check_field(vt.eval_split in TOKENIZER_SPLITS, 'visual_tokenizer.eval_split', vt.eval_split,
          f'is not one of {TOKENIZER_SPLITS}')
   if vt.batch_size % jax.device_count():
-    raise ValueError(f'config.visual_tokenizer.batch_size={vt.batch_size} is not divisible by the '
-                     f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
+    raise errors.InputError(f'config.visual_tokenizer.batch_size={vt.batch_size} is not divisible by the '
+                            f'{jax.device_count()} devices; use a multiple of {jax.device_count()}.')
 
 
 def may_change_on_resume(key: str) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 from etils import epath
 import numpy as np
 
+from hivlp_jax import errors
+
 Path = epath.Path
 PathLike = epath.PathLike
 
@@ -25,6 +27,15 @@ def absolute(p: PathLike) -> epath.Path:
   """`p` as an absolute path (local paths are resolved against the working directory; URIs stay)."""
   p = path(p)
   return p if '://' in str(p) else epath.Path(os.path.abspath(p))
+
+
+def make_dir(p: PathLike, flag: str = '--workdir') -> epath.Path:
+  """Creates the folder `p` (with its parents); a path that is a file is refused, naming `flag`."""
+  folder = path(p)
+  if folder.exists() and not folder.is_dir():
+    raise errors.InputError(f'{flag}={str(p)!r} is a file, not a folder: pass a folder (new or a run\'s).')
+  folder.mkdir(parents=True, exist_ok=True)
+  return folder
 
 
 def _replace_with(target: epath.Path, data: bytes) -> None:
@@ -57,6 +68,14 @@ def save_npy(p: PathLike, array: np.ndarray) -> None:
   buffer = io.BytesIO()
   np.save(buffer, np.asarray(array))
   _replace_with(path(p), buffer.getvalue())
+
+
+def copy_tree(source: PathLike, destination: PathLike) -> None:
+  """Copies every file below `source` to the same relative path below `destination` (local or not)."""
+  source = path(source)
+  for root, _, names in source.walk():  # walk, not rglob: epath refuses recursive globs.
+    for name in names:
+      write_bytes(path(destination) / (root / name).relative_to(source), (root / name).read_bytes())
 
 
 def load_npy(p: PathLike) -> np.ndarray:

@@ -23,7 +23,8 @@ The saved embeddings double as a cache: `cached_embeddings(directory, step, sour
 they were computed at `step` from `source` and their file is intact, so a caller can skip embedding the
 gallery again.
 
-ScaNN reads and writes its own files (`serialize`, `load_searcher`): its directory must be local.
+ScaNN reads and writes its own files (`serialize`, `load_searcher`) on a local disk only: its files are staged
+through a local temporary directory and copied with `files`, so the index may live in a bucket like the workdir.
 """
 
 import dataclasses
@@ -31,12 +32,14 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 from absl import logging
 import numpy as np
 
 from hivlp_jax import coarse_to_fine
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax import retrieval
 
@@ -165,8 +168,10 @@ def save(directory: files.PathLike, searcher, embeddings: np.ndarray, manifest: 
   if tmp.exists():
     tmp.rmtree()
   (tmp / SCANN_DIR).mkdir(parents=True)
-  # Relative asset paths, so the directory still loads after the rename below (or a move).
-  searcher.serialize(str(tmp / SCANN_DIR), relative_path=True)
+  with tempfile.TemporaryDirectory() as local:
+    # Relative asset paths, so the files still load from another directory (see _load_searcher).
+    searcher.serialize(local, relative_path=True)
+    files.copy_tree(local, tmp / SCANN_DIR)
   files.save_npy(tmp / EMBEDDINGS, embeddings)
   manifest = manifest | {'files': file_records(tmp)}
   files.write_json(tmp / MANIFEST, manifest)  # Last: its presence marks a complete index.
@@ -180,14 +185,16 @@ def save(directory: files.PathLike, searcher, embeddings: np.ndarray, manifest: 
 
 def _load_searcher(directory: files.PathLike):
   import scann  # pylint: disable=g-import-not-at-top  # Imports TensorFlow: only when used.
-  return scann.scann_ops_pybind.load_searcher(str(files.path(directory) / SCANN_DIR))
+  with tempfile.TemporaryDirectory() as local:
+    files.copy_tree(files.path(directory) / SCANN_DIR, local)
+    return scann.scann_ops_pybind.load_searcher(local)
 
 
 def load(directory: files.PathLike) -> StoredIndex:
   """Loads an index directory (no staleness check); IOError names a damaged file (`damaged_files`)."""
   manifest = read_manifest(directory)
   if manifest is None:
-    raise FileNotFoundError(f'No readable {MANIFEST} in {directory}.')
+    raise errors.MissingInputError(f'No readable {MANIFEST} in {directory}.')
   damaged = damaged_files(directory, manifest)
   if damaged:
     raise IOError(f'Damaged index in {directory}: {"; ".join(damaged)}.')

@@ -43,6 +43,8 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax import gallery as gallery_lib
 from hivlp_jax import log_filter
@@ -190,25 +192,26 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
   `backend`: 'auto', 'rerank' or 'truncate' (`coarse_to_fine.TwoStageSearch`); None: the config's
   eval.two_stage_backend."""
   if not texts and not images:
-    raise ValueError('Give at least one query: a text or an image.')
+    raise errors.InputError('Give at least one query: a text or an image.')
   if k < 1:
-    raise ValueError(f'k={k} must be at least 1.')
+    raise errors.InputError(f'k={k} must be at least 1.')
   if backend is not None and backend not in retrieval.BACKENDS:
-    raise ValueError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
+    raise errors.InputError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
   missing = [path for path in images if not files.path(path).is_file()]
   if missing:  # Before the seconds it takes to restore the run.
-    raise FileNotFoundError(f'No such image file: {", ".join(missing)}.')
+    raise errors.MissingInputError(f'No such image file: {", ".join(missing)}.')
   out = out or sys.stdout
   run = gallery_lib.load_run(workdir, config)
   default_dim, default_shortlist = (tuple(run.config.eval.two_stage[0]) if run.config.eval.two_stage
                                     else (run.config.model.nested_dims[0], 100))
-  coarse_dim, shortlist = coarse_dim or default_dim, shortlist or default_shortlist
+  coarse_dim = default_dim if coarse_dim is None else coarse_dim  # 0 is refused below, not defaulted.
+  shortlist = default_shortlist if shortlist is None else shortlist
   backend = backend or run.config.eval.two_stage_backend
   settings = retrieval.ScannSettings.from_config(run.config.eval.scann)
   if not 0 < coarse_dim <= run.config.model.embed_dim:
-    raise ValueError(f'coarse_dim={coarse_dim} is not in [1, the embedding dim {run.config.model.embed_dim}].')
+    raise errors.InputError(f'coarse_dim={coarse_dim} is not in [1, the embedding dim {run.config.model.embed_dim}].')
   if shortlist < 1:
-    raise ValueError(f'shortlist={shortlist} must be at least 1.')
+    raise errors.InputError(f'shortlist={shortlist} must be at least 1.')
   if image_dir:
     image_gallery = gallery_lib.folder_gallery(image_dir, run.config.model.image_size)
     caption_gallery = image_gallery  # A folder has no captions: image queries find similar images.
@@ -259,6 +262,7 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['workdir'])
 
 
+@errors.one_line_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -271,4 +275,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

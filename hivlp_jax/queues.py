@@ -29,6 +29,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from hivlp_jax import errors
+
 # Logit of an empty slot: exp() of it underflows to exactly 0, and it stays finite, so gradients do too.
 EMPTY_SLOT_LOGIT = -1e9
 
@@ -66,7 +68,7 @@ def pmap_device_order(local_devices: Sequence[jax.Device]) -> list[jax.Device]:
 @functools.lru_cache
 def _multi_process_device_order(local_devices: tuple[jax.Device, ...]) -> tuple[jax.Device, ...]:
   if list(local_devices) != jax.local_devices():
-    raise ValueError('A multi-process pmap runs over all local devices: pass jax.local_devices().')
+    raise errors.InputError('A multi-process pmap runs over all local devices: pass jax.local_devices().')
   axis_index = jax.pmap(lambda _: jax.lax.axis_index('i'), axis_name='i')(np.zeros(len(local_devices)))
   pairs = np.stack([np.asarray(axis_index), [d.id for d in local_devices]], axis=1).astype(np.int64)
   pairs = np.asarray(multihost_utils.process_allgather(pairs, tiled=True))  # [n, 2] over all processes.
@@ -113,7 +115,7 @@ def global_to_shards(queues: QueueState, local_devices: Sequence[jax.Device],
       return stack([by_device[d] for d in local_devices])
     host = np.asarray(leaf)
     if len(host) % len(device_order):
-      raise ValueError(f'A queue of {len(host)} pairs cannot be split over {len(device_order)} devices evenly.')
+      raise errors.InputError(f'A queue of {len(host)} pairs cannot be split over {len(device_order)} devices evenly.')
     size = len(host) // len(device_order)
     return stack([jax.device_put(host[axis_index[d] * size:(axis_index[d] + 1) * size], d) for d in local_devices])
   position = np.asarray(queues.position, np.int32)

@@ -1,8 +1,9 @@
 """Frozen settings of the train step, read from the config and validated once at start-up.
 
 The step is composed from loss terms chosen here: the contrastive loss at every nested dim (in-batch
-negatives, or momentum keys and queues with distillation, KL alignment and the noisy-pair filter) and the
-masked-token losses. A bad value fails in `StepSettings.from_config` with a message naming the field.
+negatives, or momentum keys and queues with distillation, KL alignment and the noisy-pair filter; or SigLIP's
+in-batch sigmoid loss) and the masked-token losses. A bad value fails in `StepSettings.from_config` with a
+message naming the field.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ from typing import Optional
 
 import ml_collections
 
+from hivlp_jax import errors
 from hivlp_jax.models import matryoshka
 
 MOMENTUM_SCHEDULES = ('constant', 'cosine')
@@ -18,12 +20,16 @@ MOMENTUM_SCHEDULES = ('constant', 'cosine')
 KL_DIRECTIONS = ('i2t_t2i', 't2i_i2t', 'symmetric')
 # 'target': no gradient through the first argument of each KL (the distribution the other is pulled to).
 KL_STOP_GRADIENTS = ('none', 'target')
+# config.loss.kind: 'softmax' (InfoNCE, in-batch or over the queues) or 'sigmoid' (SigLIP, in-batch only).
+LOSS_KINDS = ('softmax', 'sigmoid')
+# What the sigmoid loss cannot serve: they all come with the momentum queues of the softmax loss.
+SIGMOID_REFUSED = ('queue_size', 'distill_weight', 'kl_weight', 'filter_noisy_pairs')
 
 
 def check_field(condition: bool, field: str, value, requirement: str) -> None:
   """Raises ValueError('config.FIELD=VALUE REQUIREMENT.') unless `condition` holds."""
   if not condition:
-    raise ValueError(f'config.{field}={value!r} {requirement}.')
+    raise errors.InputError(f'config.{field}={value!r} {requirement}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +59,10 @@ class QueueSettings:
                'config.contrastive.queue_size to a multiple of config.batch_size')
       return None
     if c.queue_size % config.batch_size:
-      raise ValueError(f'config.contrastive.queue_size={c.queue_size} must be a positive multiple of the global '
-                       f'batch (config.batch_size={config.batch_size}), so that every step writes whole rows of '
-                       f'every device shard; e.g. {max(1, c.queue_size // config.batch_size) * config.batch_size}.')
+      raise errors.InputError(f'config.contrastive.queue_size={c.queue_size} must be a positive multiple of the global '
+                              f'batch (config.batch_size={config.batch_size}), so that every step writes whole rows '
+                              'of every device shard; e.g. '
+                              f'{max(1, c.queue_size // config.batch_size) * config.batch_size}.')
     check_field(0.0 <= c.momentum <= 1.0, 'contrastive.momentum', c.momentum, 'must be in [0, 1]')
     for name, allowed in (('momentum_schedule', MOMENTUM_SCHEDULES), ('kl_direction', KL_DIRECTIONS),
                           ('kl_stop_gradient', KL_STOP_GRADIENTS)):
@@ -93,8 +100,8 @@ class MaskedModelingSettings:
     if m.mvm_weight and config.data.name != 'embedded_scenes':
       # The visual-token codes are cached per image of an in-memory split; streamed sources would need the
       # frozen tokenizer inside the step.
-      raise ValueError(f'config.mvlm.mvm_weight={m.mvm_weight}: masked vision modeling runs on the embedded data '
-                       f'set only so far, not on {config.data.name!r}; set it to 0.')
+      raise errors.InputError(f'config.mvlm.mvm_weight={m.mvm_weight}: masked vision modeling runs on the '
+                              f'embedded data set only so far, not on {config.data.name!r}; set it to 0.')
     if not (m.mlm_weight or m.mvm_weight):
       return None
     return cls(mlm_weight=float(m.mlm_weight), mvm_weight=float(m.mvm_weight))
@@ -105,6 +112,7 @@ class StepSettings:
   """Everything the train step needs from the config, hashable and fixed for the run."""
   nested_dims: tuple[int, ...]
   dim_weights: tuple[float, ...]
+  loss_kind: str  # One of LOSS_KINDS.
   num_train_steps: int
   log_temperature_range: tuple[float, float]  # The learned log temperature is clamped to it after each update.
   queue: Optional[QueueSettings]
@@ -114,16 +122,25 @@ class StepSettings:
   def from_config(cls, config: ml_collections.ConfigDict) -> 'StepSettings':
     dims = matryoshka.validate_dims(config.model.nested_dims, config.model.embed_dim)
     if len(config.loss.dim_weights) != len(dims):
-      raise ValueError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
-                       f'config.model.nested_dims has {len(dims)}: give one weight per nested dim.')
+      raise errors.InputError(f'config.loss.dim_weights has {len(config.loss.dim_weights)} entries but '
+                              f'config.model.nested_dims has {len(dims)}: give one weight per nested dim.')
     for weight in config.loss.dim_weights:
       check_field(math.isfinite(weight) and weight >= 0, 'loss.dim_weights', tuple(config.loss.dim_weights),
              'must be finite and >= 0')
     m = config.model
-    check_field(0 < m.temperature_min <= m.temperature_init <= m.temperature_max, 'model.temperature_init',
-           m.temperature_init, f'must lie in [temperature_min={m.temperature_min}, temperature_max='
-           f'{m.temperature_max}], with temperature_min > 0')
-    return cls(nested_dims=dims, dim_weights=tuple(float(w) for w in config.loss.dim_weights),
+    check_field(0 < m.temperature_min, 'model.temperature_min', m.temperature_min, 'must be > 0 (its log is taken)')
+    check_field(m.temperature_min <= m.temperature_init <= m.temperature_max, 'model.temperature_init',
+                m.temperature_init, f'must lie in [temperature_min={m.temperature_min}, temperature_max='
+                f'{m.temperature_max}]')
+    kind = config.loss.kind
+    check_field(kind in LOSS_KINDS, 'loss.kind', kind, f'is not one of {LOSS_KINDS}')
+    refused = [f'config.contrastive.{name}={config.contrastive[name]!r}' for name in SIGMOID_REFUSED
+               if kind == 'sigmoid' and config.contrastive[name]]
+    if refused:
+      raise errors.InputError(f"config.loss.kind='sigmoid' cannot serve {', '.join(refused)}: the sigmoid loss "
+                              'trains on in-batch pairs only (no momentum queues, distillation, KL alignment or '
+                              "noisy-pair filter). Set them to 0 / False, or use config.loss.kind='softmax'.")
+    return cls(nested_dims=dims, dim_weights=tuple(float(w) for w in config.loss.dim_weights), loss_kind=kind,
                num_train_steps=int(config.num_train_steps),
                log_temperature_range=(math.log(m.temperature_min), math.log(m.temperature_max)),
                queue=QueueSettings.from_config(config), masked_modeling=MaskedModelingSettings.from_config(config))

@@ -19,6 +19,7 @@ import numpy as np
 
 from hivlp_jax import checkpointing
 from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import evaluators
 from hivlp_jax import files
 from hivlp_jax import masking
@@ -134,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpointing when SIGTERM/SIGINT arrives.
   """
   config_lib.validate(config)
-  files.path(workdir).mkdir(parents=True, exist_ok=True)
+  files.make_dir(workdir)
   with checkpointing.WorkdirLock(workdir), StopSignals() as signals:
     return _train_and_evaluate(config, workdir, stop_after_step, signals)
 
@@ -143,6 +144,10 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
   # clu's writers import TensorFlow (seconds, 700 MiB): only the training loop needs them, not the step.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  run_dir = files.path(workdir)
+  if (run_dir / checkpointing.CHECKPOINTS).exists() and not (run_dir / config_lib.CONFIG_FILE).exists():
+    logging.warning('%s holds checkpoints but no %s: the config cannot be checked against them.', workdir,
+                    config_lib.CONFIG_FILE)
   config_lib.check_workdir_config(workdir, config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
 
@@ -186,7 +191,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
       nonfinite_run = int(state.nonfinite_steps[0])
       if nonfinite_run >= config.max_consecutive_nonfinite_steps:
         checkpoints.wait()
-        raise FloatingPointError(
+        raise errors.NonFiniteError(
             f'The loss, gradient or update was not finite for {nonfinite_run} steps in a row up to step {step}; '
             f'those steps were skipped and nothing non-finite was checkpointed. The last good checkpoint is in '
             f'{checkpoints.directory} (steps {checkpoints.all_steps()}). Lower config.optimizer.learning_rate '

@@ -24,6 +24,7 @@ import optax
 
 from hivlp_jax import checkpointing
 from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax import optim
 from hivlp_jax import replication
@@ -198,7 +199,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   config_lib.validate_visual_tokenizer(config)
   vt = config.visual_tokenizer
-  files.path(workdir).mkdir(parents=True, exist_ok=True)
+  files.make_dir(workdir)
   _check_workdir(workdir, config)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -239,7 +240,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
       summary['examples_per_sec'] = len(pending_metrics) * vt.batch_size / (time.perf_counter() - window_start)
       writer.write_scalars(step, summary)
       if not np.isfinite(summary['loss']):
-        raise FloatingPointError(f'The visual tokenizer loss is {summary["loss"]} at step {step}; lower '
+        raise errors.NonFiniteError(f'The visual tokenizer loss is {summary["loss"]} at step {step}; lower '
                                  'config.visual_tokenizer.learning_rate.')
       pending_metrics, window_start = [], time.perf_counter()
     if step % vt.checkpoint_every_steps == 0 or last:
@@ -282,17 +283,18 @@ def check_codes(codes: np.ndarray, config: ml_collections.ConfigDict, num_images
   grid = grid_size(config)
   vt = config.visual_tokenizer
   if codes.ndim != 3 or codes.shape[1:] != (grid, grid):
-    raise ValueError(f'{source} holds codes of shape {codes.shape}, but config.model.image_size='
-                     f'{config.model.image_size} / config.model.image.patch_size={config.model.image.patch_size} '
-                     f'needs a grid of {grid}x{grid}: [num_images, {grid}, {grid}].')
+    raise errors.InputError(f'{source} holds codes of shape {codes.shape}, but config.model.image_size='
+                            f'{config.model.image_size} / config.model.image.patch_size='
+                            f'{config.model.image.patch_size} '
+                            f'needs a grid of {grid}x{grid}: [num_images, {grid}, {grid}].')
   if codes.shape[0] != num_images:
-    raise ValueError(f'{source} holds codes for {codes.shape[0]} images, but the split has {num_images} '
-                     f'(config.data.name={config.data.name!r}, builder_config={config.data.builder_config!r}).')
+    raise errors.InputError(f'{source} holds codes for {codes.shape[0]} images, but the split has {num_images} '
+                            f'(config.data.name={config.data.name!r}, builder_config={config.data.builder_config!r}).')
   if not np.issubdtype(codes.dtype, np.integer):
-    raise ValueError(f'{source} holds {codes.dtype} codes; they must be integers.')
+    raise errors.InputError(f'{source} holds {codes.dtype} codes; they must be integers.')
   if codes.size and (codes.min() < 0 or codes.max() >= vt.codebook_size):
-    raise ValueError(f'{source} holds codes in [{codes.min()}, {codes.max()}], outside [0, '
-                     f'config.visual_tokenizer.codebook_size={vt.codebook_size}).')
+    raise errors.InputError(f'{source} holds codes in [{codes.min()}, {codes.max()}], outside [0, '
+                            f'config.visual_tokenizer.codebook_size={vt.codebook_size}).')
   return codes.astype(np.int32)
 
 
@@ -306,7 +308,7 @@ def restore_model(workdir: str, config: ml_collections.ConfigDict):
   try:
     params, _ = checkpointing.restore_params(workdir, abstract)
   except FileNotFoundError:
-    raise FileNotFoundError(f'No checkpoint in {workdir}: train the tokenizer first ({COMMAND}).') from None
+    raise errors.MissingInputError(f'No checkpoint in {workdir}: train the tokenizer first ({COMMAND}).') from None
   return model, params
 
 
@@ -324,27 +326,27 @@ def load_codes(config: ml_collections.ConfigDict, split: str = 'train', num_imag
     num_images = _split_num_images(config, split)
   if vt.codes_file:
     if '{split}' not in vt.codes_file and split != 'train':
-      raise ValueError(f'config.visual_tokenizer.codes_file={vt.codes_file!r} holds the codes of the training '
-                       f'split; for the {split!r} split put "{{split}}" in its name.')
+      raise errors.InputError(f'config.visual_tokenizer.codes_file={vt.codes_file!r} holds the codes of the training '
+                              f'split; for the {split!r} split put "{{split}}" in its name.')
     path = vt.codes_file.replace('{split}', split)
     if not files.path(path).exists():
-      raise FileNotFoundError(f'config.visual_tokenizer.codes_file={vt.codes_file!r}: {path} does not exist.')
+      raise errors.MissingInputError(f'config.visual_tokenizer.codes_file={vt.codes_file!r}: {path} does not exist.')
     return check_codes(files.load_npy(path), config, num_images, f'config.visual_tokenizer.codes_file {path}')
   if not vt.workdir:
-    raise ValueError('No visual tokens: set config.visual_tokenizer.workdir to a tokenizer stage workdir '
-                     f'(train one with {COMMAND}), or config.visual_tokenizer.codes_file to a .npy of codes.')
+    raise errors.InputError('No visual tokens: set config.visual_tokenizer.workdir to a tokenizer stage workdir '
+                            f'(train one with {COMMAND}), or config.visual_tokenizer.codes_file to a .npy of codes.')
   path = files.path(vt.workdir) / f'codes-{split}.npy'
   source = f'config.visual_tokenizer.workdir={vt.workdir!r} ({path.name})'
   if path.exists():
     return check_codes(files.load_npy(path), config, num_images, source)
   if not (files.path(vt.workdir) / MODEL_FILE).exists():
-    raise FileNotFoundError(f'config.visual_tokenizer.workdir={vt.workdir!r} holds no trained visual tokenizer; '
-                            f'train one there with {COMMAND}.')
+    raise errors.MissingInputError(f'config.visual_tokenizer.workdir={vt.workdir!r} holds no trained visual tokenizer; '
+                                   f'train one there with {COMMAND}.')
   model, params = restore_model(vt.workdir, config)
   if (model.image_size, model.patch_size) != (config.model.image_size, config.model.image.patch_size):
-    raise ValueError(f'{source}: its tokenizer was trained for image_size={model.image_size}, patch_size='
-                     f'{model.patch_size}, but config.model has image_size={config.model.image_size}, '
-                     f'image.patch_size={config.model.image.patch_size}.')
+    raise errors.InputError(f'{source}: its tokenizer was trained for image_size={model.image_size}, patch_size='
+                            f'{model.patch_size}, but config.model has image_size={config.model.image_size}, '
+                            f'image.patch_size={config.model.image.patch_size}.')
   logging.info('Computing the visual tokens of the %s split with the tokenizer in %s.', split, vt.workdir)
   images = pipeline.load_split(config, split, pipeline.get_tokenizer(config)).images
   params_replicated = replication.replicate(params)

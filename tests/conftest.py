@@ -1,10 +1,18 @@
 """Test set-up: 4 simulated CPU devices (set before jax is imported) and a tiny generated data set."""
 
+import builtins
+import contextlib
 import os
+import traceback
+import unittest.mock
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# XLA's compile of the train step dominates the suite's time, and many tests compile the same programs (each
+# run builds its own pmap): the persistent cache compiles each once, for subprocesses too (they inherit it).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), '.jax_cache'))
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -25,3 +33,42 @@ def tiny_config(data_dir: str):
   config = tiny.get_config()
   config.data.data_dir = data_dir
   return config
+
+
+# Libraries that serve object stores themselves: a workdir file they open is fine (orbax, TensorFlow's gfile
+# behind clu's writers, and etils.epath, the path layer hivlp_jax.files wraps).
+_PATH_LAYERS = ('/etils/epath/', '/orbax/', '/tensorflow/', '/tensorstore/')
+
+
+@contextlib.contextmanager
+def workdir_io_guard(root: str):
+  """Fails when a file below `root` is opened, replaced or renamed by a call that bypasses the path layer
+  (a plain open(), np.save(path), os.replace in our code or a library): such a call breaks on gs:// workdirs.
+
+  epath offers no object store that a test can create, so this is the check that every workdir file goes
+  through hivlp_jax.files (etils.epath)."""
+  root = os.path.realpath(root)
+  real = {'open': builtins.open, 'replace': os.replace, 'rename': os.rename}
+  bypasses = []
+
+  def check(target):
+    if isinstance(target, int):
+      return
+    if not os.path.realpath(os.fspath(target)).startswith(root):
+      return
+    stack = traceback.extract_stack()[:-2]
+    if not any(layer in frame.filename for frame in stack for layer in _PATH_LAYERS):
+      bypasses.append(f'{target}\n' + ''.join(traceback.format_list(stack[-4:])))
+
+  def guarded(name):
+    def call(target, *args, **kwargs):
+      check(target)
+      if name != 'open':
+        check(args[0])
+      return real[name](target, *args, **kwargs)
+    return call
+
+  with unittest.mock.patch('builtins.open', guarded('open')), \
+       unittest.mock.patch('os.replace', guarded('replace')), unittest.mock.patch('os.rename', guarded('rename')):
+    yield
+  assert not bypasses, f'{len(bypasses)} workdir files bypassed hivlp_jax.files, e.g. {bypasses[0]}'

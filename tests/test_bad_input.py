@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from configs import web_pretrain
+from hivlp_jax import errors
+from hivlp_jax import files
 from hivlp_jax.data import karpathy
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import sources
@@ -96,6 +98,12 @@ def test_check_split_names_missing_evaluation_images(tmp_path, tokenizer):
   with pytest.raises(FileNotFoundError, match=r"2 of the 4 flickr30k test images are missing, e.g. \['.*1004.jpg', "
                                               r"'.*1006.jpg'\]"):
     pipeline.check_split(config, 'test', tokenizer)
+  damaged = tmp_path / 'damaged'
+  _write_flickr_manual_dir(damaged, ['train'] * 3 + ['test'] * 4)
+  (damaged / 'flickr30k-images' / '1005.jpg').write_bytes(b'not a JPEG')  # Found before training, not after.
+  with pytest.raises(errors.InputError, match=r"1 of the 4 flickr30k test images are not readable images, e.g. "
+                                              r"\['.*1005.jpg'\]"):
+    pipeline.check_split(_data_config('flickr30k', damaged), 'test', tokenizer)
   assert pipeline.check_split(config, 'train', tokenizer) == 3
   config.data.captions_per_image = 6
   with pytest.raises(ValueError, match='3 flickr30k train images have fewer than 6 captions'):
@@ -109,6 +117,28 @@ def test_check_split_names_missing_evaluation_images(tmp_path, tokenizer):
   assert not os.path.exists(tmp_path / 'nothing_built')
   with pytest.raises(ValueError, match="Unknown split 'testing'"):
     pipeline.check_split(embedded, 'testing', tokenizer)
+
+
+def test_one_line_errors_end_only_input_errors_and_a_file_is_no_workdir(tmp_path):
+  @errors.one_line_errors
+  def main(error):
+    raise error
+
+  with pytest.raises(SystemExit, match=r'^Error: no vocab\.txt$'):
+    main(errors.MissingInputError('no vocab.txt'))
+  with pytest.raises(ValueError, match='a bug'):  # Not an InputError: the traceback stays.
+    main(ValueError('a bug'))
+  (tmp_path / 'run').write_text('notes')
+  with pytest.raises(errors.InputError, match=r"--workdir='.*run' is a file, not a folder"):
+    files.make_dir(tmp_path / 'run')
+  assert files.make_dir(tmp_path / 'a' / 'b').is_dir()
+
+
+def test_the_trained_vocabulary_is_named_by_its_size(tmp_path):
+  config = tiny_config(str(tmp_path))
+  small = pipeline.vocab_file(config)
+  config.data.vocab_size = 50
+  assert pipeline.vocab_file(config) != small and pipeline.vocab_file(config).endswith('vocab50.txt')
 
 
 # -- Damaged web shards.

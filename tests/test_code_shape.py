@@ -3,7 +3,11 @@
 import ast
 import pathlib
 
+import numpy as np
 import pytest
+
+from hivlp_jax import files
+from tests.conftest import workdir_io_guard
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'hivlp_jax'
 MAX_LINES = 360
@@ -91,3 +95,13 @@ def test_files_are_read_and_written_through_the_path_layer(path):
         continue
       bad.append(f'line {node.lineno}: {_call_name(node)}(...)')
   assert not bad, f'{path.name} bypasses hivlp_jax/files.py: {bad}'
+
+
+def test_the_workdir_io_guard_catches_a_bypass_and_lets_the_path_layer_through(tmp_path):
+  with workdir_io_guard(str(tmp_path)):
+    files.write_json(tmp_path / 'ok.json', {'a': 1})
+    files.save_npy(tmp_path / 'ok.npy', np.zeros(3))
+    assert files.read_json(tmp_path / 'ok.json') == {'a': 1}
+  with pytest.raises(AssertionError, match='1 workdir files bypassed hivlp_jax.files'):
+    with workdir_io_guard(str(tmp_path)):
+      np.save(str(tmp_path / 'bypass.npy'), np.zeros(3))  # numpy's own open(): what breaks on gs://.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import train_step
 from tests.conftest import tiny_config
 
@@ -63,16 +64,38 @@ def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
   assert int(state.step[0]) == 1
 
 
-def test_unknown_config_key_is_named():
-  result = subprocess.run(
-      [sys.executable, '-m', 'hivlp_jax.main', '--config=configs/default.py', '--workdir=unused',
-       '--config.model.nestd_dims=(8,16)'], capture_output=True, text=True, timeout=120, check=False)
-  assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == (
-      "Unknown config key 'config.model.nestd_dims' on the command line. Did you mean 'nested_dims'? "
-      'The config file lists the keys.')
+@pytest.mark.parametrize('args, last_line', [
+    (['--config.model.nestd_dims=(8,16)'], "Unknown config key 'config.model.nestd_dims' on the command line. Did "
+     "you mean 'nested_dims'? The config file lists the keys."),
+    (['--config.optimizer.learning_rate=-1'], 'Error: config.optimizer.learning_rate=-1.0 must be finite and >= 0.'),
+    (['--confg.batch_size=8'], 'Unknown flag --confg.batch_size; --helpfull lists the flags.'),
+    (['--config=configs/tinny.py'], "The config file 'configs/tinny.py' could not be loaded: "),
+    (['--workdir=README.md'], "Error: --workdir='README.md' is a file, not a folder: pass a folder (new or a run's)."),
+])
+def test_command_line_errors_are_one_line_naming_the_input(args, last_line):
+  argv = ['--config=configs/tiny.py', '--workdir=unused', *args]
+  result = subprocess.run([sys.executable, '-m', 'hivlp_jax.main', *argv], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(last_line)
+  assert not os.path.exists('unused')
+
+
+def test_unknown_override_keys():
   assert config_lib.unknown_override_keys(config_lib.load_config_file('configs/default.py'),
                                           ['--config.model.image.width=3', '--config.nope.x=1']) == ['config.nope.x']
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.dtype=float8', "model.dtype='float8' is not one of"),
+    ('--config.data.builder_config=huge', "data.builder_config='huge' is not one of the embedded scenes' configs"),
+    ('--config.model.image.init_checkpoint=nowhere/ViT.npz', "init_checkpoint='nowhere/ViT.npz' does not exist"),
+    ('--config.model.temperature_min=0.0', r'model.temperature_min=0.0 must be > 0'),
+])
+def test_bad_model_and_data_fields_are_named(override, message):
+  with pytest.raises(errors.InputError, match=message):
+    config_lib.validate(_parse('--config=configs/tiny.py', override))
 
 
 def test_nested_dims_not_increasing_are_named():

@@ -17,6 +17,7 @@ import pytest
 from hivlp_jax import checkpointing
 from hivlp_jax import coarse_to_fine
 from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import gallery as gallery_lib
 from hivlp_jax import index_store
@@ -26,6 +27,7 @@ from hivlp_jax import train
 from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
+from tests.conftest import workdir_io_guard
 
 TEXT = 'a small red circle in the top left'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +46,8 @@ def _config(data_dir):
 def run_dir(data_dir, tmp_path_factory):
   """A tiny run trained for 150 steps (of 151: stopping early skips the final evaluation, not needed here)."""
   workdir = str(tmp_path_factory.mktemp('query_run'))
-  assert train.train_and_evaluate(_config(data_dir), workdir, stop_after_step=150) is None
+  with workdir_io_guard(workdir):  # Every file of the run goes through the path layer (object stores).
+    assert train.train_and_evaluate(_config(data_dir), workdir, stop_after_step=150) is None
   return workdir
 
 
@@ -67,7 +70,8 @@ def test_config_is_rebuilt_from_the_workdir(run_dir, data_dir):
 
 def test_text_query_prints_hits_and_writes_sheet_and_page(run_dir, tmp_path, capsys):
   sheet, page = str(tmp_path / 'sheet.png'), str(tmp_path / 'page.html')
-  result, = query.query(run_dir, texts=[TEXT], k=5, contact_sheet_path=sheet, html_path=page, tile=96)
+  with workdir_io_guard(run_dir):  # The index store too: ScaNN's files are staged, then copied by files.
+    result, = query.query(run_dir, texts=[TEXT], k=5, contact_sheet_path=sheet, html_path=page, tile=96)
   printed = capsys.readouterr().out
   assert TEXT in printed and 'top 5 of 64 test images at step 150' in printed
   hit_lines = [line for line in printed.splitlines() if line.lstrip()[:2] in {f'{r}.' for r in range(1, 6)}]
@@ -306,3 +310,14 @@ def test_command_line(run_dir, tmp_path):
   assert completed.stdout.count('\n   ') >= 3 and TEXT in completed.stdout
   with Image.open(sheet) as image:
     assert image.size == query.sheet_size(1, 3, 128)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(texts=[TEXT], coarse_dim=0), r'coarse_dim=0 is not in \[1, the embedding dim 64\]'),  # Not defaulted.
+    (dict(texts=[TEXT], shortlist=0), 'shortlist=0 must be at least 1'),
+    (dict(texts=[TEXT], image_dir='nowhere'), 'The image folder nowhere does not exist'),
+    (dict(images=['README.md']), r'README.md is not a readable image \(UnidentifiedImageError'),
+])
+def test_bad_query_inputs_are_named(run_dir, kwargs, message):
+  with pytest.raises(errors.InputError, match=message):
+    query.query(run_dir, out=io.StringIO(), **kwargs)

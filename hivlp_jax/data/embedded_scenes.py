@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hivlp_jax import errors
 from hivlp_jax.data import scenes
 
 
@@ -88,9 +89,9 @@ def num_examples(config_name: str, split: str) -> int:
   """The number of images of a split of a builder config, without building it."""
   configs = {c.name: c for c in EmbeddedScenes.BUILDER_CONFIGS}
   if config_name not in configs:
-    raise ValueError(f'Unknown embedded_scenes config {config_name!r}; known: {sorted(configs)}.')
+    raise errors.InputError(f'Unknown embedded_scenes config {config_name!r}; known: {sorted(configs)}.')
   sizes = {'train': configs[config_name].num_train, 'validation': configs[config_name].num_validation,
            'test': configs[config_name].num_test}
   if split not in sizes:
-    raise ValueError(f'Unknown split {split!r} of embedded_scenes; known: {sorted(sizes)}.')
+    raise errors.InputError(f'Unknown split {split!r} of embedded_scenes; known: {sorted(sizes)}.')
   return sizes[split]

@@ -5,10 +5,12 @@ COCO), else config.data.name; its images are resized on the shorter side and cen
 """
 
 import concurrent.futures
+from typing import Optional
 
 import ml_collections
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import image_text
 from hivlp_jax.data import images as images_lib
@@ -22,11 +24,11 @@ def _eval_name(config: ml_collections.ConfigDict) -> str:
 
 def _check_captions(name: str, split: str, examples: list[sources.RawExample], per_image: int) -> None:
   if not examples:
-    raise ValueError(f'The {name} {split} split has no images.')
+    raise errors.InputError(f'The {name} {split} split has no images.')
   short = [e.key for e in examples if len(e.captions) < per_image]
   if short:
-    raise ValueError(f'{len(short)} {name} {split} images have fewer than {per_image} captions '
-                     f'(config.data.captions_per_image), e.g. {short[:5]}.')
+    raise errors.InputError(f'{len(short)} {name} {split} images have fewer than {per_image} captions '
+                            f'(config.data.captions_per_image), e.g. {short[:5]}.')
 
 
 def _decode(example: sources.RawExample, size: int):
@@ -53,7 +55,7 @@ def load_eval_split(config: ml_collections.ConfigDict, split: str,
     images = list(executor.map(lambda e: _decode(e, size), examples))
   bad = [e.key for e, image in zip(examples, images) if image is None]
   if bad:
-    raise ValueError(f'{len(bad)} {name} {split} images are missing or unreadable, e.g. {bad[:5]}.')
+    raise errors.InputError(f'{len(bad)} {name} {split} images are missing or unreadable, e.g. {bad[:5]}.')
   captions = [list(e.captions[:per_image]) for e in examples]
   tokens = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
   return image_text.ImageTextSplit(images=np.stack(images), tokens=tokens.reshape(len(examples), per_image, -1),
@@ -64,7 +66,7 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
   """Checks, without decoding images, that `load_eval_split` will find the split; returns its image count.
 
   Karpathy layout: the split file (each entry's keys), every image's caption count and that its captions
-  tokenise, and that every image file exists (FileNotFoundError naming the first missing ones). TFDS: that
+  tokenise, and that every image file exists and has an image header (naming the first bad ones). TFDS: that
   the build is prepared and the split has examples (a TFDS file holds its images). Web shards have no
   evaluation split: ValueError.
   """
@@ -72,19 +74,33 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
   if name != 'webdataset' and data.get('source') == 'tfds':
     builder = sources.tfds_builder(name, data.data_dir, data.manual_dir)
     if split not in sources.TFDS_SPLITS[name]:
-      raise ValueError(f'Unknown split {split!r} of {name}; known: {sorted(sources.TFDS_SPLITS[name])}.')
+      raise errors.InputError(f'Unknown split {split!r} of {name}; known: {sorted(sources.TFDS_SPLITS[name])}.')
     count = sum(builder.info.splits[s].num_examples for s in sources.TFDS_SPLITS[name][split])
     if not count:
-      raise ValueError(f'The {name} {split} split of the TFDS build in {data.data_dir!r} has no images.')
+      raise errors.InputError(f'The {name} {split} split of the TFDS build in {data.data_dir!r} has no images.')
     return count
   examples = list(sources.source_from_config(config, split, name=name).shards)  # One shard per example.
   per_image = data.captions_per_image
   _check_captions(name, split, examples, per_image)
   tokenizer.encode([c for e in examples for c in e.captions[:per_image]], config.model.text.max_len)
   with concurrent.futures.ThreadPoolExecutor(max(data.num_workers, 1)) as executor:
-    found = list(executor.map(lambda e: files.path(e.image).exists(), examples))
-  missing = [e.image for e, exists in zip(examples, found) if not exists]
+    problems = list(executor.map(lambda e: _image_file_problem(e.image), examples))
+  missing = [e.image for e, problem in zip(examples, problems) if problem == 'missing']
   if missing:
-    raise FileNotFoundError(f'{len(missing)} of the {len(examples)} {name} {split} images are missing, e.g. '
-                            f'{missing[:5]} (config.data.manual_dir={data.manual_dir!r}).')
+    raise errors.MissingInputError(f'{len(missing)} of the {len(examples)} {name} {split} images are missing, '
+                                   f'e.g. {missing[:5]} (config.data.manual_dir={data.manual_dir!r}).')
+  unreadable = [e.image for e, problem in zip(examples, problems) if problem == 'unreadable']
+  if unreadable:
+    raise errors.InputError(f'{len(unreadable)} of the {len(examples)} {name} {split} images are not readable '
+                            f'images, e.g. {unreadable[:5]}: a test split must be complete.')
   return len(examples)
+
+
+def _image_file_problem(path: str) -> Optional[str]:
+  """'missing', 'unreadable' (its header is not an image's) or None; reads the header only."""
+  target = files.path(path)
+  if not target.exists():
+    return 'missing'
+  with target.open('rb') as f:
+    head = f.read(1 << 20)  # Enough for any header; the pixels are decoded after training.
+  return None if images_lib.header_size(head) else 'unreadable'

@@ -15,6 +15,7 @@ import os
 
 import tensorflow_datasets as tfds
 
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import karpathy
 
@@ -55,7 +56,7 @@ class Flickr30k(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, manual_dir: str, split: str):
     for entry in karpathy.read_manual_split(manual_dir, LAYOUT, split):
       if not files.path(entry['path']).exists():
-        raise FileNotFoundError(f'{entry["path"]} is listed in {SPLITS_FILE} but missing. ' +
-                                missing_files_message(manual_dir))
+        raise errors.MissingInputError(f'{entry["path"]} is listed in {SPLITS_FILE} but missing. ' +
+                                       missing_files_message(manual_dir))
       yield entry['filename'], {'image': entry['path'], 'image/filename': entry['filename'],
                                 'captions': entry['captions']}

@@ -88,6 +88,15 @@ def _open_reduced(data: bytes, box: Sequence[int], size: int) -> tuple[Image.Ima
   return image.convert('RGB'), box
 
 
+def header_size(data: bytes) -> Optional[tuple[int, int]]:
+  """(width, height) from the header of encoded image bytes; None when they are not an image."""
+  try:
+    with Image.open(io.BytesIO(data)) as header:
+      return header.size
+  except Exception:  # pylint: disable=broad-except  (PIL raises many kinds on non-images)
+    return None
+
+
 def decode_for_training(data: bytes, size: int, rng: np.random.Generator,
                         scale: Sequence[float] = (0.5, 1.0)) -> Optional[np.ndarray]:
   """`random_resized_crop` of encoded image bytes; None when they are not a readable image.

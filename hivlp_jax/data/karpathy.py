@@ -11,6 +11,7 @@ import json
 
 from absl import logging
 
+from hivlp_jax import errors
 from hivlp_jax import files
 
 # Karpathy's split names -> ours; restval joins train, as is usual for retrieval.
@@ -42,7 +43,7 @@ class Layout:
     """Raises FileNotFoundError, saying what to download and where to put it, when a file is missing."""
     root = files.path(manual_dir)
     if not (all((root / d).is_dir() for d in self.images_dirs) and (root / self.splits_file).exists()):
-      raise FileNotFoundError(self.missing_files_message(manual_dir))
+      raise errors.MissingInputError(self.missing_files_message(manual_dir))
 
 
 FLICKR30K = Layout(name='Flickr30K', splits_file='dataset_flickr30k.json', images_dirs=('flickr30k-images',),
@@ -62,20 +63,21 @@ def _entries(path: str, keys: tuple[str, ...] = ENTRY_KEYS) -> list[dict]:
   try:
     data = files.read_json(path)
   except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); is it one of Karpathy\'s split files?') from e
+    raise errors.InputError(f'{path} is not valid JSON ({e}); is it one of Karpathy\'s split files?') from e
   if not isinstance(data, dict) or not isinstance(data.get('images'), list):
-    raise ValueError(f"{path} has no 'images' list: it is not one of Karpathy's split files ({SPLITS_DOWNLOAD}).")
+    raise errors.InputError(f"{path} has no 'images' list: it is not one of Karpathy's split files "
+                            f'({SPLITS_DOWNLOAD}).')
   for index, image in enumerate(data['images']):
     if not isinstance(image, dict):
-      raise ValueError(f'{path}: images[{index}] is a {type(image).__name__}, not an object.')
+      raise errors.InputError(f'{path}: images[{index}] is a {type(image).__name__}, not an object.')
     missing = [k for k in keys if k not in image or (k != 'sentences' and not image[k])]
     if missing:
-      raise ValueError(f'{path}: images[{index}] has no {missing[0]!r} (every entry needs {list(keys)}).')
+      raise errors.InputError(f'{path}: images[{index}] has no {missing[0]!r} (every entry needs {list(keys)}).')
     if not isinstance(image['sentences'], list):
-      raise ValueError(f"{path}: images[{index}]['sentences'] is not a list.")
+      raise errors.InputError(f"{path}: images[{index}]['sentences'] is not a list.")
     for j, sentence in enumerate(image['sentences']):
       if not isinstance(sentence, dict) or not isinstance(sentence.get('raw'), str):
-        raise ValueError(f"{path}: images[{index}]['sentences'][{j}] has no 'raw' caption text.")
+        raise errors.InputError(f"{path}: images[{index}]['sentences'][{j}] has no 'raw' caption text.")
   return data['images']
 
 
@@ -88,7 +90,7 @@ def read_split(path: str, split: str, needs_filepath: bool = False) -> list[dict
   it and counts it as 'empty_captions'; evaluation refuses it as having too few captions).
   """
   if split not in KARPATHY_SPLITS:
-    raise ValueError(f'Unknown split {split!r}; Karpathy splits map to {sorted(KARPATHY_SPLITS)}.')
+    raise errors.InputError(f'Unknown split {split!r}; Karpathy splits map to {sorted(KARPATHY_SPLITS)}.')
   entries, empty, first_empty = [], 0, []
   keys = ENTRY_KEYS + (('filepath',) if needs_filepath else ())
   for index, image in enumerate(_entries(path, keys)):

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax.data import sources
 
 
@@ -79,6 +80,6 @@ def ordered_examples(source: sources.Source, shards: Sequence[Any], seed: int, p
         count += 1
       offset = 0
     if whole_epoch and not count:
-      raise RuntimeError(f'The {len(shards)} shards of {source.name} of host {process_index} hold no examples.')
+      raise errors.RunStateError(f'The {len(shards)} shards of {source.name} of host {process_index} hold no examples.')
     epoch, group = epoch + 1, 0
 

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import eval_splits
@@ -22,8 +23,10 @@ ImageTextSplit = image_text.ImageTextSplit
 
 
 def vocab_file(config: ml_collections.ConfigDict) -> str:
-  return config.data.vocab_file or str(
-      files.path(config.data.data_dir) / f'{config.data.name}-{config.data.builder_config}-vocab.txt')
+  """config.data.vocab_file, or the vocabulary trained here (named by its size, so another size trains anew)."""
+  data = config.data
+  return data.vocab_file or str(
+      files.path(data.data_dir) / f'{data.name}-{data.builder_config}-vocab{data.vocab_size}.txt')
 
 
 # Captions read to train a vocabulary for a streamed data set that comes without one.
@@ -50,8 +53,8 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
 
 def _check_embedded(config: ml_collections.ConfigDict) -> None:
   if config.data.name != 'embedded_scenes':
-    raise ValueError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
-                     'webdataset, flickr30k, coco.')
+    raise errors.InputError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
+                            'webdataset, flickr30k, coco.')
 
 
 def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
@@ -94,7 +97,7 @@ def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> 
   `replaced` records which they are (to measure a noisy-pair filter against).
   """
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f'config.data.noisy_caption_fraction={fraction} must be in [0, 1).')
+    raise errors.InputError(f'config.data.noisy_caption_fraction={fraction} must be in [0, 1).')
   rng = np.random.default_rng([seed, 7])
   chosen = rng.choice(data.num_images, size=int(round(fraction * data.num_images)), replace=False)
   if len(chosen) < 2:
@@ -123,7 +126,7 @@ class TrainOrder:
 
   def __init__(self, num_images: int, captions_per_image: int, global_batch: int, seed: int):
     if global_batch > num_images:
-      raise ValueError(f'A global batch of {global_batch} cannot hold {num_images} images once each.')
+      raise errors.InputError(f'A global batch of {global_batch} cannot hold {num_images} images once each.')
     self.num_images = num_images
     self.captions_per_image = captions_per_image
     self.global_batch = global_batch

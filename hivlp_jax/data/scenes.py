@@ -14,6 +14,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from hivlp_jax import errors
+
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'magenta', 'cyan', 'white')
 SIZES = ('small', 'large')
@@ -91,7 +93,7 @@ def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np
   if shape == 'cross':
     arm = max(radius * 0.35, 0.75)
     return ((np.abs(yy) <= arm) & (np.abs(xx) <= radius)) | ((np.abs(xx) <= arm) & (np.abs(yy) <= radius))
-  raise ValueError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
+  raise errors.InputError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
 
 
 def render(objects: Sequence[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from absl import logging
 import ml_collections
 
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import karpathy
 from hivlp_jax.data import webdataset
@@ -116,7 +117,7 @@ def _entry_example(entry: dict) -> RawExample:
 def karpathy_examples(name: str, manual_dir: str, split: str) -> list[RawExample]:
   """The examples of a split of Flickr30K or COCO from Karpathy's JSON + image folders in `manual_dir`."""
   if name not in karpathy.LAYOUTS:
-    raise ValueError(f'No Karpathy layout for {name!r}; known: {sorted(karpathy.LAYOUTS)}.')
+    raise errors.InputError(f'No Karpathy layout for {name!r}; known: {sorted(karpathy.LAYOUTS)}.')
   return [_entry_example(e) for e in karpathy.read_manual_split(manual_dir, karpathy.LAYOUTS[name], split)]
 
 
@@ -152,10 +153,10 @@ def tfds_builder(name: str, data_dir: str, manual_dir: str = ''):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
   if name != 'coco':
-    raise ValueError(f'No TFDS builder for {name!r}; known: {sorted(TFDS_NAMES)}.')
+    raise errors.InputError(f'No TFDS builder for {name!r}; known: {sorted(TFDS_NAMES)}.')
   builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f'TFDS {TFDS_NAMES[name]} is not prepared in {data_dir!r} (config.data.data_dir). Build it once with '
         f'`tfds build coco_captions --data_dir={data_dir}`: it downloads COCO 2014 train + val (about 19 GB) '
         "and Karpathy's caption_datasets.zip. Or set config.data.source='karpathy' and put "
@@ -188,17 +189,17 @@ def source_from_config(config: ml_collections.ConfigDict, split: str = 'train',
   name = name or data.name
   if name == 'webdataset':
     if split != 'train':
-      raise ValueError('Web shards have no evaluation split: set config.data.eval_name to flickr30k or coco.')
+      raise errors.InputError('Web shards have no evaluation split: set config.data.eval_name to flickr30k or coco.')
     return webdataset_source(data.shards)
   if name not in karpathy.LAYOUTS:
-    raise ValueError(f'config.data.name={name!r} has no streaming reader; known: webdataset, '
-                     f'{", ".join(sorted(karpathy.LAYOUTS))}.')
+    raise errors.InputError(f'config.data.name={name!r} has no streaming reader; known: webdataset, '
+                            f'{", ".join(sorted(karpathy.LAYOUTS))}.')
   if data.source == 'karpathy':
     return karpathy_source(name, data.manual_dir, split)
   if data.source == 'tfds':
     return tfds_source(name, data.data_dir, split, data.manual_dir)
-  raise ValueError(f"config.data.source={data.source!r} must be 'karpathy' (JSON + image folders in "
-                   "config.data.manual_dir) or 'tfds' (a prepared TFDS builder in config.data.data_dir).")
+  raise errors.InputError(f"config.data.source={data.source!r} must be 'karpathy' (JSON + image folders in "
+                          "config.data.manual_dir) or 'tfds' (a prepared TFDS builder in config.data.data_dir).")
 
 
 def caption_texts(config: ml_collections.ConfigDict, limit: Optional[int] = None,

@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import images as images_lib
 from hivlp_jax.data import order as order_lib
@@ -88,8 +89,8 @@ class TrainStream:
     self.process_count = jax.process_count() if process_count is None else process_count
     self.local_devices = jax.local_device_count() if local_devices is None else local_devices
     if global_batch % self.process_count or (global_batch // self.process_count) % self.local_devices:
-      raise ValueError(f'Global batch {global_batch} does not split into {self.process_count} hosts x '
-                       f'{self.local_devices} local devices.')
+      raise errors.InputError(f'Global batch {global_batch} does not split into {self.process_count} hosts x '
+                              f'{self.local_devices} local devices.')
     self.local_batch = global_batch // self.process_count
     self.source, self.tokenizer, self.seed = source, tokenizer, seed
     self.shards = webdataset.shards_for_host(source.shards, self.process_index, self.process_count)
@@ -130,8 +131,8 @@ class TrainStream:
                 'num_shards': len(self.shards), 'source': self.source.name}
     changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
     if changed:
-      raise ValueError(f'The data state {state} was taken from another stream; changed (saved, now): {changed}. '
-                       'A resumed run needs the same seed, hosts and shards to continue the data order.')
+      raise errors.InputError(f'The data state {state} was taken from another stream; changed (saved, now): {changed}. '
+                              'A resumed run needs the same seed, hosts and shards to continue the data order.')
     return Position(int(state['epoch']), int(state['group']), int(state['offset']))
 
   # -- Producer.
@@ -190,9 +191,9 @@ class TrainStream:
         if self._skip_log.take(problem):
           named.append((problem, example.describe()))
         if position.epoch > last_good_epoch + 1:
-          raise RuntimeError(f'A whole epoch of {len(self.shards)} shards of {self.source.name} gave no usable '
-                             f'example on host {self.process_index}: {webdataset.count_by_reason(stats)}; '
-                             f'e.g. {[description for _, description in named[-3:]]}.')
+          raise errors.RunStateError(f'A whole epoch of {len(self.shards)} shards of {self.source.name} gave no usable '
+                                     f'example on host {self.process_index}: {webdataset.count_by_reason(stats)}; '
+                                     f'e.g. {[description for _, description in named[-3:]]}.')
         continue
       stats.samples += 1
       last_good_epoch = position.epoch

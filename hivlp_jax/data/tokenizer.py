@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 
+from hivlp_jax import errors
 from hivlp_jax import files
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
@@ -22,7 +23,7 @@ class Tokenizer:
 
   def __init__(self, vocab_file: str, lowercase: bool = True):
     if not files.path(vocab_file).exists():
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f'Tokenizer vocabulary {vocab_file!r} does not exist. Train one with '
           '`hivlp_jax.data.tokenizer.train_tokenizer` or point `config.data.vocab_file` at a BERT vocab.txt.')
     self.vocab_file = vocab_file
@@ -30,9 +31,9 @@ class Tokenizer:
     vocab = self._tokenizer.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
-      raise ValueError(f'Vocabulary {vocab_file!r} lacks the special tokens {missing}.')
+      raise errors.InputError(f'Vocabulary {vocab_file!r} lacks the special tokens {missing}.')
     if vocab['[PAD]'] != 0:
-      raise ValueError(f'Vocabulary {vocab_file!r} must have [PAD] at id 0, found {vocab["[PAD]"]}.')
+      raise errors.InputError(f'Vocabulary {vocab_file!r} must have [PAD] at id 0, found {vocab["[PAD]"]}.')
     self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS}
 
   @property
@@ -43,7 +44,7 @@ class Tokenizer:
     """Returns int32 [len(texts), max_len]; longer texts are cut (keeping the final [SEP])."""
     empty = [i for i, t in enumerate(texts) if not t or not t.strip()]
     if empty:
-      raise ValueError(f'Empty caption at positions {empty[:10]} (of {len(texts)}): every caption needs text.')
+      raise errors.InputError(f'Empty caption at positions {empty[:10]} (of {len(texts)}): every caption needs text.')
     ids = np.zeros((len(texts), max_len), np.int32)
     for row, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
       tokens = encoding.ids

@@ -18,6 +18,7 @@ import zlib
 import jax
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import files
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -102,17 +103,17 @@ def expand_shards(pattern: str) -> list[str]:
     else:
       paths.extend(_glob(part))
   if not paths:
-    raise FileNotFoundError(f'No webdataset shards match {pattern!r} (config.data.shards). Write shards with '
-                            'img2dataset (--output_format webdataset) and point the pattern at them, e.g. '
-                            "'data/cc3m/{00000..00331}.tar' or 'data/cc3m/*.tar'.")
+    raise errors.MissingInputError(f'No webdataset shards match {pattern!r} (config.data.shards). Write shards with '
+                                   'img2dataset (--output_format webdataset) and point the pattern at them, e.g. '
+                                   "'data/cc3m/{00000..00331}.tar' or 'data/cc3m/*.tar'.")
   return sorted(dict.fromkeys(paths))
 
 
 def shards_for_host(shards: Sequence[str], process_index: int, process_count: int) -> list[str]:
   """Round-robin assignment of shards to hosts: disjoint, and together all of them."""
   if len(shards) < process_count:
-    raise ValueError(f'{len(shards)} shards cannot feed {process_count} hosts: each host needs at least one. '
-                     'Write more, smaller shards.')
+    raise errors.InputError(f'{len(shards)} shards cannot feed {process_count} hosts: each host needs at least one. '
+                            'Write more, smaller shards.')
   return list(shards[process_index::process_count])
 
 
@@ -176,7 +177,7 @@ def _caption(parts: dict[str, bytes]) -> Optional[str]:
   if 'json' in parts:
     meta = json.loads(parts['json'])  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
     if not isinstance(meta, dict):
-      raise ValueError(f'a JSON {type(meta).__name__}, not an object')
+      raise errors.InputError(f'a JSON {type(meta).__name__}, not an object')
     return str(meta.get('caption') or meta.get('text') or '').strip()
   return None
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hivlp_jax import errors
 from hivlp_jax.models import encoders
 
 
@@ -23,7 +24,7 @@ def num_downsamplings(patch_size: int) -> int:
   """log2(patch_size): the stride-2 stages that map pixels to the patch grid."""
   stages = int(round(math.log2(patch_size))) if patch_size > 0 else -1
   if stages < 1 or 2**stages != patch_size:
-    raise ValueError(f'The dVAE needs a patch size that is a power of 2 (>= 2), got {patch_size}.')
+    raise errors.InputError(f'The dVAE needs a patch size that is a power of 2 (>= 2), got {patch_size}.')
   return stages
 
 

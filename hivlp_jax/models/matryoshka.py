@@ -10,17 +10,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from hivlp_jax import errors
+
 
 def validate_dims(nested_dims: Sequence[int], embed_dim: int) -> tuple[int, ...]:
   """Checks that the nested dims strictly increase and fit in the head; returns them as a tuple."""
   dims = tuple(int(d) for d in nested_dims)
   if not dims:
-    raise ValueError('config.model.nested_dims is empty: give at least one embedding dim, e.g. (32, 256).')
+    raise errors.InputError('config.model.nested_dims is empty: give at least one embedding dim, e.g. (32, 256).')
   if any(d <= 0 for d in dims) or any(b <= a for a, b in zip(dims, dims[1:])):
-    raise ValueError(f'config.model.nested_dims={dims} must be positive and strictly increasing.')
+    raise errors.InputError(f'config.model.nested_dims={dims} must be positive and strictly increasing.')
   if dims[-1] > embed_dim:
-    raise ValueError(f'config.model.nested_dims={dims} has a dim larger than the head '
-                     f'(config.model.embed_dim={embed_dim}).')
+    raise errors.InputError(f'config.model.nested_dims={dims} has a dim larger than the head '
+                            f'(config.model.embed_dim={embed_dim}).')
   return dims
 
 
