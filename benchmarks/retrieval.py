@@ -132,7 +132,7 @@ class Method:
 
 def exact_numpy() -> Method:
   return Method('exact_numpy', retrieval.ExactIndex, lambda index, q: index.search(q, K)[1],
-                lambda index: index.gallery.nbytes)
+                lambda index: index.gallery_t.nbytes)
 
 
 @functools.partial(jax.jit, static_argnums=2)

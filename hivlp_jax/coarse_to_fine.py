@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import retrieval
 
 
@@ -84,10 +85,6 @@ class CoarseToFineIndex:
     scores, ids = self.candidates(queries)
     return retrieval.top_k(scores, k, ids)
 
-  def similarity(self, queries: np.ndarray) -> np.ndarray:
-    """queries [Q, D] -> float32 [Q, G]: final-dim cosine on the last shortlist, -inf elsewhere."""
-    return retrieval.scatter_scores(self.num_items, *self.candidates(queries))
-
 
 class ScannPrefixIndex:
   """A gallery served by one ScaNN searcher in truncate mode (`build_scann(truncate_dim=)`).
@@ -125,16 +122,12 @@ class ScannPrefixIndex:
     scores, ids = self._search(queries, min(k, self.shortlist, self.num_items))
     return retrieval.top_k(scores, k, ids)
 
-  def similarity(self, queries: np.ndarray) -> np.ndarray:
-    """queries [Q, D] -> float32 [Q, G]: `dim` cosine on the re-scored shortlist, -inf elsewhere."""
-    return retrieval.scatter_scores(self.num_items, *self.candidates(queries))
-
 
 def _final_dim(final_dim: Optional[int], gallery: np.ndarray) -> int:
   """The dim a coarse-to-fine mode ranks `gallery` [G, D] by: `final_dim`, or D when None."""
   final_dim = final_dim or gallery.shape[1]
   if final_dim > gallery.shape[1]:
-    raise ValueError(f'final_dim={final_dim} exceeds the embedding dim {gallery.shape[1]}.')
+    raise errors.InputError(f'final_dim={final_dim} exceeds the embedding dim {gallery.shape[1]}.')
   return final_dim
 
 
@@ -143,7 +136,7 @@ class FunnelSearch:
 
   stages=((16, 1000), (64, 100)) and final_dim=None: ScaNN over the normalised 16-prefixes returns 1,000
   candidates per query, the exact 64-dim cosine keeps 100 of them, which are ranked by the full-dim
-  cosine (`similarity` gives those 100 their full-dim score, -inf to the rest).
+  cosine (`candidates` gives those 100 with their full-dim score; the rest score -inf).
   """
 
   def __init__(self, stages: Sequence[tuple[int, int]] = ((16, 1000), (64, 100)),
@@ -151,11 +144,11 @@ class FunnelSearch:
     self.stages = tuple((int(d), int(k)) for d, k in stages)
     dims, shortlists = [d for d, _ in self.stages], [k for _, k in self.stages]
     if not dims or any(d <= 0 for d in dims) or any(b <= a for a, b in zip(dims, dims[1:])):
-      raise ValueError(f'Funnel stage dims {dims} must be positive and strictly increasing.')
+      raise errors.InputError(f'Funnel stage dims {dims} must be positive and strictly increasing.')
     if any(k <= 0 for k in shortlists) or any(b > a for a, b in zip(shortlists, shortlists[1:])):
-      raise ValueError(f'Funnel shortlists {shortlists} must be positive and must not grow.')
+      raise errors.InputError(f'Funnel shortlists {shortlists} must be positive and must not grow.')
     if final_dim is not None and final_dim < dims[-1]:
-      raise ValueError(f'final_dim={final_dim} is smaller than the last stage dim {dims[-1]}.')
+      raise errors.InputError(f'final_dim={final_dim} is smaller than the last stage dim {dims[-1]}.')
     self.final_dim = final_dim
     self.settings = settings or retrieval.ScannSettings()
     self.name = ('funnel_' + '_'.join(f'{d}x{k}' for d, k in self.stages)
@@ -201,7 +194,7 @@ class TwoStageSearch:
   def __init__(self, coarse_dim: int, shortlist: int, settings: Optional[retrieval.ScannSettings] = None,
                final_dim: Optional[int] = None, backend: str = 'auto'):
     if backend not in retrieval.BACKENDS:
-      raise ValueError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
+      raise errors.InputError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
     self.coarse_dim, self.shortlist, self.final_dim = int(coarse_dim), int(shortlist), final_dim
     self.backend = backend
     self.settings = settings or retrieval.ScannSettings()

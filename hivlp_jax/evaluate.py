@@ -1,7 +1,9 @@
 """Retrieval evaluation: embed a split, index it with each retrieval mode, compute recall.
 
 Protocol (Flickr30K/COCO): image-to-text is a hit when any of the image's captions is in the top K;
-text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways.
+text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways; the median rank
+(MedR, 1-based) is that of each query's best positive. Ranks come a block of queries at a time
+(`ranking.rank_queries`): no [queries, gallery] matrix is held.
 """
 
 import time
@@ -11,33 +13,11 @@ import jax
 import numpy as np
 
 from hivlp_jax import coarse_to_fine
+from hivlp_jax import errors
 from hivlp_jax import files
+from hivlp_jax import ranking
 from hivlp_jax import retrieval
 from hivlp_jax.data import pipeline
-
-
-def best_positive_ranks(similarity: np.ndarray, positives: np.ndarray) -> np.ndarray:
-  """0-based rank of each query's best-scoring positive; ties count against the query.
-
-  NaN is the lowest score: a NaN positive beats nothing and a NaN negative beats no finite positive. A
-  positive scoring +inf is no hit either (no finite embeddings give it), while a +inf negative outranks
-  every positive.
-
-  Args:
-    similarity: [Q, G] scores (-inf for items a mode did not retrieve).
-    positives: bool [Q, G], True where the gallery item is a correct answer.
-  Returns:
-    int [Q]: the number of negatives scoring at least as high as the best positive. A query whose
-    positives all score -inf, inf or NaN gets rank G (never a hit).
-  """
-  best = np.max(np.where(positives & np.isfinite(similarity), similarity, -np.inf), axis=1, keepdims=True)
-  ranks = np.sum((similarity >= best) & ~positives, axis=1)  # NaN >= x is False: NaN negatives never count.
-  return np.where(np.isneginf(best[:, 0]), similarity.shape[1], ranks)
-
-
-def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-  ranks = best_positive_ranks(similarity, positives)
-  return {k: float(np.mean(ranks < k)) for k in ks}
 
 
 def check_finite(embeddings: Mapping[str, np.ndarray], step: Optional[int] = None) -> None:
@@ -47,27 +27,34 @@ def check_finite(embeddings: Mapping[str, np.ndarray], step: Optional[int] = Non
     bad_rows = np.flatnonzero(~np.all(np.isfinite(array), axis=-1))
     if bad_rows.size:
       at = 'an unknown checkpoint step' if step is None else f'checkpoint step {step}'
-      raise ValueError(f'{bad_rows.size} of {len(array)} {name} embeddings at {at} are not finite (NaN or '
-                       f'inf; the first is row {bad_rows[0]}): the model has diverged or its parameters are '
-                       'damaged.')
+      raise errors.InputError(f'{bad_rows.size} of {len(array)} {name} embeddings at {at} are not finite (NaN or '
+                              f'inf; the first is row {bad_rows[0]}): the model has diverged or its parameters are '
+                              'damaged.')
 
 
 def _directions(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray):
-  """(name, queries, gallery, positives bool [Q, G]) for image-to-text, then text-to-image."""
-  positives_t2i = text_image_ids[:, None] == np.arange(image_embeddings.shape[0])[None, :]  # [T, N]
-  return (('i2t', image_embeddings, text_embeddings, positives_t2i.T),
-          ('t2i', text_embeddings, image_embeddings, positives_t2i))
+  """(name, queries, gallery, positive ids int [Q, P]) for image-to-text, then text-to-image."""
+  i2t, t2i = ranking.positives_per_query(text_image_ids, image_embeddings.shape[0])
+  return (('i2t', image_embeddings, text_embeddings, i2t), ('t2i', text_embeddings, image_embeddings, t2i))
 
 
-def _recall(indexes: Mapping[str, retrieval.Index], directions, ks: Sequence[int]) -> dict[str, float]:
-  """'{direction}_r{k}' for each direction and k (indexes: direction -> its built index), 'rsum', 'mean_recall'."""
+def _rank_metrics(rankings: Mapping[str, ranking.Ranking], ks: Sequence[int]) -> dict[str, float]:
+  """'{direction}_r{k}' for each direction and k (rankings: direction -> its `ranking.Ranking`), 'rsum',
+  'mean_recall' and '{direction}_medr'."""
   metrics = {}
-  for name, queries, _, positives in directions:
-    recall = recall_at_k(indexes[name].similarity(queries), positives, ks)
-    metrics.update({f'{name}_r{k}': v for k, v in recall.items()})
-  metrics['rsum'] = 100.0 * sum(metrics.values())
+  for name, ranked in rankings.items():
+    metrics.update({f'{name}_r{k}': v for k, v in ranking.recall_at_k(ranked.ranks, ks).items()})
+  metrics['rsum'] = 100.0 * sum(metrics.values())  # The recalls only, in the order they have always been summed.
   metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
+  metrics.update({f'{name}_medr': ranking.median_rank(ranked.ranks) for name, ranked in rankings.items()})
   return metrics
+
+
+def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int):
+  """(indexes, rankings): direction name -> the mode's index over its gallery, and its `ranking.Ranking`."""
+  indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
+  return indexes, {name: ranking.rank_queries(indexes[name], queries, positives, k)
+                   for name, queries, _, positives in directions}
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
@@ -77,10 +64,10 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   Args:
     image_embeddings: [N, D]; text_embeddings: [T, D]; text_image_ids: int [T], the image of each caption.
   Returns:
-    'i2t_r{k}', 't2i_r{k}' for each k, 'rsum' and 'mean_recall'.
+    'i2t_r{k}', 't2i_r{k}' for each k, 'rsum', 'mean_recall', 'i2t_medr' and 't2i_medr'.
   """
   directions = _directions(image_embeddings, text_embeddings, text_image_ids)
-  return _recall({name: mode.build(gallery) for name, _, gallery, _ in directions}, directions, ks)
+  return _rank_metrics(_rank_directions(mode, directions, max(ks))[1], ks)
 
 
 def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.ImageTextSplit, batch_size: int
@@ -124,33 +111,33 @@ def validate_config(config, two_stage_backend: Optional[str] = None) -> None:
   backend = two_stage_backend or config.eval.two_stage_backend
   if backend not in retrieval.BACKENDS:
     field = 'two_stage_backend' if two_stage_backend else 'config.eval.two_stage_backend'
-    raise ValueError(f'{field}={backend!r} is not one of {retrieval.BACKENDS}.')
+    raise errors.InputError(f'{field}={backend!r} is not one of {retrieval.BACKENDS}.')
   retrieval.ScannSettings.from_config(config.eval.scann)  # Raises naming config.eval.scann.<field>.
 
   def check_stages(field: str, stages) -> list[tuple[int, int]]:
     pairs = []
     for i, stage in enumerate(stages):
       if len(stage) != 2 or not all(isinstance(x, (int, np.integer)) for x in stage):
-        raise ValueError(f'{field}[{i}]={stage!r} is not a (dim, shortlist) pair of integers.')
+        raise errors.InputError(f'{field}[{i}]={stage!r} is not a (dim, shortlist) pair of integers.')
       dim, shortlist = int(stage[0]), int(stage[1])
       if not 0 < dim <= embed_dim:
-        raise ValueError(f'{field}[{i}]: dim {dim} is not in [1, config.model.embed_dim={embed_dim}].')
+        raise errors.InputError(f'{field}[{i}]: dim {dim} is not in [1, config.model.embed_dim={embed_dim}].')
       if shortlist <= 0:
-        raise ValueError(f'{field}[{i}]: shortlist {shortlist} must be positive.')
+        raise errors.InputError(f'{field}[{i}]: shortlist {shortlist} must be positive.')
       pairs.append((dim, shortlist))
     return pairs
 
   two_stage = check_stages('config.eval.two_stage', config.eval.two_stage)
   if len(set(two_stage)) < len(two_stage):  # Equal entries would share one name, one row of the results.
-    raise ValueError(f'config.eval.two_stage={tuple(two_stage)} repeats an entry.')
+    raise errors.InputError(f'config.eval.two_stage={tuple(two_stage)} repeats an entry.')
   funnel = check_stages('config.eval.funnel', config.eval.funnel)
   dims, shortlists = [d for d, _ in funnel], [k for _, k in funnel]
   if any(b <= a for a, b in zip(dims, dims[1:])):
-    raise ValueError(f'config.eval.funnel dims {dims} must strictly increase.')
+    raise errors.InputError(f'config.eval.funnel dims {dims} must strictly increase.')
   if any(b > a for a, b in zip(shortlists, shortlists[1:])):
-    raise ValueError(f'config.eval.funnel shortlists {shortlists} must not grow.')
+    raise errors.InputError(f'config.eval.funnel shortlists {shortlists} must not grow.')
   if not config.eval.ks or any(int(k) <= 0 for k in config.eval.ks):
-    raise ValueError(f'config.eval.ks={tuple(config.eval.ks)} must be one or more positive integers.')
+    raise errors.InputError(f'config.eval.ks={tuple(config.eval.ks)} must be one or more positive integers.')
 
 
 def modes_from_config(config, two_stage_backend: Optional[str] = None) -> list[retrieval.RetrievalMode]:
@@ -214,17 +201,20 @@ def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_ima
   """
   check_finite({'image': image_embeddings, 'text': text_embeddings}, step)
   directions = _directions(image_embeddings, text_embeddings, text_image_ids)
-  exact_tops = {}
-  if latency_queries:  # The exact full-dim top-max(ks) of each query, for shortlist recall.
-    exact_tops = {name: retrieval.ExactIndex(gallery).search(queries, min(max(ks), len(gallery)))[1]
-                  for name, queries, gallery, _ in directions}
+  k = max(ks)
+  exact_tops = {}  # The exact full-dim top-k of each query, for shortlist recall.
   results = {}
   for mode in modes:
-    indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
-    results[mode.name] = _recall(indexes, directions, ks)
-    if latency_queries:
-      for name, queries, _, _ in directions:
-        speed = speed_metrics(queries, indexes[name], exact_tops[name], max(ks), latency_queries)
+    indexes, rankings = _rank_directions(mode, directions, k)
+    results[mode.name] = _rank_metrics(rankings, ks)
+    for name, queries, gallery, _ in directions:
+      top = min(k, len(gallery))
+      if isinstance(mode, retrieval.ExactSearch) and mode.dim == gallery.shape[1]:
+        exact_tops[name] = rankings[name].ids[:, :top]  # Already ranked: no second exact search.
+      if latency_queries:
+        if name not in exact_tops:
+          exact_tops[name] = retrieval.ExactIndex(gallery).search(queries, top)[1]
+        speed = speed_metrics(queries, indexes[name], exact_tops[name], k, latency_queries)
         results[mode.name].update({f'{name}_{key}': value for key, value in speed.items()})
   return results
 

@@ -3,21 +3,27 @@
 The trainer builds them (checking their split with `pipeline.check_split`) before training starts, so a
 missing or malformed evaluation split fails at start-up rather than after hours of training, and runs them on
 the final parameters. The data is loaded only then, so it does not sit in memory during training.
+`evaluate_workdir` runs them on a trained workdir's checkpoint, without training.
 """
 
 import functools
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 from absl import logging
+import flax
 import jax
 import ml_collections
 
+from hivlp_jax import checkpointing
+from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import files
+from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import two_towers
 
-METRICS_FILE = 'metrics.json'
+METRICS_FILE = 'metrics.json'  # The training run's final evaluation.
+METRICS_DIR = 'metrics'  # Evaluations of a checkpoint without training: <evaluator>/step_<N>.json.
 
 
 def make_pmapped_embedders(model: two_towers.TwoTowers):
@@ -61,8 +67,58 @@ def run_all(evaluator_list, model, params_replicated, step: int) -> dict[str, di
 
 
 def write_results(workdir: str, results: Mapping[str, Mapping[str, float]], step: int,
-                  config: ml_collections.ConfigDict) -> None:
-  """WORKDIR/metrics.json (process 0) and the recall table in the log."""
+                  config: ml_collections.ConfigDict, path: Optional[files.PathLike] = None) -> None:
+  """`path` (default WORKDIR/metrics.json; written by process 0) and the recall table in the log."""
   if jax.process_index() == 0:
-    evaluate.write_metrics_json(files.path(workdir) / METRICS_FILE, results, step)
+    evaluate.write_metrics_json(path or files.path(workdir) / METRICS_FILE, results, step)
   logging.info('Results at step %d:\n%s', step, evaluate.format_table(results, config.eval.ks))
+
+
+def metrics_path(workdir: str, evaluator_name: str, step: int) -> files.Path:
+  """WORKDIR/metrics/<evaluator>/step_<N>.json: one file per evaluation set and checkpoint, so evaluating
+  another step or set never overwrites a result (nor the training run's WORKDIR/metrics.json)."""
+  return files.path(workdir) / METRICS_DIR / evaluator_name / f'step_{step}.json'
+
+
+def restore_params(workdir: str, config: ml_collections.ConfigDict, model: two_towers.TwoTowers,
+                   step: Optional[int] = None) -> tuple[Any, int]:
+  """(host parameters, step) of checkpoint `step` in WORKDIR/checkpoints (None: the newest that restores).
+
+  The restore target is the parameters' shapes, traced from a fresh init that loads no pretrained
+  weights (a run started from a pretrained tower has the same shapes), so it costs no init. Raises
+  errors.MissingInputError when there is no checkpoint, errors.InputError when `step` is not one.
+  """
+  abstract = jax.eval_shape(functools.partial(train_step.init_params, config, model), jax.random.key(config.seed))
+  params, step = checkpointing.restore_params(workdir, abstract, step)
+  return params, int(step)
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
+                     ) -> dict[str, dict[str, dict[str, float]]]:
+  """Evaluates a trained workdir's checkpoint without training, and writes the metrics under it.
+
+  Restores only the parameters of checkpoint `step` (None: the newest that restores; not the optimizer,
+  EMA or queues: `checkpointing.restore_params`), runs the evaluators of config.eval on them, and writes
+  each one's {mode: metrics} with the step to `metrics_path` (WORKDIR/metrics/<evaluator>/step_<N>.json).
+  `config` is the run's (its model must be the checkpoint's); only eval fields should differ.
+
+  Returns {evaluator name: {mode: metrics}}. Raises errors.MissingInputError when the workdir, its
+  checkpoints or the run's vocabulary are missing, errors.InputError naming `step` when the workdir holds
+  no such checkpoint.
+  """
+  if not files.path(workdir).exists():
+    raise errors.MissingInputError(f'--workdir={workdir} does not exist: nothing to evaluate.')
+  vocab = pipeline.vocab_file(config)
+  if not files.path(vocab).exists():  # get_tokenizer would train a new one, whose ids the model never saw.
+    raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
+  tokenizer = pipeline.get_tokenizer(config)
+  evaluator_list = from_config(config, tokenizer)  # Checks the splits before the (slower) restore.
+  model = train_step.create_model(config, tokenizer.vocab_size)
+  params, step = restore_params(workdir, config, model, step)
+  params_replicated = flax.jax_utils.replicate(params)
+  results = {}
+  for evaluator in evaluator_list:
+    logging.info('Evaluating checkpoint step %d of %s on the %s split.', step, workdir, evaluator.name)
+    results[evaluator.name] = evaluator.run(model, params_replicated, step)
+    write_results(workdir, results[evaluator.name], step, config, metrics_path(workdir, evaluator.name, step))
+  return results

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from hivlp_jax import checkpointing
 from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import evaluators
 from hivlp_jax import files
@@ -51,8 +51,8 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.Decompression
 def _read_recorded_config(workdir: str) -> dict:
   path = files.path(workdir) / config_lib.CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a training workdir? Pass --config=FILE '
-                            'to give the run\'s config explicitly.')
+    raise errors.MissingInputError(f'{path} does not exist: is {workdir!r} a training workdir? Pass --config=FILE '
+                                   'to give the run\'s config explicitly.')
   return files.read_json(path)
 
 
@@ -80,8 +80,8 @@ def config_from_workdir(workdir: str, base: Optional[ml_collections.ConfigDict] 
       value = ast.literal_eval(value)
     node[key] = value
   if unknown:
-    raise ValueError(f'{files.path(workdir) / config_lib.CONFIG_FILE} has fields that {DEFAULT_CONFIG} lacks '
-                     f'({", ".join(unknown[:5])}): pass the run\'s config file with --config.')
+    raise errors.InputError(f'{files.path(workdir) / config_lib.CONFIG_FILE} has fields that {DEFAULT_CONFIG} lacks '
+                            f'({", ".join(unknown[:5])}): pass the run\'s config file with --config.')
   return config
 
 
@@ -97,22 +97,9 @@ def load_config(workdir: str, config: Optional[ml_collections.ConfigDict] = None
            if k.startswith(MODEL_FIELDS) and recorded.get(k) != current.get(k)]
     if bad:
       details = '; '.join(f'{k}: {recorded.get(k)!r} in the run, {current.get(k)!r} given' for k in bad[:5])
-      raise ValueError(f'The config does not match the run in {workdir!r} ({details}). Leave out --config '
-                       'to use the run\'s own.')
+      raise errors.InputError(f'The config does not match the run in {workdir!r} ({details}). Leave out --config '
+                              'to use the run\'s own.')
   return config
-
-
-def restore_params(workdir: str, config: ml_collections.ConfigDict, model: two_towers.TwoTowers
-                   ) -> tuple[Any, int]:
-  """(host parameters, step) of the latest checkpoint in WORKDIR/checkpoints (FileNotFoundError if none).
-
-  The restore target is the parameters' shapes, traced from a fresh init that loads no pretrained
-  weights (a run started from a pretrained tower has the same shapes), so it costs no init.
-  """
-  abstract = jax.eval_shape(functools.partial(train_step.init_params, config, model),
-                            jax.random.key(config.seed))
-  params, step = checkpointing.restore_params(workdir, abstract)
-  return params, int(step)
 
 
 def params_fingerprint(params) -> str:
@@ -153,10 +140,10 @@ def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -
   config = load_config(workdir, config)
   vocab = pipeline.vocab_file(config)
   if not files.path(vocab).exists():  # get_tokenizer would train a new one, whose ids the model never saw.
-    raise FileNotFoundError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
+    raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
   tokenizer = pipeline.get_tokenizer(config)
   model = train_step.create_model(config, tokenizer.vocab_size)
-  params, step = restore_params(workdir, config, model)
+  params, step = evaluators.restore_params(workdir, config, model)
   return Run(workdir=workdir, config=config, tokenizer=tokenizer, model=model, step=step,
              params=flax.jax_utils.replicate(params), params_fingerprint=params_fingerprint(params))
 
@@ -204,33 +191,39 @@ def split_galleries(run: Run, split: str) -> tuple[Gallery, Gallery]:
 
 
 def load_image(path: files.PathLike, size: int) -> np.ndarray:
-  """An image file as the model takes it: RGB uint8 [size, size, 3] (bilinear resize)."""
-  with files.path(path).open('rb') as f, Image.open(f) as image:
-    image = image.convert('RGB')
-    if image.size != (size, size):
-      image = image.resize((size, size), Image.BILINEAR)
-    return np.asarray(image, np.uint8)
+  """An image file as the model takes it: RGB uint8 [size, size, 3] (bilinear resize). A file that is
+  not a readable image raises errors.InputError naming it."""
+  try:
+    with files.path(path).open('rb') as f, Image.open(f) as image:
+      image = image.convert('RGB')
+      if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+      return np.asarray(image, np.uint8)
+  except UNREADABLE_IMAGE_ERRORS as e:
+    raise errors.InputError(f'{path} is not a readable image ({type(e).__name__}: {e}).') from e
 
 
 def folder_gallery(directory: str, size: int) -> Gallery:
   """The images of a folder (sorted by name), resized to the model's `size`; unreadable ones are skipped,
   each logged, and listed in `skipped`."""
   folder = files.path(directory)
+  if not folder.is_dir():
+    raise errors.MissingInputError(f'The image folder {directory} does not exist (or is not a folder).')
   names = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
   if not names:
-    raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {directory}.')
+    raise errors.MissingInputError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {directory}.')
   images, labels, skipped = [], [], []
   for name in names:
     try:
       images.append(load_image(folder / name, size))
       labels.append(name)
-    except UNREADABLE_IMAGE_ERRORS as e:
-      logging.warning('Skipping %s: not a readable image (%s: %s).', folder / name, type(e).__name__, e)
+    except errors.InputError as e:
+      logging.warning('Skipping %s', e)
       skipped.append(name)
   if skipped:
     logging.warning('Skipped %d unreadable of the %d images in %s.', len(skipped), len(names), directory)
   if not images:
-    raise ValueError(f'None of the {len(names)} images in {directory} could be read.')
+    raise errors.InputError(f'None of the {len(names)} images in {directory} could be read.')
   images = np.stack(images)
   path_hash = hashlib.sha1(str(files.absolute(directory)).encode()).hexdigest()[:8]
   base = folder.name or 'root'

@@ -2,27 +2,39 @@
 
 A retrieval mode is a configuration of an index: `mode.build(gallery)` takes the gallery's full-dim
 (unnormalised, nested-head) embeddings [G, D] and returns an `Index`, whose `search(queries, k)` gives
-each query's top-k (scores, ids) and whose `similarity(queries)` gives the [Q, G] matrix the evaluator
-ranks (-inf for items the index did not retrieve), so exact and approximate search are measured by the
-same code. Modes: `ExactSearch` here; the coarse-to-fine `coarse_to_fine.TwoStageSearch` (backends
-'rerank', 'truncate' and 'auto') and `coarse_to_fine.FunnelSearch`.
+each query's top-k (scores, ids) and whose `candidates(queries)` gives every item it scores for each
+query (the whole gallery for exact search, the last shortlist for coarse-to-fine), which the evaluator
+ranks a block of queries at a time (`evaluate.rank_queries`), so exact and approximate search are
+measured by the same code and no [Q, G] matrix is ever held. Modes: `ExactSearch` here; the
+coarse-to-fine `coarse_to_fine.TwoStageSearch` (backends 'rerank', 'truncate' and 'auto') and
+`coarse_to_fine.FunnelSearch`.
 
-This module also holds what every index shares: the normalised prefix, the one top-k, and ScaNN's
-settings, build and search.
+This module also holds what every index shares: the normalised prefix, the one top-k (numpy, or
+`jax.lax.top_k` for device arrays), the query block size, and ScaNN's settings, build and search.
 """
 
 import dataclasses
 import math
 import os
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax.models import matryoshka
 
 # How `coarse_to_fine.TwoStageSearch` runs its two stages (see there).
 BACKENDS = ('auto', 'rerank', 'truncate')
+# Bytes of one query block's float32 scores [block, G] (exact search, evaluation). Ranking a block makes a
+# few temporaries of about this size, so the evaluator's peak stays within tens of MiB of its embeddings.
+BLOCK_BYTES = 4 << 20
+# XLA's CPU matmul takes another path below about 48 rows, whose float32 roundings differ (measured): blocks
+# of at least 64 rows score bit for bit as the one [Q, G] matmul of the dense evaluator did.
+MIN_BLOCK_ROWS = 64
+
+Scores = Union[np.ndarray, jax.Array]  # jax.Array: on an accelerator, where exact search leaves its scores.
 
 
 class Index(Protocol):
@@ -33,8 +45,11 @@ class Index(Protocol):
     """queries [Q, D] -> scores float32 [Q, k] (descending) and ids int64 [Q, k]; -inf / -1 in the
     slots beyond what the index retrieved."""
 
-  def similarity(self, queries: np.ndarray) -> np.ndarray:
-    """queries [Q, D] -> float32 [Q, G]: the index's scores, -inf for items it did not retrieve."""
+  def candidates(self, queries: np.ndarray) -> tuple[Scores, Optional[np.ndarray]]:
+    """queries [Q, D] -> every item the index scores for each query, in no particular order: scores
+    float32 [Q, C] and ids int64 [Q, C] (-inf / -1 in empty slots). Exact search scores the whole
+    gallery and returns ids None (column j is item j); coarse-to-fine indexes their last shortlist. Any
+    other item scores -inf. [Q, C] is held at once: callers pass blocks of queries (`block_rows`)."""
 
 
 class RetrievalMode(Protocol):
@@ -50,36 +65,55 @@ def normalized_prefix_np(embeddings: np.ndarray, dim: int) -> np.ndarray:
   return matryoshka.normalized_prefix(np.asarray(embeddings, np.float32), dim)
 
 
-def top_k(scores: np.ndarray, k: int, ids: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-  """The k best of each row, sorted descending (ties keep their column order; NaN ranks last).
+def block_rows(num_items: int, max_block_bytes: Optional[int] = None) -> int:
+  """Queries per block whose float32 scores over `num_items` fit `max_block_bytes` (default BLOCK_BYTES),
+  and at least MIN_BLOCK_ROWS."""
+  return max(MIN_BLOCK_ROWS, (max_block_bytes or BLOCK_BYTES) // (4 * max(1, num_items)))
+
+
+def top_k(scores: Scores, k: int, ids: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+  """The k best of each row, sorted descending; ties, also at the k-th place, go to the lower column, and
+  NaN ranks with -inf (its score is returned as NaN).
+
+  The one top-k: numpy for host arrays; `jax.lax.top_k` where `scores` is a device array (only the
+  [Q, k] result leaves the device). Both give the same ids.
 
   Args:
     scores: [Q, K]; ids: int [Q, K], what each column is (default: the column numbers).
   Returns:
-    scores float32 [Q, k] and ids int64 [Q, k]; when K < k the last columns are -inf / -1.
+    numpy scores float32 [Q, k] and ids int64 [Q, k]; when K < k the last columns are -inf / -1.
   """
+  if isinstance(scores, jax.Array):
+    return _top_k_on_device(scores, k, ids)
   scores = np.asarray(scores, np.float32)
-  if ids is None:
-    ids = np.broadcast_to(np.arange(scores.shape[1], dtype=np.int64), scores.shape)
+  key = np.where(np.isnan(scores), -np.inf, scores) if np.isnan(scores).any() else scores
+  found, width = min(k, scores.shape[1]), scores.shape[1]
+  columns = np.broadcast_to(np.arange(width), scores.shape)
+  if found < width:  # Only the k best are sorted. np.partition: a float32 copy, not int64 indices.
+    kth = np.partition(key, width - found, axis=1)[:, width - found:width - found + 1]  # The k-th best.
+    # Items tied at the k-th place: the lowest columns among them.
+    above, tied = key > kth, key == kth
+    need = found - above.sum(axis=1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= need))
+    columns = np.nonzero(chosen)[1].reshape(-1, found)  # Exactly `found` a row, in column order.
+  order = np.argsort(-np.take_along_axis(key, columns, axis=1), axis=1, kind='stable')
+  columns = np.take_along_axis(columns, order, axis=1)
+  top_scores = np.take_along_axis(scores, columns, axis=1)
+  top_ids = columns if ids is None else np.take_along_axis(np.asarray(ids), columns, axis=1)
+  pad = ((0, 0), (0, k - found))
+  return (np.pad(top_scores, pad, constant_values=-np.inf),
+          np.pad(top_ids, pad, constant_values=-1).astype(np.int64))
+
+
+def _top_k_on_device(scores: jax.Array, k: int, ids) -> tuple[np.ndarray, np.ndarray]:
+  """`top_k` of a device array [Q, K] with `jax.lax.top_k` (which puts the lower column first on ties)."""
   found = min(k, scores.shape[1])
-  if found < scores.shape[1]:  # argpartition first: only the k best are sorted.
-    best = np.argpartition(-scores, found - 1, axis=1)[:, :found]
-    scores, ids = np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
-  order = np.argsort(-scores, axis=1, kind='stable')
-  scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-  if found < k:
-    pad = ((0, 0), (0, k - found))
-    scores, ids = np.pad(scores, pad, constant_values=-np.inf), np.pad(ids, pad, constant_values=-1)
-  return scores, ids.astype(np.int64)
-
-
-def scatter_scores(num_items: int, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  """scores, ids [Q, K] (ids -1: empty) -> float32 [Q, num_items], -inf outside each row's ids."""
-  out = np.full((scores.shape[0], num_items), -np.inf, np.float32)
-  rows = np.broadcast_to(np.arange(scores.shape[0])[:, None], ids.shape)
-  valid = ids >= 0
-  out[rows[valid], ids[valid]] = scores[valid]
-  return out
+  _, best = jax.lax.top_k(jnp.where(jnp.isnan(scores), -jnp.inf, scores), found)
+  top_scores = np.asarray(jnp.take_along_axis(scores, best, axis=1), np.float32)
+  best = np.asarray(best, np.int64)
+  top_ids = best if ids is None else np.take_along_axis(np.asarray(ids, np.int64), best, axis=1)
+  pad = ((0, 0), (0, k - found))
+  return np.pad(top_scores, pad, constant_values=-np.inf), np.pad(top_ids, pad, constant_values=-1)
 
 
 def shortlist_recall(candidate_ids: np.ndarray, exact_top: np.ndarray) -> float:
@@ -101,32 +135,44 @@ def shortlist_recall(candidate_ids: np.ndarray, exact_top: np.ndarray) -> float:
 
 
 class ExactIndex:
-  """Exhaustive search over a gallery's normalised `dim`-prefixes (normalised once, here)."""
+  """Exhaustive search over a gallery's normalised `dim`-prefixes (normalised once, here).
+
+  Scored in JAX (`matryoshka.normalized_prefix`, then one matmul per query block), as the evaluator has
+  always scored exact search, so its recall figures stay bit for bit what they were. On an accelerator
+  the gallery and each block's scores stay on the device and only the top-k comes back.
+  """
 
   def __init__(self, gallery: np.ndarray, dim: Optional[int] = None):
     """gallery [G, D] unnormalised; dim: the prefix searched (the full dim by default)."""
     self.dim = gallery.shape[1] if dim is None else dim
     self.num_items = gallery.shape[0]
-    self.gallery = normalized_prefix_np(gallery, self.dim)  # [G, dim], what `search` scores.
-    self._unnormalized = gallery  # For `similarity` (a reference, not a copy).
+    # [dim, G], what is scored: transposed once here, not once per block (the scores are what they were);
+    # normalised in row chunks (each row's value is the same) so that the build holds ~2 copies, not 4.
+    chunks = [matryoshka.normalized_prefix(jnp.asarray(gallery[start:start + 65536]), self.dim).T
+              for start in range(0, self.num_items, 65536)]
+    self.gallery_t = jnp.concatenate(chunks, axis=1) if len(chunks) != 1 else chunks[0]
+    del chunks
+    self._on_host = jax.default_backend() == 'cpu'  # There numpy ranks the scores (no device copy to avoid).
 
-  def search(self, queries: np.ndarray, k: int, chunk_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """queries [Q, D] -> scores float32 [Q, k] (descending) and ids int64 [Q, k], in numpy, chunked over
-    queries (a chunk's [c, G] scores bound the memory); k > G pads with -inf / -1."""
-    q = normalized_prefix_np(queries, self.dim)
-    scores = np.empty((q.shape[0], k), np.float32)
-    ids = np.empty((q.shape[0], k), np.int64)
-    for start in range(0, q.shape[0], chunk_size):
+  def candidates(self, queries: np.ndarray) -> tuple[Scores, None]:
+    """queries [Q, D] -> scores float32 [Q, G] of every item (numpy on CPU, a device array on an
+    accelerator) and ids None: column j is item j. Pass a block of queries (`block_rows`)."""
+    scores = matryoshka.normalized_prefix(jnp.asarray(queries), self.dim) @ self.gallery_t
+    return (np.asarray(scores) if self._on_host else scores), None
+
+  def search(self, queries: np.ndarray, k: int, chunk_size: Optional[int] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D] -> scores float32 [Q, k] (descending) and ids int64 [Q, k]; k > G pads with -inf / -1.
+
+    Chunked over queries (`chunk_size`, default `block_rows(G)`): a chunk's [c, G] scores bound the memory.
+    """
+    chunk_size = chunk_size or block_rows(self.num_items)
+    scores = np.empty((queries.shape[0], k), np.float32)
+    ids = np.empty((queries.shape[0], k), np.int64)
+    for start in range(0, queries.shape[0], chunk_size):
       chunk = slice(start, start + chunk_size)
-      scores[chunk], ids[chunk] = top_k(q[chunk] @ self.gallery.T, k)
+      scores[chunk], ids[chunk] = top_k(self.candidates(queries[chunk])[0], k)
     return scores, ids
-
-  def similarity(self, queries: np.ndarray) -> np.ndarray:
-    """queries [Q, D] -> float32 [Q, G], every item scored. In JAX (`matryoshka.normalized_prefix`), as the
-    evaluator has always computed it: its recall figures stay bit for bit what they were."""
-    q = matryoshka.normalized_prefix(jnp.asarray(queries), self.dim)
-    g = matryoshka.normalized_prefix(jnp.asarray(self._unnormalized), self.dim)
-    return np.asarray(q @ g.T)
 
 
 class ExactSearch:
@@ -180,7 +226,7 @@ class ScannSettings:
     fields = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'reorder')
     for name in fields + ('brute_force_below', 'threads'):
       if scann_config[name] < 0:
-        raise ValueError(f'config.eval.scann.{name}={scann_config[name]} must be >= 0 (0: the default).')
+        raise errors.InputError(f'config.eval.scann.{name}={scann_config[name]} must be >= 0 (0: the default).')
     return cls(brute_force_below=scann_config.brute_force_below, threads=scann_config.threads,
                **{name: scann_config[name] or None for name in fields})
 
@@ -222,7 +268,7 @@ def build_scann(database: np.ndarray, num_neighbors: int, settings: Optional[Sca
   builder = scann.scann_ops_pybind.builder(database, num_neighbors, 'dot_product')
   builder.set_n_training_threads(settings.threads)
   if truncate_dim is not None and not 0 < truncate_dim <= database.shape[1]:
-    raise ValueError(f'truncate_dim={truncate_dim} must be in [1, {database.shape[1]}].')
+    raise errors.InputError(f'truncate_dim={truncate_dim} must be in [1, {database.shape[1]}].')
   if truncate_dim is None and settings.brute_force(num_items):
     searcher = builder.score_brute_force().build()
   else:

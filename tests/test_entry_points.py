@@ -34,6 +34,7 @@ ENTRY_POINTS = {
     'benchmarks/input_pipeline.py': ['--workers', '--processes', '--batches', '--out'],
     'benchmarks/cots_ablation.py': ['--root', '--out', '--variants', '--extra'],
     'benchmarks/bad_inputs.py': ['--out_dir', '--only'],
+    'benchmarks/eval_memory.py': ['--images', '--captions_per_image', '--dim', '--cases', '--out'],
 }
 # Documented shell scripts: checked for syntax (`bash -n`; running them trains or needs a cluster), and
 # every Python tool they start must be one of ENTRY_POINTS.

@@ -16,11 +16,15 @@ import numpy as np
 import pytest
 
 from hivlp_jax import checkpointing
+from hivlp_jax import errors
+from hivlp_jax import evaluators
 from hivlp_jax import files
 from hivlp_jax import train
 from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir):
@@ -92,8 +96,7 @@ def test_sigterm_subprocess_exits_with_the_preempted_status_within_30_s(data_dir
              f'--config.data.data_dir={data_dir}', '--config.num_train_steps=100000',
              '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  process = subprocess.Popen(command, cwd=repo, env=env, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   log = []
   for line in process.stderr:  # Wait until it trains (logged steps), then preempt it.
     log.append(line)
@@ -217,3 +220,30 @@ def test_an_unreadable_checksum_record_does_not_discard_its_checkpoint(data_dir,
   restored = checkpointing.Checkpoints(str(workdir), 2).restore_latest(_initial_state(_config(data_dir)))
   assert int(restored.step) == 6
   assert not (workdir / checkpointing.QUARANTINE).exists()
+
+
+def test_evaluate_workdir_reproduces_the_training_metrics_without_training(data_dir, tmp_path, straight_run):
+  """Only the parameters of a checkpoint are restored and evaluated; the metrics go under WORKDIR/metrics/,
+  and a missing step or checkpoint is named."""
+  straight, results = straight_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  trained = files.read_json(workdir / 'metrics.json')
+  assert evaluators.evaluate_workdir(_config(data_dir), str(workdir)) == {'test': results}
+  assert files.read_json(workdir / 'metrics' / 'test' / 'step_6.json') == trained
+  assert files.read_json(workdir / 'metrics.json') == trained  # The training run's own file is left alone.
+  assert checkpointing.Checkpoints(str(workdir), 2).all_steps() == [3, 6]  # Nothing trained or saved.
+  # From the command line, with the run's own config (WORKDIR/config.json): the same metrics as in-process.
+  completed = subprocess.run([sys.executable, '-m', 'hivlp_jax.main', '--mode=evaluate', f'--workdir={workdir}',
+                              '--step=3'], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  from_cli = files.read_json(workdir / 'metrics' / 'test' / 'step_3.json')
+  older = evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=3)['test']
+  assert from_cli == {'step': 3, **older} and older != results
+  with pytest.raises(errors.InputError, match=r'--step=5: .*checkpoints holds steps \[3, 6\]'):
+    evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=5)
+  (tmp_path / 'untrained').mkdir()
+  with pytest.raises(errors.MissingInputError, match=r'No checkpoint in .*untrained.*: train there first'):
+    evaluators.evaluate_workdir(_config(data_dir), str(tmp_path / 'untrained'))
+  with pytest.raises(errors.MissingInputError, match=r'--workdir=.*missing does not exist'):
+    evaluators.evaluate_workdir(_config(data_dir), str(tmp_path / 'missing'))

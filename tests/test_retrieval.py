@@ -1,5 +1,6 @@
 """Retrieval indexes: the top-k, exact search and coarse-to-fine search on real ScaNN (CPU, small galleries)."""
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -28,8 +29,22 @@ def exact_top_k(queries, gallery, k, dim=None):
   return retrieval.ExactIndex(gallery, dim).search(queries, k)
 
 
-def assert_matches_exact(similarity, queries, gallery):
-  exact = retrieval.ExactSearch(gallery.shape[1]).build(gallery).similarity(queries)
+def dense_scores(index, queries):
+  """The [Q, G] matrix an index's candidates describe, -inf for the items it does not score (a test reference:
+  the evaluator never builds it)."""
+  scores, ids = index.candidates(queries)
+  if ids is None:
+    return np.asarray(scores)
+  out = np.full((len(queries), index.num_items), -np.inf, np.float32)
+  rows = np.broadcast_to(np.arange(len(queries))[:, None], ids.shape)
+  assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in ids)  # No item twice.
+  out[rows[ids >= 0], ids[ids >= 0]] = scores[ids >= 0]
+  return out
+
+
+def assert_matches_exact(index, queries, gallery):
+  similarity = dense_scores(index, queries)
+  exact = dense_scores(retrieval.ExactSearch(gallery.shape[1]).build(gallery), queries)
   assert np.all(np.isfinite(similarity))
   np.testing.assert_allclose(similarity, exact, atol=1e-5)
 
@@ -44,7 +59,7 @@ def test_two_stage_equals_exact_when_shortlist_covers_gallery(settings, backend,
   index = coarse_to_fine.TwoStageSearch(coarse_dim=8, shortlist=400, settings=settings, backend=backend
                                         ).build(gallery)
   assert isinstance(index, index_type)
-  assert_matches_exact(index.similarity(queries), queries, gallery)
+  assert_matches_exact(index, queries, gallery)
   # Scores, not indices: equal scores may come back in either order.
   scores, indices = index.search(queries, k=10)
   exact_scores, _ = exact_top_k(queries, gallery, 10)
@@ -67,14 +82,13 @@ def test_two_stage_recall_with_small_shortlist():
     _, top10 = index.search(queries, 10)
     assert retrieval.shortlist_recall(top10, exact_top10) >= 0.95
     # The shortlist holds 5% of the gallery, the rest scores -inf.
-    similarity = index.similarity(queries[:5])
-    assert np.all(np.isfinite(similarity).sum(axis=1) == 200)
+    assert np.all(np.isfinite(dense_scores(index, queries[:5])).sum(axis=1) == 200)
 
 
 def test_funnel_equals_exact_when_shortlists_cover_gallery():
   gallery, queries = decaying_embeddings(300, 64, num_queries=20)
   index = coarse_to_fine.FunnelSearch(stages=((8, 300), (16, 300), (32, 300))).build(gallery)
-  assert_matches_exact(index.similarity(queries), queries, gallery)
+  assert_matches_exact(index, queries, gallery)
 
 
 def test_funnel_shrinks_shortlist_and_ranks_at_final_dim():
@@ -233,12 +247,20 @@ def test_top_k_sorts_pads_and_ranks_nan_last():
   top_scores, top_ids = retrieval.top_k(scores, 7)
   np.testing.assert_array_equal(top_ids[0], [1, 4, 3, 0, 2, -1, -1])
   assert np.isnan(top_scores[0, 4]) and np.all(np.isneginf(top_scores[:, 5:]))
+  # A tie at the k-th place goes to the lower column too, as jax.lax.top_k (device arrays) has it.
+  tied = np.array([[0.5, 0.7, 0.5, 0.5, 0.7, 0.5]], np.float32)
+  np.testing.assert_array_equal(retrieval.top_k(tied, 3)[1], [[1, 4, 0]])
+  for case, k in ((scores, 3), (scores, 7), (tied, 3), (tied, 4)):
+    on_device, on_host = retrieval.top_k(jnp.asarray(case), k), retrieval.top_k(case, k)
+    np.testing.assert_array_equal(on_device[1], on_host[1])
+    np.testing.assert_array_equal(on_device[0], on_host[0])
+    assert on_device[0].dtype == np.float32 and on_device[1].dtype == np.int64
 
 
 def test_exact_index_search_is_the_exact_top_k_and_pads_past_the_gallery():
   gallery, queries = decaying_embeddings(50, 16, num_queries=7)
   index = retrieval.ExactSearch(8).build(gallery)
-  similarity = index.similarity(queries)
+  similarity = dense_scores(index, queries)
   scores, ids = index.search(queries, 5, chunk_size=3)  # Chunks of 3 queries: the last one partial.
   np.testing.assert_array_equal(ids, np.argsort(-similarity, axis=1, kind='stable')[:, :5])
   np.testing.assert_allclose(scores, np.sort(similarity, axis=1)[:, ::-1][:, :5], atol=1e-6)
@@ -253,12 +275,12 @@ def test_exact_index_search_is_the_exact_top_k_and_pads_past_the_gallery():
     coarse_to_fine.TwoStageSearch(8, 40, EXHAUSTIVE_TREE, backend='truncate'),
     coarse_to_fine.FunnelSearch(((8, 100), (16, 40))),
 ], ids=lambda mode: mode.name)
-def test_every_mode_builds_an_index_whose_search_agrees_with_its_similarity(mode):
-  """The evaluator ranks `similarity`, a deployment reads `search`: both must describe the same retrieval."""
+def test_every_mode_builds_an_index_whose_search_agrees_with_its_candidates(mode):
+  """The evaluator ranks `candidates`, a deployment reads `search`: both must describe the same retrieval."""
   gallery, queries = decaying_embeddings(300, 32, num_queries=12)
   index = mode.build(gallery)
   assert index.num_items == 300
-  similarity = index.similarity(queries)
+  similarity = dense_scores(index, queries)
   assert similarity.shape == (12, 300)
   scores, ids = index.search(queries, 50)  # More than a 40 shortlist: the rest is padding.
   assert scores.shape == ids.shape == (12, 50)
@@ -266,9 +288,8 @@ def test_every_mode_builds_an_index_whose_search_agrees_with_its_similarity(mode
   retrieved = ids >= 0
   assert np.all(np.isneginf(scores[~retrieved]))
   rows = np.broadcast_to(np.arange(12)[:, None], ids.shape)
-  # Exact search scores its matrix in JAX and searches in numpy: equal up to float rounding.
   np.testing.assert_allclose(similarity[rows[retrieved], ids[retrieved]], scores[retrieved], atol=1e-6)
-  # The matrix scores what search retrieved (the shortlist), -inf elsewhere; exact search retrieves all.
+  # The candidates are what search retrieved (the shortlist), -inf elsewhere; exact search retrieves all.
   expected = 300 if isinstance(index, retrieval.ExactIndex) else retrieved.sum(axis=1)
   np.testing.assert_array_equal(np.isfinite(similarity).sum(axis=1), expected)
   assert np.all(retrieved.sum(axis=1) == (50 if isinstance(index, retrieval.ExactIndex) else 40))
