@@ -1,12 +1,16 @@
-r"""Benchmark of the pmapped train step: median step time, examples/s and FLOP utilisation.
+r"""Benchmark of the pmapped train step: median step time, examples/s, FLOP utilisation and memory per device.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/train_step.py \
       --config=configs/default.py --steps=20 --out=benchmarks/results/train_step.json
+The memory levers are config fields: add --config.model.remat=block (or block_full) and/or
+--config.model.scan_layers=True to make a table of memory against step time.
 
 Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
 masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are
 XLA's cost analysis of the compiled step (forward, backward and optimizer, summed over devices); the peak is
-a measured matmul in the model's dtype on the same devices.
+a measured matmul in the model's dtype on the same devices. Memory is XLA's memory analysis of the compiled
+step on one device (pmap compiles one program per device): arguments (state, batch), outputs, temporaries
+(the activations kept for the backward pass live here), and the outputs aliased to donated arguments.
 """
 
 import json
@@ -47,13 +51,24 @@ def measured_matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
   return 2 * size**3 * n / statistics.median(times)
 
 
-def step_flops(p_step, state, batch) -> float:
+def step_flops(lowered) -> float:
   # The lowered (not the compiled) program's count: on GPU, the compiled one misses the matmuls that XLA
   # hands to cuBLAS (an H200 run of base_b16 counted 3.7 TFLOP per step, a tenth of an analytic count).
-  analysis = p_step.lower(state, batch).cost_analysis()
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, list):
     analysis = analysis[0]
   return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def memory_per_device(compiled) -> dict:
+  """Bytes of one device's compiled step: {'argument_bytes': ..., 'output_bytes', 'temp_bytes', 'alias_bytes'}."""
+  analysis = compiled.memory_analysis()
+  if isinstance(analysis, (list, tuple)):  # One per device where the backend reports them separately.
+    analysis = analysis[0]
+  if analysis is None:  # Backends without the analysis.
+    return {}
+  return {f'{kind}_bytes': int(getattr(analysis, f'{kind}_size_in_bytes'))
+          for kind in ('argument', 'output', 'temp', 'alias')}
 
 
 def main(argv):
@@ -82,7 +97,9 @@ def main(argv):
         mask_patches=config.mvlm.mvm_weight > 0)
   batch = jax.tree.map(lambda x: x.reshape((devices, per_device) + x.shape[1:]), batch)
   p_step = train_step.make_pmapped_train_step(config)
-  flops = step_flops(p_step, state, batch) * devices
+  lowered = p_step.lower(state, batch)
+  flops = step_flops(lowered) * devices
+  memory = memory_per_device(lowered.compile())
   for _ in range(3):
     state, metrics = p_step(state, batch)
   jax.block_until_ready(metrics)
@@ -100,6 +117,7 @@ def main(argv):
       'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
       'devices': devices, 'global_batch': config.batch_size, 'dtype': config.model.dtype,
+      'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
       'queue_size': contrastive.queue_size, 'kl_weight': contrastive.kl_weight,
       'filter_noisy_pairs': contrastive.filter_noisy_pairs, 'mlm_weight': config.mvlm.mlm_weight,
       'mvm_weight': config.mvlm.mvm_weight,
@@ -108,8 +126,12 @@ def main(argv):
       'examples_per_s': config.batch_size / median, 'step_gflops': flops / 1e9,
       'achieved_gflops_per_s': flops / median / 1e9, 'matmul_peak_gflops_per_s': peak / 1e9,
       'fraction_of_peak': flops / median / peak,
+      'memory_per_device': memory,
   }
   print(json.dumps(result, indent=2))
+  mib = {kind: f'{value / 2**20:,.1f} MiB' for kind, value in memory.items()}
+  print(f'remat={config.model.remat} scan_layers={config.model.scan_layers}: step {median:.4f} s; per device: '
+        + (', '.join(f'{kind.removesuffix("_bytes")} {value}' for kind, value in mib.items()) or 'no memory analysis'))
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
     with open(FLAGS.out, 'a') as f:

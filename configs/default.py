@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 256
   config.model.nested_dims = (16, 32, 64, 128, 256)
   config.model.dtype = 'float32'
+  config.model.remat = 'none'  # Or 'block' (recompute each encoder block, keep its matmuls), 'block_full'.
+  config.model.scan_layers = False  # nn.scan over each tower's blocks: compile time flat in depth, params stacked.
   config.model.temperature_init = 0.07
   config.model.temperature_min = 0.001
   config.model.temperature_max = 0.5
@@ -38,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.
+  config.loss.kind = 'softmax'  # Or 'sigmoid': SigLIP's pairwise loss, in-batch only (queue_size must be 0).
 
   # Momentum contrast (MoCo/ALBEF instance level) and COTS task-level alignment. queue_size = 0 trains with
   # in-batch negatives only and leaves every other field here unused.

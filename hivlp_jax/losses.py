@@ -4,6 +4,7 @@ Shapes: b = this device's batch, B = the global batch (all devices), D = embeddi
 on this device.
 """
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -131,6 +132,70 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
     return itc_total, metrics
   metrics['loss_kl'] = kl_total
   return itc_total + options.kl_weight * kl_total, metrics
+
+
+# SigLIP (Zhai et al. 2023): every (image, text) pair of the global batch is its own binary problem.
+
+
+def _sigmoid_block(images: tuple[jnp.ndarray, ...], text: jnp.ndarray, temperature: jnp.ndarray, bias: jnp.ndarray,
+                   *, dims: tuple[int, ...], positives: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """-sum log sigmoid(z * logits) over one [b, b'] block of pairs, at every nested dim.
+
+  images: per nested dim, this device's image prefixes [b, dim] (normalised); text: [b', D] unnormalised.
+  positives: the block is this device's own texts (z = +1 on its diagonal), else all negatives (z = -1).
+  Returns [len(dims)] sums and [len(dims), b] each row's largest negative logit (for the accuracy).
+  """
+  sums, row_max = [], []
+  for image, dim in zip(images, dims):
+    logits = image @ matryoshka.normalized_prefix(text, dim).T / temperature + bias  # [b, b']
+    signs = 2.0 * jnp.eye(*logits.shape) - 1.0 if positives else -1.0
+    sums.append(-jnp.sum(jax.nn.log_sigmoid(signs * logits)))
+    row_max.append(jnp.max(jnp.where(signs > 0, -jnp.inf, logits), axis=1))
+  return jnp.stack(sums), jnp.stack(row_max)
+
+
+def sigmoid_loss(online: Pair, temperature: jnp.ndarray, bias: jnp.ndarray, nested_dims: Sequence[int],
+                 dim_weights: Sequence[float], *, axis_name: Optional[str] = None) -> tuple[jnp.ndarray, dict]:
+  """SigLIP's loss -1/B sum_ij log sigmoid(z_ij (x_i . y_j / temperature + bias)) at every nested dim, weighted.
+
+  z_ij = +1 for a pair (i = j), -1 otherwise; x, y are the re-normalised prefixes; SigLIP's t = exp(t') is
+  1 / temperature. Under pmap each device keeps its images and passes the texts around the ring of devices
+  (ppermute, the SigLIP paper's chunked scheme): n blocks of [b, b] logits one after the other, so no device
+  holds [b, B] logits, let alone [B, B].
+
+  Args:
+    online: [b, D] x2, this device's pairs (unnormalised, full dim).
+    temperature, bias: scalars, the learned ones.
+    axis_name: the pmap axis (None: one device, b = B).
+  Returns:
+    This device's loss (its rows' sums / b, so that the mean over devices is the global loss) and a dict of
+    diagnostics (also to be averaged over devices).
+  """
+  dims = tuple(nested_dims)
+  images = tuple(matryoshka.normalized_prefix(online.image, dim) for dim in dims)
+  # Remat: the backward pass recomputes a block's logits instead of keeping every block's [b, b] of them.
+  own_block, other_block = (jax.checkpoint(functools.partial(_sigmoid_block, dims=dims, positives=positives))
+                            for positives in (True, False))
+  sums, row_max = own_block(images, online.text, temperature, bias)
+  if axis_name is not None:
+    num_devices = jax.lax.axis_size(axis_name)
+    ring = [(k, (k + 1) % num_devices) for k in range(num_devices)]
+
+    def visit(carry, _):  # One step: the previous device's texts arrive; all negatives for these images.
+      texts, sums, row_max = carry
+      texts = jax.lax.ppermute(texts, axis_name, ring)
+      block_sums, block_max = other_block(images, texts, temperature, bias)
+      return (texts, sums + block_sums, jnp.maximum(row_max, block_max)), None
+    (_, sums, row_max), _ = jax.lax.scan(visit, (online.text, sums, row_max), None, length=num_devices - 1)
+  per_dim = sums / online.image.shape[0]
+  metrics = {}
+  for k, dim in enumerate(dims):  # `positive` ends at the largest dim, as the softmax loss reports it.
+    metrics[f'loss_dim{dim}'] = per_dim[k]
+    positive = jnp.sum(images[k] * matryoshka.normalized_prefix(online.text, dim), axis=-1)  # [b] cosines.
+    metrics[f'accuracy_i2t_dim{dim}'] = jnp.mean(positive / temperature + bias >= row_max[k])
+  total = sum(weight * per_dim[k] for k, weight in enumerate(dim_weights))
+  metrics.update(loss_itc=total, positive_similarity=jnp.mean(positive), logit_bias=bias)
+  return total, metrics
 
 
 # Masked vision-language modeling (COTS token level).

@@ -5,6 +5,8 @@ from typing import Any, Sequence
 import jax
 import optax
 
+from hivlp_jax.models import encoders
+
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_fraction: float) -> optax.Schedule:
   """Linear warm-up from 0 to `peak`, then cosine decay to `peak * end_fraction` at `total_steps`."""
@@ -17,10 +19,12 @@ def decay_mask(params, excluded_names: Sequence[str] = ()) -> Any:
   """True for the leaves weight decay applies to: matrices (ndim > 1) not named in `excluded_names`.
 
   Biases, LayerNorm scales and other vectors are never decayed; embeddings-like matrices (position
-  embeddings, [CLS], the masked-patch token, the mean image) are excluded by name.
+  embeddings, [CLS], the masked-patch token, the mean image) are excluded by name. Under scanned encoder
+  blocks (config.model.scan_layers) the leading [depth] axis does not count, so the mask is the unscanned one.
   """
   def decay(path, leaf):
-    return leaf.ndim > 1 and path[-1].key not in excluded_names
+    stacked = any(getattr(key, 'key', None) == encoders.SCANNED for key in path)
+    return leaf.ndim - stacked > 1 and path[-1].key not in excluded_names
   return jax.tree_util.tree_map_with_path(decay, params)
 
 

@@ -1,8 +1,9 @@
 """The one data-parallel train step of the two towers, composed from the loss terms of `settings.StepSettings`.
 
 Terms: the contrastive loss at every nested dim (in-batch keys, or momentum keys and the negative queues
-with distillation, KL alignment and the noisy-pair filter), and the masked-token losses (MLM, MVM). The loss
-function adds them up in one place; `apply_update` applies the gradient and guards against non-finite steps.
+with distillation, KL alignment and the noisy-pair filter; or SigLIP's sigmoid loss over the ring of devices),
+and the masked-token losses (MLM, MVM). The loss function adds them up in one place; `apply_update` applies
+the gradient and guards against non-finite steps.
 """
 
 import functools
@@ -41,7 +42,8 @@ class TrainState(train_state.TrainState):
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towers.TwoTowers:
   return two_towers.TwoTowers(config.model, vocab_size=vocab_size, mlm=config.mvlm.mlm_weight > 0,
-                              mvm_codebook_size=config.visual_tokenizer.codebook_size if config.mvlm.mvm_weight else 0)
+                              mvm_codebook_size=config.visual_tokenizer.codebook_size if config.mvlm.mvm_weight else 0,
+                              sigmoid_loss=config.loss.kind == 'sigmoid')
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -122,11 +124,15 @@ def loss_fn(params, state: TrainState, batch: dict, settings: settings_lib.StepS
     masked_inputs['patch_mask'] = batch['patch_mask']
   outputs = state.apply_fn({'params': params}, batch['image'], batch['text'], **masked_inputs)
   online = losses.Pair(outputs.image, outputs.text)
-  online_global = _gather(online)
-  if settings.queue is None:
+  if settings.loss_kind == 'sigmoid':  # In-batch only (settings.py refuses the queues): no all-gather.
+    total, metrics = losses.sigmoid_loss(online, outputs.temperature, outputs.logit_bias, settings.nested_dims,
+                                         settings.dim_weights, axis_name=AXIS)
+  elif settings.queue is None:
+    online_global = _gather(online)
     total, metrics = losses.contrastive_loss(online, online_global, online_global, outputs.temperature,
                                              settings.nested_dims, settings.dim_weights, axis_name=AXIS)
   else:
+    online_global = _gather(online)
     total, metrics = losses.contrastive_loss(
         online, online_global, _gather(local_keys), outputs.temperature, settings.nested_dims,
         settings.dim_weights, axis_name=AXIS, queue=state.negative_queues, options=settings.queue, keep=keep,
@@ -151,6 +157,8 @@ def _tree_finite(tree) -> jnp.ndarray:
 def apply_gradients(state: TrainState, grads, settings: settings_lib.StepSettings) -> TrainState:
   """The optimizer update, then the learned log temperature clamped to its range (the parameter, not its exp)."""
   updated = state.apply_gradients(grads=grads)
+  if settings.loss_kind == 'sigmoid':  # SigLIP's t' and bias are not clamped (two_towers.py).
+    return updated
   low, high = settings.log_temperature_range
   return updated.replace(params=dict(updated.params,
                                      log_temperature=jnp.clip(updated.params['log_temperature'], low, high)))

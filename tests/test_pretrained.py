@@ -286,3 +286,28 @@ def test_text_tower_config_is_validated(tmp_path):
     config_lib.validate(config)
   (tmp_path / 'vocab.txt').write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nextra\n')
   config_lib.validate(config)
+
+
+def test_scanned_towers_load_both_checkpoints_block_by_block(tmp_path):
+  """With config.model.scan_layers (params stacked [depth, ...]) both loaders fill the same function."""
+  arrays = _bert_checkpoint(np.random.default_rng(4))
+  prefix = _write_bert_checkpoint(tmp_path / 'bert', arrays, num_heads=2)
+  tower = bert.BertTextTransformer(30, 8, 16, 2, 2, 32, remat='block', scan_layers=True)
+  shapes = jax.eval_shape(tower.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))['params']
+  loaded, report = pretrained.load_bert_checkpoint(prefix, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  assert report.left_new == [] and 'encoder/block1/attention/query/kernel' in report.loaded
+  assert loaded['encoder']['blocks']['attention']['query']['kernel'].shape == (2, 16, 2, 8)
+  tokens = np.array([[2, 5, 7, 3, 0, 0, 0, 0], [2, 9, 9, 9, 11, 12, 13, 3]], np.int32)
+  np.testing.assert_allclose(jax.jit(tower.apply)({'params': loaded}, tokens)[1],
+                             _numpy_bert(arrays, tokens, num_heads=2), atol=1e-4, rtol=1e-4)
+  np.savez(tmp_path / 'vit.npz', **_checkpoint(np.random.default_rng(5)))
+  vit = encoders.ViT(patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=128)
+  shapes = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  vit_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  expected, _ = pretrained.load_vit_npz(str(tmp_path / 'vit.npz'), vit_params)
+  loaded, report = pretrained.load_vit_npz(str(tmp_path / 'vit.npz'), encoders.stack_layers(vit_params))
+  assert report.left_new == [] and 'blocks' in loaded['encoder']
+  scanned_vit = encoders.ViT(patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=128, scan_layers=True)
+  images = np.random.default_rng(6).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(jax.jit(scanned_vit.apply)({'params': loaded}, images)[0],
+                             jax.jit(vit.apply)({'params': expected}, images)[0], atol=1e-4, rtol=1e-4)

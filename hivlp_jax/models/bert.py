@@ -31,6 +31,7 @@ class BertBlock(nn.Module):
   def __call__(self, x, mask=None):
     width = x.shape[-1]
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, kernel_init=_init,
+                                        attention_fn=encoders.dot_product_attention,
                                         name='attention')(x, x, mask=mask)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name='attention_norm')(x + y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_init, name='intermediate')(x)
@@ -57,5 +58,5 @@ class BertTextTransformer(encoders.TextTransformer):
     mask = (tokens != 0)[:, None, None, :]  # [B, 1 (heads), 1 (queries), L (keys)]
     # Post-LN blocks end normalised: no final LayerNorm.
     x = encoders.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, block=BertBlock,
-                         final_norm=False, name='encoder')(x, mask)
+                         final_norm=False, remat=self.remat, scan_layers=self.scan_layers, name='encoder')(x, mask)
     return x[:, 0], x

@@ -11,6 +11,8 @@ Names in the checkpoint -> names in `encoders.ViT`:
   Transformer/encoderblock_i/MlpBlock_3/Dense_{0,1}     -> encoder/block{i}/MlpBlock_0/Dense_{0,1}
   Transformer/encoder_norm                              -> encoder/norm
 The classification head (head/, pre_logits/) has no counterpart and is reported as unused.
+Towers with scanned blocks (config.model.scan_layers, params stacked under encoder/blocks) are loaded in the
+unscanned layout, block by block, and stacked back: names in reports are always encoder/block{i}/...
 """
 
 import dataclasses
@@ -21,7 +23,9 @@ import flax
 import jax
 import numpy as np
 
+from hivlp_jax import errors
 from hivlp_jax import files
+from hivlp_jax.models import encoders
 
 
 def _tensorflow():
@@ -58,6 +62,18 @@ class LoadReport:
             f'unused {self.unused}')
 
 
+def _flat_unscanned(tower_params) -> dict:
+  """A tower's params as {'encoder/block0/...': array}, scanned blocks unstacked."""
+  params = encoders.unstack_layers(flax.core.unfreeze(tower_params))
+  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _unflatten_like(flat: dict, tower_params) -> dict:
+  """The inverse of `_flat_unscanned`: stacked again when `tower_params` has scanned blocks."""
+  params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
+  return encoders.stack_layers(params) if encoders.has_scanned_layers(tower_params) else params
+
+
 def vit_name(checkpoint_name: str) -> str:
   for pattern, replacement in _RENAMES:
     name, count = re.subn(pattern, replacement, checkpoint_name)
@@ -71,14 +87,15 @@ def resize_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray
   cls, grid = posemb[:, :1], posemb[0, 1:]
   old, new = int(round(np.sqrt(grid.shape[0]))), int(round(np.sqrt(num_tokens - 1)))
   if old * old != grid.shape[0] or new * new != num_tokens - 1:
-    raise ValueError(f'Position embeddings of {grid.shape[0]} and {num_tokens - 1} patches are not square grids.')
+    raise errors.InputError(f'Position embeddings of {grid.shape[0]} and {num_tokens - 1} patches are not square '
+                            'grids.')
   grid = jax.image.resize(grid.reshape(old, old, -1), (new, new, grid.shape[-1]), 'bilinear')
   return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
 
 
 def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
   """Returns the image tower's params with every matching checkpoint array copied in, and a report."""
-  flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(image_tower_params)).items()}
+  flat = _flat_unscanned(image_tower_params)
   report = LoadReport()
   with files.path(path).open('rb') as f, np.load(f) as checkpoint:
     for checkpoint_name in checkpoint.files:
@@ -91,13 +108,12 @@ def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
         value = resize_position_embedding(value, target.shape[1])
         report.reshaped.append(f'{name} {checkpoint[checkpoint_name].shape} -> {value.shape}')
       if value.shape != target.shape:
-        raise ValueError(f'{checkpoint_name} in {path} has shape {value.shape}, the model wants {target.shape} '
-                         f'at {name}: the checkpoint is of another model size.')
+        raise errors.InputError(f'{checkpoint_name} in {path} has shape {value.shape}, the model wants {target.shape} '
+                                f'at {name}: the checkpoint is of another model size.')
       flat[name] = value.astype(np.asarray(target).dtype)
       report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
-  params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
-  return params, report
+  return _unflatten_like(flat, image_tower_params), report
 
 
 # BERT: names in the TF checkpoint (below 'bert/') -> names in `bert.BertTextTransformer`.
@@ -142,7 +158,7 @@ def bert_checkpoint_prefix(path: str) -> str:
   if gfile().isdir(prefix):
     prefix = f'{prefix.rstrip("/")}/{BERT_CHECKPOINT_NAME}'
   if not gfile().exists(prefix + '.index'):
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f'No TF BERT checkpoint at {path!r}: found no {prefix}.index. Give the checkpoint prefix (the '
         f"'{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / .data-00000-of-00001 files) or "
         'the folder holding it.')
@@ -163,10 +179,11 @@ def _check_bert_config(prefix: str, flat_params: dict) -> None:
   query = flat_params.get('encoder/block0/attention/query/kernel')  # [W, heads, head_dim]
   heads = bert_config.get('num_attention_heads') if query is None else query.shape[1]
   if bert_config.get('num_attention_heads', heads) != heads:
-    raise ValueError(f'{config_file} has num_attention_heads={bert_config["num_attention_heads"]} but the text '
-                     f'tower has {heads} heads: set config.model.text.num_heads to match.')
+    raise errors.InputError(f'{config_file} has num_attention_heads={bert_config["num_attention_heads"]} but the text '
+                            f'tower has {heads} heads: set config.model.text.num_heads to match.')
   if bert_config.get('hidden_act', 'gelu') != 'gelu':
-    raise ValueError(f'{config_file} has hidden_act={bert_config["hidden_act"]!r}; the bert text tower uses gelu.')
+    raise errors.InputError(f'{config_file} has hidden_act={bert_config["hidden_act"]!r}; the bert text tower '
+                            'uses gelu.')
 
 
 def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
@@ -184,10 +201,11 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
   Blocks the checkpoint has beyond the tower's depth are unused (a truncated BERT, as ALBEF's text encoder
   uses BERT's first 6 layers); blocks the tower has beyond it are left new.
   """
-  flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(text_params)).items()}
+  flat = _flat_unscanned(text_params)
   if 'type_embedding' not in flat or 'embedding_norm/scale' not in flat:
-    raise ValueError("A BERT checkpoint fits only the BERT text tower: set config.model.text.architecture='bert' "
-                     f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
+    raise errors.InputError('A BERT checkpoint fits only the BERT text tower: set '
+                            "config.model.text.architecture='bert' "
+                            f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
   prefix = bert_checkpoint_prefix(path)
   _check_bert_config(prefix, flat)
   reader = _tensorflow().train.load_checkpoint(prefix)
@@ -201,8 +219,8 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     shape = value.shape
     if name == 'pos_embedding' and shape[-1:] == target.shape[-1:]:
       if shape[0] < target.shape[1]:
-        raise ValueError(f'{checkpoint_name} in {prefix} has {shape[0]} positions, fewer than the text tower '
-                         f'has (config.model.text.max_len={target.shape[1]}).')
+        raise errors.InputError(f'{checkpoint_name} in {prefix} has {shape[0]} positions, fewer than the text tower '
+                                f'has (config.model.text.max_len={target.shape[1]}).')
       value = value[None, :target.shape[1]]
       if shape[0] != target.shape[1]:
         report.reshaped.append(f'{name} {shape} -> {value.shape}: the first {target.shape[1]} positions')
@@ -217,10 +235,9 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     elif '/attention/' in name and value.size == target.size:
       value = value.reshape(target.shape)  # Only the split into heads: the element order stays.
     if value.shape != target.shape:
-      raise ValueError(f'{checkpoint_name} in {prefix} has shape {value.shape}, the model wants {target.shape} '
-                       f'at {name}: the checkpoint is of another model size.')
+      raise errors.InputError(f'{checkpoint_name} in {prefix} has shape {value.shape}, the model wants {target.shape} '
+                              f'at {name}: the checkpoint is of another model size.')
     flat[name] = value.astype(target.dtype)
     report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
-  params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
-  return params, report
+  return _unflatten_like(flat, text_params), report

@@ -1,7 +1,7 @@
 """Two-tower image-text model: a ViT image tower and a Transformer text tower, no fusion.
 
-`TwoTowers(images, texts)` returns `TowerOutputs` (image and text embeddings, the learned temperature and
-the masked-token logits when asked for). The embeddings are the full
+`TwoTowers(images, texts)` returns `TowerOutputs` (image and text embeddings, the learned temperature, with
+the sigmoid loss its logit bias, and the masked-token logits when asked for). The embeddings are the full
 nested-head projections [B, embed_dim], unnormalised; `matryoshka.normalized_prefix` reads them at any
 nested dim. Either input may be None, so evaluation embeds images and texts separately.
 """
@@ -27,6 +27,7 @@ class TowerOutputs(NamedTuple):
   temperature: jnp.ndarray  # Scalar.
   mlm_logits: Optional[jnp.ndarray] = None  # [B, L, vocab], with `masked_texts`.
   mvm_logits: Optional[jnp.ndarray] = None  # [B, patches, codebook], with `patch_mask`.
+  logit_bias: Optional[jnp.ndarray] = None  # Scalar, with `sigmoid_loss`.
 
 
 class MaskedTokenHead(nn.Module):
@@ -52,24 +53,33 @@ class TwoTowers(nn.Module):
 
   With `mlm` / `mvm_codebook_size` it also has the masked-token heads of COTS masked vision-language
   modeling, which predict masked text tokens (vocabulary logits) and masked patches' visual-token ids.
+  With `sigmoid_loss` its temperature and logit bias are SigLIP's (config.loss.kind='sigmoid').
   """
   config: ml_collections.ConfigDict  # config.model
   vocab_size: int
   mlm: bool = False
   mvm_codebook_size: int = 0  # 0: no masked vision modeling.
+  sigmoid_loss: bool = False
 
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    levers = dict(remat=cfg.remat, scan_layers=cfg.scan_layers)  # Memory and compile time; same function.
     self.image_tower = encoders.ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
-                           cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0)
+                           cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0, **levers)
     text_tower = {'pre_ln': encoders.TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
     self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
-                                 cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype)
+                                 cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype, **levers)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
-    self.log_temperature = self.param(
-        'log_temperature', nn.initializers.constant(jnp.log(cfg.temperature_init)), ())
+    if self.sigmoid_loss:
+      # SigLIP's t' (t = exp(t') = 1 / temperature) and bias b at the paper's init: every logit starts near
+      # -10, so the B^2 - B negatives against B positives need no large first corrections. Not clamped (big_vision).
+      self.sigmoid_log_scale = self.param('sigmoid_log_scale', nn.initializers.constant(jnp.log(10.0)), ())
+      self.sigmoid_bias = self.param('sigmoid_bias', nn.initializers.constant(-10.0), ())
+    else:
+      self.log_temperature = self.param(
+          'log_temperature', nn.initializers.constant(jnp.log(cfg.temperature_init)), ())
     if self.mlm:
       self.mlm_head = MaskedTokenHead(dtype=dtype)
       self.mlm_bias = self.param('mlm_bias', nn.initializers.zeros, (self.vocab_size,))
@@ -78,6 +88,8 @@ class TwoTowers(nn.Module):
       self.mvm_output = nn.Dense(self.mvm_codebook_size, dtype=dtype)
 
   def temperature(self) -> jnp.ndarray:
+    if self.sigmoid_loss:
+      return jnp.exp(-self.sigmoid_log_scale)
     # No clip here: the train step clamps the parameter itself to [temperature_min, temperature_max], so the
     # gradient never vanishes at a clamp that Adam could not leave (as open_clip and ALBEF do).
     return jnp.exp(self.log_temperature)
@@ -124,4 +136,5 @@ class TwoTowers(nn.Module):
       _, image_states = self.image_tower(pixels, patch_mask)
       transformed = self.mvm_head(image_states[:, 1:], text_pooled)
       mvm_logits = self.mvm_output(transformed).astype(jnp.float32)
-    return TowerOutputs(image_embedding, text_embedding, self.temperature(), mlm_logits, mvm_logits)
+    return TowerOutputs(image_embedding, text_embedding, self.temperature(), mlm_logits, mvm_logits,
+                        self.sigmoid_bias if self.sigmoid_loss else None)
