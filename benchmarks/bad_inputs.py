@@ -743,6 +743,10 @@ def config_cases() -> list[Case]:
       v(68, 'max_len_0', {'model.text.max_len': 0}, ('max_len',)),
       v(69, 'builder_config', {'data.builder_config': 'huge'}, ('builder_config', 'BuilderConfig huge')),
       v(70, 'vocab_size', {'data.vocab_size': 50}, ('vocab_size',)),
+      v(72, 'remat', {'model.remat': 'everything'}, ('model.remat',)),
+      v(73, 'loss_kind', {'loss.kind': 'hinge'}, ('loss.kind',)),
+      v(74, 'sigmoid_with_queue', {'loss.kind': 'sigmoid', 'contrastive.queue_size': 64},
+        ('loss.kind', 'queue_size')),
   ]
   cases.append(Case('c71_string_in_float_field', 'config',
                     "a config file sets `config.optimizer.learning_rate = '1e-3'` (a string)", ('learning_rate',),
@@ -908,6 +912,10 @@ def workdir_cases() -> list[Case]:
         ('stop_after_step', 'step 3'), ['--stop_after_step=3'], from_base=False, then='resume'),
       w('w16_stop_after_negative', 'workdir', '`--stop_after_step=-1`', ('stop_after_step',),
         ['--stop_after_step=-1'], from_base=False),
+      w('w17_evaluate_missing_step', 'workdir', '`--mode=evaluate --step=5` (the run saved steps 3 and 6)',
+        ('--step=5',), ['--mode=evaluate', '--step=5']),
+      w('w18_evaluate_untrained', 'workdir', '`--mode=evaluate` on a workdir without checkpoints/',
+        ('checkpoint',), ['--mode=evaluate'], remove('run/checkpoints')),
   ]
 
 
@@ -1108,7 +1116,7 @@ def write_page(rows: list[Row], out_dir: str, command: str, seconds: float) -> N
       '--config.data.eval_name=flickr30k`). Query rows run `python -m hivlp_jax.query --workdir=WORKDIR '
       '--text="a small red circle"` plus the bad input, on a copy of a tiny run trained for 6 steps (checkpoints 3 and '
       '6); so do the workdir and checkpoint rows with `main`. Config rows call `config_lib.validate` in-process, '
-      'the check `main` runs first; from the command line the same message ends a traceback, as the command-line '
+      'the check `main` runs first; from the command line the same message is printed as one line, as the command-line '
       'rows show. A config value that validate accepts is then run with `main` as well. Two runs serve several '
       'rows each (marked *one run for several rows* in the JSON): a Flickr30K manual dir with three damaged training '
       'images, and web shards with six damaged samples or shards; each of those rows reads the lines that name its '

@@ -72,14 +72,14 @@ def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
     (['--config=configs/tinny.py'], "The config file 'configs/tinny.py' could not be loaded: "),
     (['--workdir=README.md'], "Error: --workdir='README.md' is a file, not a folder: pass a folder (new or a run's)."),
 ])
-def test_command_line_errors_are_one_line_naming_the_input(args, last_line):
-  argv = ['--config=configs/tiny.py', '--workdir=unused', *args]
+def test_command_line_errors_are_one_line_naming_the_input(args, last_line, tmp_path):
+  argv = ['--config=configs/tiny.py', f'--workdir={tmp_path / "run"}', *args]
   result = subprocess.run([sys.executable, '-m', 'hivlp_jax.main', *argv], capture_output=True, text=True,
                           timeout=120, check=False)
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(last_line)
-  assert not os.path.exists('unused')
+  assert not os.path.exists(tmp_path / 'run')  # Refused before the run touches its workdir.
 
 
 def test_unknown_override_keys():

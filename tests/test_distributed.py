@@ -15,6 +15,7 @@ import numpy as np
 
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
+from tests.conftest import xla_flags
 
 
 def _free_port() -> int:
@@ -58,7 +59,7 @@ def _run_two_processes(workdir, data_dir, env, *extra) -> list[str]:
 
 def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_path):
   pipeline.get_tokenizer(tiny_config(data_dir))  # Prepared once, as a shared filesystem would hold it.
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags(2))
   multi = str(tmp_path / 'multi')
   first = _run_two_processes(multi, data_dir, env, '--stop_after_step=3')
   assert 'JAX devices: 2 local of 4 on 2 processes' in first[0]
@@ -67,7 +68,7 @@ def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_pa
   assert 'Resumed from the checkpoint of step 3' in resumed[0]
 
   single = str(tmp_path / 'single')
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+  env['XLA_FLAGS'] = xla_flags(4)
   reference = subprocess.run(_command(single, data_dir), env=env, capture_output=True, text=True, timeout=400)
   assert reference.returncode == 0, reference.stderr[-3000:]
 

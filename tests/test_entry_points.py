@@ -43,7 +43,7 @@ SHELL_SCRIPTS = ['launch/local.sh', 'launch/tpu_vm.sh', 'launch/slurm_gpu.sh', '
 README_MAIN_COMMAND = ('python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt -e . '
                        '&& launch/local.sh')
 README_TEST_COMMAND = ('python3.11 -m venv .venv && .venv/bin/pip install -r requirements-test.txt -e . '
-                       '&& .venv/bin/python -m pytest -q tests')
+                       '&& .venv/bin/python -m pytest -q -n 2 --dist loadfile tests')
 
 
 def _argv(entry_point: str) -> list[str]:

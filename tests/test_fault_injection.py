@@ -23,6 +23,7 @@ from hivlp_jax import train
 from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +96,7 @@ def test_sigterm_subprocess_exits_with_the_preempted_status_within_30_s(data_dir
   command = [sys.executable, '-m', 'hivlp_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
              f'--config.data.data_dir={data_dir}', '--config.num_train_steps=100000',
              '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   log = []
   for line in process.stderr:  # Wait until it trains (logged steps), then preempt it.

@@ -57,7 +57,7 @@ def _model_config(architecture='pre_ln', remat='none', scan_layers=False, dtype=
   config = tiny.get_config().model
   config.update(dict(image_size=16, embed_dim=32, nested_dims=(16, 32)))
   config.image.update(dict(width=32, mlp_dim=64, depth=1))
-  config.text.update(dict(width=32, mlp_dim=64, max_len=MAX_LEN, architecture=architecture))
+  config.text.update(dict(width=32, mlp_dim=64, depth=2, max_len=MAX_LEN, architecture=architecture))
   config.remat, config.scan_layers, config.dtype = remat, scan_layers, dtype
   return config
 

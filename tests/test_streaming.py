@@ -282,12 +282,19 @@ def test_worker_processes_give_the_same_batches(tmp_path, tokenizer):
     np.testing.assert_array_equal(a['text'], b['text'])
 
 
+def _final_params(workdir):
+  """The parameters and step of the newest checkpoint in `workdir`."""
+  from hivlp_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpoints = checkpointing.Checkpoints(workdir, 2, create=False)
+  step = max(checkpoints.all_steps())
+  return checkpoints._new_manager().restore(step)['params'], step  # pylint: disable=protected-access
+
+
 def test_training_on_flickr30k_resumes_its_data_order(tmp_path):
   """train_and_evaluate on a Karpathy-format Flickr30K: stopped at step 3 and resumed, it equals a straight run."""
   from configs import flickr30k  # pylint: disable=g-import-not-at-top
   from hivlp_jax import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from tests.test_train import _final_params  # pylint: disable=g-import-not-at-top
   _write_flickr_manual_dir(tmp_path / 'manual', ['train'] * 10 + ['restval'] * 2 + ['val'] * 2 + ['test'] * 4)
   config = flickr30k.add_streaming_data_fields(tiny_config(str(tmp_path / 'data')))
   config.data.update(name='flickr30k', manual_dir=str(tmp_path / 'manual'), vocab_file='', vocab_size=60,
