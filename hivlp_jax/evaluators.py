@@ -108,10 +108,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: Opti
   """
   if not files.path(workdir).exists():
     raise errors.MissingInputError(f'--workdir={workdir} does not exist: nothing to evaluate.')
-  vocab = pipeline.vocab_file(config)
-  if not files.path(vocab).exists():  # get_tokenizer would train a new one, whose ids the model never saw.
-    raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
-  tokenizer = pipeline.get_tokenizer(config)
+  tokenizer = pipeline.trained_run_tokenizer(config)
   evaluator_list = from_config(config, tokenizer)  # Checks the splits before the (slower) restore.
   model = train_step.create_model(config, tokenizer.vocab_size)
   params, step = restore_params(workdir, config, model, step)

@@ -138,10 +138,7 @@ class Run:
 def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """Restores the parameters of the latest checkpoint of the run in `workdir` (config: see `load_config`)."""
   config = load_config(workdir, config)
-  vocab = pipeline.vocab_file(config)
-  if not files.path(vocab).exists():  # get_tokenizer would train a new one, whose ids the model never saw.
-    raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
-  tokenizer = pipeline.get_tokenizer(config)
+  tokenizer = pipeline.trained_run_tokenizer(config)
   model = train_step.create_model(config, tokenizer.vocab_size)
   params, step = evaluators.restore_params(workdir, config, model)
   return Run(workdir=workdir, config=config, tokenizer=tokenizer, model=model, step=step,

@@ -51,6 +51,14 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.train_tokenizer(texts, path, vocab_size=config.data.vocab_size)
 
 
+def trained_run_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
+  """The tokenizer a trained run used; never trains one (its ids would not be the ones the model saw)."""
+  vocab = vocab_file(config)
+  if not files.path(vocab).exists():
+    raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
+  return tokenizer_lib.Tokenizer(vocab)
+
+
 def _check_embedded(config: ml_collections.ConfigDict) -> None:
   if config.data.name != 'embedded_scenes':
     raise errors.InputError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
