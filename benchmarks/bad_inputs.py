@@ -747,6 +747,8 @@ def config_cases() -> list[Case]:
       v(73, 'loss_kind', {'loss.kind': 'hinge'}, ('loss.kind',)),
       v(74, 'sigmoid_with_queue', {'loss.kind': 'sigmoid', 'contrastive.queue_size': 64},
         ('loss.kind', 'queue_size')),
+      v(75, 'accumulation_not_dividing', {'accumulation_steps': 3}, ('accumulation_steps',)),
+      v(76, 'accumulation_0', {'accumulation_steps': 0}, ('accumulation_steps',)),
   ]
   cases.append(Case('c71_string_in_float_field', 'config',
                     "a config file sets `config.optimizer.learning_rate = '1e-3'` (a string)", ('learning_rate',),

@@ -2,8 +2,9 @@ r"""Benchmark of the pmapped train step: median step time, examples/s, FLOP util
 
   XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/train_step.py \
       --config=configs/default.py --steps=20 --out=benchmarks/results/train_step.json
-The memory levers are config fields: add --config.model.remat=block (or block_full) and/or
---config.model.scan_layers=True to make a table of memory against step time.
+The memory levers are config fields: add --config.model.remat=block (or block_full),
+--config.model.scan_layers=True and/or --config.accumulation_steps=K to make a table of memory against step
+time; --memory_only compiles without running (the accumulation table of docs/results.md).
 
 Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
 masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are
@@ -35,6 +36,8 @@ config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config to bench
 flags.DEFINE_integer('steps', 20, 'Timed steps after 3 warm-up steps.')
 flags.DEFINE_integer('vocab_size', 1000, 'Vocabulary size of the text tower.')
 flags.DEFINE_string('out', '', 'Append the result as one JSON line to this file.')
+flags.DEFINE_bool('memory_only', False, 'Compile and report the memory analysis only, no timed steps (for steps '
+                  'too big to run on the machine at hand, e.g. base_b16 at batch 4096 on a CPU).')
 
 
 def measured_matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
@@ -100,6 +103,17 @@ def main(argv):
   lowered = p_step.lower(state, batch)
   flops = step_flops(lowered) * devices
   memory = memory_per_device(lowered.compile())
+  levers = dict(remat=config.model.remat, scan_layers=config.model.scan_layers,
+                accumulation_steps=config.accumulation_steps)
+  described = ' '.join(f'{k}={v}' for k, v in levers.items())
+  mib = ', '.join(f'{kind.removesuffix("_bytes")} {value / 2**20:,.1f} MiB' for kind, value in memory.items())
+  if FLAGS.memory_only:
+    result = dict(config=os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
+                  backend=jax.default_backend(), devices=devices, global_batch=config.batch_size,
+                  dtype=config.model.dtype, **levers, step_gflops=flops / 1e9, memory_per_device=memory)
+    print(f'{described}: per device: {mib or "no memory analysis"}')
+    _append(result)
+    return
   for _ in range(3):
     state, metrics = p_step(state, batch)
   jax.block_until_ready(metrics)
@@ -117,7 +131,7 @@ def main(argv):
       'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
       'devices': devices, 'global_batch': config.batch_size, 'dtype': config.model.dtype,
-      'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
+      **levers,
       'queue_size': contrastive.queue_size, 'kl_weight': contrastive.kl_weight,
       'filter_noisy_pairs': contrastive.filter_noisy_pairs, 'mlm_weight': config.mvlm.mlm_weight,
       'mvm_weight': config.mvlm.mvm_weight,
@@ -129,9 +143,11 @@ def main(argv):
       'memory_per_device': memory,
   }
   print(json.dumps(result, indent=2))
-  mib = {kind: f'{value / 2**20:,.1f} MiB' for kind, value in memory.items()}
-  print(f'remat={config.model.remat} scan_layers={config.model.scan_layers}: step {median:.4f} s; per device: '
-        + (', '.join(f'{kind.removesuffix("_bytes")} {value}' for kind, value in mib.items()) or 'no memory analysis'))
+  print(f'{described}: step {median:.4f} s; per device: {mib or "no memory analysis"}')
+  _append(result)
+
+
+def _append(result: dict) -> None:
   if FLAGS.out:
     os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
     with open(FLAGS.out, 'a') as f:

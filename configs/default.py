@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.visual_tokenizer.checkpoint_every_steps = 250
 
   config.batch_size = 256  # Global, over all devices and hosts.
+  # Micro-batches per step: each device embeds its rows in this many slices, the loss sees every negative of
+  # the global batch, and the gradient is pulled back slice by slice (GradCache). Memory for a batch that
+  # does not fit; costs one extra forward pass.
+  config.accumulation_steps = 1
   config.num_train_steps = 700
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3

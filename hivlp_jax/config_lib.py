@@ -146,6 +146,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % devices:
     raise errors.InputError(f'config.batch_size={config.batch_size} is not divisible by the {devices} devices; '
                             f'use a multiple of {devices}.')
+  steps, per_device = config.accumulation_steps, config.batch_size // devices
+  settings.check_field(steps >= 1, 'accumulation_steps', steps, 'must be >= 1 (1: no gradient accumulation)')
+  if per_device % steps:
+    raise errors.InputError(f'config.accumulation_steps={steps} does not divide the per-device batch '
+                            f'{per_device} (config.batch_size={config.batch_size} over {devices} devices): '
+                            'each device splits its rows into that many equal micro-batches; use a divisor '
+                            f'of {per_device}.')
   if config.model.image_size % config.model.image.patch_size:
     raise errors.InputError(f'config.model.image_size={config.model.image_size} is not a multiple of '
                             f'config.model.image.patch_size={config.model.image.patch_size}.')

@@ -201,22 +201,35 @@ def sigmoid_loss(online: Pair, temperature: jnp.ndarray, bias: jnp.ndarray, nest
 # Masked vision-language modeling (COTS token level).
 
 
+def masked_count(masked: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
+  """The masked positions per device over the whole (global) batch, >= 1: the normaliser of `masked_token_loss`.
+
+  masked: bool [b, N]. Under pmap, the psum over devices / their number, so that the devices' mean of each
+  device's normalised sum is the global mean.
+  """
+  count = jnp.sum(masked.astype(jnp.float32))
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name) / jax.lax.axis_size(axis_name)
+  return jnp.maximum(count, 1.0)
+
+
 def masked_token_loss(logits: jnp.ndarray, targets: jnp.ndarray, masked: jnp.ndarray,
-                      axis_name: str | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                      axis_name: str | None = None, count: Optional[jnp.ndarray] = None
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Cross-entropy and accuracy over the masked positions only (MLM: token ids; MVM: visual-token ids).
 
   Args:
     logits: [b, N, C]; targets: int [b, N]; masked: bool [b, N], the positions to predict.
     axis_name: under pmap, the device axis: the masked positions of the whole global batch count equally,
       however they fall on the devices (each device's value is scaled so that their mean is the global one).
+    count: the normaliser, `masked_count` of a larger batch that these rows are a micro-batch of (gradient
+      accumulation: the micro-batches' values then sum to the whole batch's); None: of these rows.
   Returns:
     (loss, accuracy), scalars; 0 when nothing is masked.
   """
   weights = masked.astype(jnp.float32)
   cross_entropy = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  count = jnp.sum(weights)
-  if axis_name is not None:
-    count = jax.lax.psum(count, axis_name) / jax.lax.axis_size(axis_name)
-  count = jnp.maximum(count, 1.0)
+  if count is None:
+    count = masked_count(masked, axis_name)
   return jnp.sum(weights * cross_entropy) / count, jnp.sum(weights * correct) / count

@@ -114,6 +114,7 @@ class StepSettings:
   dim_weights: tuple[float, ...]
   loss_kind: str  # One of LOSS_KINDS.
   num_train_steps: int
+  accumulation_steps: int  # Micro-batches per optimizer step (train_step.accumulated_loss_and_grads); 1: off.
   log_temperature_range: tuple[float, float]  # The learned log temperature is clamped to it after each update.
   queue: Optional[QueueSettings]
   masked_modeling: Optional[MaskedModelingSettings]
@@ -141,6 +142,6 @@ class StepSettings:
                               'trains on in-batch pairs only (no momentum queues, distillation, KL alignment or '
                               "noisy-pair filter). Set them to 0 / False, or use config.loss.kind='softmax'.")
     return cls(nested_dims=dims, dim_weights=tuple(float(w) for w in config.loss.dim_weights), loss_kind=kind,
-               num_train_steps=int(config.num_train_steps),
+               num_train_steps=int(config.num_train_steps), accumulation_steps=int(config.accumulation_steps),
                log_temperature_range=(math.log(m.temperature_min), math.log(m.temperature_max)),
                queue=QueueSettings.from_config(config), masked_modeling=MaskedModelingSettings.from_config(config))

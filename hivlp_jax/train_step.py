@@ -7,7 +7,7 @@ the gradient and guards against non-finite steps.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 from flax.training import train_state
@@ -88,24 +88,72 @@ def _gather(pair: losses.Pair) -> losses.Pair:
   return losses.Pair(*(jax.lax.all_gather(x, AXIS, tiled=True) for x in pair))
 
 
-def momentum_keys(state: TrainState, batch: dict, options: settings_lib.QueueSettings):
-  """The momentum towers on this device's pairs, and which pairs the noisy-pair filter keeps.
+def momentum_embeddings(state: TrainState, images: jnp.ndarray, texts: jnp.ndarray) -> losses.Pair:
+  """The momentum towers' embeddings of pairs [m, ...] -> [m, D] x2 (no gradient)."""
+  outputs = state.apply_fn({'params': state.ema_params}, images, texts)
+  return jax.lax.stop_gradient(losses.Pair(outputs.image, outputs.text))
 
-  Returns (keys of this device's pairs [b, D] x2, keep [b] bool or None, the new filter statistics or None,
-  the filter's metrics).
+
+def filter_keys(state: TrainState, keys: losses.Pair, batch: dict, options: settings_lib.QueueSettings):
+  """Which of this device's pairs the noisy-pair filter keeps, judged by their momentum keys [b, D] x2.
+
+  Returns (keep [b] bool or None, the new filter statistics or None, the filter's metrics).
   """
-  image, text = jax.lax.stop_gradient(state.apply_fn({'params': state.ema_params}, batch['image'],
-                                                     batch['text']))[:2]
   if not options.filter_noisy_pairs:
-    return losses.Pair(image, text), None, None, {}
+    return None, None, {}
   keep, stats, dropped = momentum_towers.filter_pairs(
-      momentum_towers.positive_similarity(image, text), state.filter_stats, k=options.filter_k,
+      momentum_towers.positive_similarity(*keys), state.filter_stats, k=options.filter_k,
       stats_momentum=options.filter_stats_momentum, axis_name=AXIS,
       active=state.step >= options.filter_warmup_steps)
   metrics = dict(filter_dropped_fraction=dropped, filter_mean=stats.mean, filter_std=jnp.sqrt(stats.var))
   if 'noisy' in batch:
     metrics.update(momentum_towers.flag_rates(keep, batch['noisy'], AXIS))
-  return losses.Pair(image, text), keep, stats, metrics
+  return keep, stats, metrics
+
+
+def masked_inputs(batch: dict, settings: settings_lib.StepSettings) -> dict:
+  """The masked views the model takes for MLM / MVM (keyword arguments of `TwoTowers.__call__`)."""
+  masked_modeling, inputs = settings.masked_modeling, {}
+  if masked_modeling is not None and masked_modeling.mlm_weight:
+    inputs['masked_texts'] = batch['masked_text']
+  if masked_modeling is not None and masked_modeling.mvm_weight:
+    inputs['patch_mask'] = batch['patch_mask']
+  return inputs
+
+
+def contrastive_terms(online: losses.Pair, temperature, logit_bias, state: TrainState,
+                      settings: settings_lib.StepSettings, local_keys, keep, distill_weight):
+  """The contrastive loss of this device's online embeddings [b, D] x2 and its metrics (before pmean)."""
+  if settings.loss_kind == 'sigmoid':  # In-batch only (settings.py refuses the queues): no all-gather.
+    total, metrics = losses.sigmoid_loss(online, temperature, logit_bias, settings.nested_dims,
+                                         settings.dim_weights, axis_name=AXIS)
+  elif settings.queue is None:
+    online_global = _gather(online)
+    total, metrics = losses.contrastive_loss(online, online_global, online_global, temperature,
+                                             settings.nested_dims, settings.dim_weights, axis_name=AXIS)
+  else:
+    online_global = _gather(online)
+    total, metrics = losses.contrastive_loss(
+        online, online_global, _gather(local_keys), temperature, settings.nested_dims, settings.dim_weights,
+        axis_name=AXIS, queue=state.negative_queues, options=settings.queue, keep=keep,
+        distill_weight=distill_weight)
+  metrics['temperature'] = temperature
+  return total, metrics
+
+
+def masked_terms(outputs: two_towers.TowerOutputs, batch: dict, settings: settings_lib.StepSettings,
+                 counts: Optional[dict] = None):
+  """The weighted MLM + MVM loss and their metrics; `counts` ('mlm', 'mvm'): normalisers of the whole batch
+  when `batch` is one of its micro-batches (losses.masked_token_loss)."""
+  total, metrics, counts = 0.0, {}, counts or {}
+  for name, logits, targets, masked in (('mlm', outputs.mlm_logits, 'text', 'text_mask'),
+                                        ('mvm', outputs.mvm_logits, 'image_codes', 'patch_mask')):
+    if logits is None:
+      continue
+    metrics[f'loss_{name}'], metrics[f'accuracy_{name}'] = losses.masked_token_loss(
+        logits, batch[targets], batch[masked], AXIS, count=counts.get(name))
+    total = total + getattr(settings.masked_modeling, f'{name}_weight') * metrics[f'loss_{name}']
+  return total, metrics
 
 
 def loss_fn(params, state: TrainState, batch: dict, settings: settings_lib.StepSettings, local_keys, keep,
@@ -116,37 +164,67 @@ def loss_fn(params, state: TrainState, batch: dict, settings: settings_lib.StepS
   'text_mask' bool [b, L]; with MVM 'patch_mask' bool [b, patches] and 'image_codes' int32 [b, patches].
   local_keys: the momentum keys of this device's pairs (None: in-batch negatives).
   """
-  masked_modeling = settings.masked_modeling
-  masked_inputs = {}
-  if masked_modeling is not None and masked_modeling.mlm_weight:
-    masked_inputs['masked_texts'] = batch['masked_text']
-  if masked_modeling is not None and masked_modeling.mvm_weight:
-    masked_inputs['patch_mask'] = batch['patch_mask']
-  outputs = state.apply_fn({'params': params}, batch['image'], batch['text'], **masked_inputs)
-  online = losses.Pair(outputs.image, outputs.text)
-  if settings.loss_kind == 'sigmoid':  # In-batch only (settings.py refuses the queues): no all-gather.
-    total, metrics = losses.sigmoid_loss(online, outputs.temperature, outputs.logit_bias, settings.nested_dims,
-                                         settings.dim_weights, axis_name=AXIS)
-  elif settings.queue is None:
-    online_global = _gather(online)
-    total, metrics = losses.contrastive_loss(online, online_global, online_global, outputs.temperature,
-                                             settings.nested_dims, settings.dim_weights, axis_name=AXIS)
-  else:
-    online_global = _gather(online)
-    total, metrics = losses.contrastive_loss(
-        online, online_global, _gather(local_keys), outputs.temperature, settings.nested_dims,
-        settings.dim_weights, axis_name=AXIS, queue=state.negative_queues, options=settings.queue, keep=keep,
-        distill_weight=distill_weight)
-  if outputs.mlm_logits is not None:
-    metrics['loss_mlm'], metrics['accuracy_mlm'] = losses.masked_token_loss(
-        outputs.mlm_logits, batch['text'], batch['text_mask'], AXIS)
-    total = total + masked_modeling.mlm_weight * metrics['loss_mlm']
-  if outputs.mvm_logits is not None:
-    metrics['loss_mvm'], metrics['accuracy_mvm'] = losses.masked_token_loss(
-        outputs.mvm_logits, batch['image_codes'], batch['patch_mask'], AXIS)
-    total = total + masked_modeling.mvm_weight * metrics['loss_mvm']
-  metrics['temperature'] = outputs.temperature
-  return total, metrics
+  outputs = state.apply_fn({'params': params}, batch['image'], batch['text'], **masked_inputs(batch, settings))
+  total, metrics = contrastive_terms(losses.Pair(outputs.image, outputs.text), outputs.temperature,
+                                     outputs.logit_bias, state, settings, local_keys, keep, distill_weight)
+  masked_total, masked_metrics = masked_terms(outputs, batch, settings)
+  return total + masked_total, metrics | masked_metrics
+
+
+def _micro_batches(batch: dict, steps: int) -> dict:
+  """[b, ...] -> [steps, b / steps, ...]: micro-batch j holds rows j * b / steps onwards."""
+  return jax.tree.map(lambda x: x.reshape((steps, -1) + x.shape[1:]), batch)
+
+
+def embed_micro_batches(state: TrainState, micro: dict, with_keys: bool):
+  """Pass 1 of accumulation: the online (and momentum) embeddings of every micro-batch, no activations kept.
+
+  micro: the batch as [k, m, ...]. Returns (online [b, D] x2, momentum keys [b, D] x2 or None), rows in
+  the batch's order.
+  """
+  def embed(pairs):
+    outputs = state.apply_fn({'params': state.params}, pairs['image'], pairs['text'])
+    keys = momentum_embeddings(state, pairs['image'], pairs['text']) if with_keys else None
+    return losses.Pair(outputs.image, outputs.text), keys
+  online, keys = jax.lax.map(embed, {'image': micro['image'], 'text': micro['text']})
+  flat = lambda pair: None if pair is None else jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), pair)
+  return flat(online), flat(keys)
+
+
+def accumulated_loss_and_grads(state: TrainState, batch: dict, settings: settings_lib.StepSettings, online,
+                               local_keys, keep, distill_weight):
+  """`value_and_grad(loss_fn)` over micro-batches (GradCache), with every negative of the whole batch.
+
+  The contrastive terms see the full [b, D] embeddings of pass 1 (`embed_micro_batches`): their gradient
+  with respect to the embeddings (and the temperature / bias) is taken once. Pass 2 re-runs each
+  micro-batch's forward pass and pulls its rows of that gradient back into the parameters (the vjp, as the
+  gradient of <embedding gradient, embeddings>), adding the masked-token losses' own gradient; a scan over
+  micro-batches keeps one micro-batch's activations at a time and a compiled step whose size does not grow
+  with their number. Returns ((loss, metrics), grads) as `value_and_grad(loss_fn, has_aux=True)` does.
+  """
+  steps = settings.accumulation_steps
+  def head_loss(online, params):  # The temperature / bias come from the parameters, as in loss_fn.
+    outputs = state.apply_fn({'params': params}, None, None)
+    return contrastive_terms(online, outputs.temperature, outputs.logit_bias, state, settings, local_keys, keep,
+                             distill_weight)
+  (total, metrics), (online_grads, grads) = jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)(
+      online, state.params)
+  counts = {name: losses.masked_count(batch[masked], AXIS)
+            for name, masked in (('mlm', 'text_mask'), ('mvm', 'patch_mask')) if masked in batch}
+
+  def micro_step(grads, inputs):
+    micro, pulled = inputs
+    def surrogate(params):
+      outputs = state.apply_fn({'params': params}, micro['image'], micro['text'], **masked_inputs(micro, settings))
+      pull = jnp.sum(pulled.image * outputs.image) + jnp.sum(pulled.text * outputs.text)
+      masked_total, masked_metrics = masked_terms(outputs, micro, settings, counts)
+      return pull + masked_total, (masked_total, masked_metrics)
+    micro_grads, masked = jax.grad(surrogate, has_aux=True)(state.params)
+    return jax.tree.map(jnp.add, grads, micro_grads), masked
+  grads, (masked_totals, masked_metrics) = jax.lax.scan(
+      micro_step, grads, (_micro_batches(batch, steps), _micro_batches(online_grads, steps)))
+  metrics |= jax.tree.map(lambda x: jnp.sum(x, axis=0), masked_metrics)  # Each is normalised by the whole batch.
+  return (total + jnp.sum(masked_totals), metrics), grads
 
 
 def _tree_finite(tree) -> jnp.ndarray:
@@ -177,35 +255,62 @@ def keep_if_finite(state: TrainState, updated: TrainState, loss, grad_norm) -> t
                            nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1)), finite
 
 
+class Momentum(NamedTuple):
+  """What a step with queues hands from the loss to the state update."""
+  keys: losses.Pair  # This device's momentum keys [b, D] x2, to enqueue.
+  keep: Optional[jnp.ndarray]  # [b] bool, the filter's verdict (None: no filter).
+  filter_stats: Optional[momentum_towers.FilterStats]
+
+
+def loss_and_grads(state: TrainState, batch: dict, settings: settings_lib.StepSettings):
+  """The step's loss, metrics and gradient, averaged over devices; call under pmap.
+
+  One shot, or over `settings.accumulation_steps` micro-batches (same values up to float32 round-off).
+  Returns (loss, metrics, grads, Momentum or None without queues).
+  """
+  options = settings.queue
+  local_keys = keep = distill_weight = filter_stats = online = None
+  metrics = {}
+  if settings.accumulation_steps > 1:
+    online, local_keys = embed_micro_batches(state, _micro_batches(batch, settings.accumulation_steps),
+                                             with_keys=options is not None)
+  elif options is not None:
+    local_keys = momentum_embeddings(state, batch['image'], batch['text'])
+  if options is not None:
+    keep, filter_stats, metrics = filter_keys(state, local_keys, batch, options)
+    if options.distill_weight:
+      ramp = jnp.minimum(1.0, state.step / max(options.distill_warmup_steps, 1))
+      distill_weight = options.distill_weight * (ramp if options.distill_warmup_steps else 1.0)
+      metrics['distill_weight'] = distill_weight
+  if settings.accumulation_steps > 1:
+    (loss, loss_metrics), grads = accumulated_loss_and_grads(state, batch, settings, online, local_keys, keep,
+                                                             distill_weight)
+  else:
+    (loss, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, batch, settings, local_keys, keep, distill_weight)
+  (loss, loss_metrics), grads = jax.lax.pmean((loss, loss_metrics), AXIS), jax.lax.pmean(grads, AXIS)
+  momentum = None if options is None else Momentum(local_keys, keep, filter_stats)
+  return loss, jax.lax.pmean(metrics, AXIS) | loss_metrics, grads, momentum
+
+
 def train_step(state: TrainState, batch: dict, *, settings: settings_lib.StepSettings, learning_rate):
   """One data-parallel step; call under `jax.pmap(axis_name='batch')`. Returns (state, metrics).
 
   learning_rate: the schedule (for the metrics; the optimizer holds its own copy).
   """
   options = settings.queue
-  local_keys = keep = distill_weight = filter_stats = None
-  metrics = {}
-  if options is not None:
-    local_keys, keep, filter_stats, metrics = momentum_keys(state, batch, options)
-    if options.distill_weight:
-      ramp = jnp.minimum(1.0, state.step / max(options.distill_warmup_steps, 1))
-      distill_weight = options.distill_weight * (ramp if options.distill_warmup_steps else 1.0)
-      metrics['distill_weight'] = distill_weight
-  (loss, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state, batch, settings, local_keys, keep, distill_weight)
-  (loss, loss_metrics), grads = jax.lax.pmean((loss, loss_metrics), AXIS), jax.lax.pmean(grads, AXIS)
-  metrics = jax.lax.pmean(metrics, AXIS) | loss_metrics
+  loss, metrics, grads, momentum = loss_and_grads(state, batch, settings)
   updated = apply_gradients(state, grads, settings)
   if options is not None:
     ema_momentum = momentum_towers.momentum_at(state.step, options.momentum, options.momentum_schedule,
                                                settings.num_train_steps)
     updated = updated.replace(
         ema_params=momentum_towers.ema_update(state.ema_params, updated.params, ema_momentum),
-        negative_queues=queues.enqueue(state.negative_queues, *local_keys,
-                                       jnp.ones(local_keys.image.shape[:1], jnp.bool_) if keep is None else keep,
-                                       AXIS))
-    if filter_stats is not None:
-      updated = updated.replace(filter_stats=filter_stats)
+        negative_queues=queues.enqueue(
+            state.negative_queues, *momentum.keys,
+            jnp.ones(momentum.keys.image.shape[:1], jnp.bool_) if momentum.keep is None else momentum.keep, AXIS))
+    if momentum.filter_stats is not None:
+      updated = updated.replace(filter_stats=momentum.filter_stats)
     metrics['momentum'] = ema_momentum
   grad_norm = optax.tree.norm(grads)
   new_state, finite = keep_if_finite(state, updated, loss, grad_norm)
