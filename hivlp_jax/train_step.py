@@ -227,11 +227,6 @@ def accumulated_loss_and_grads(state: TrainState, batch: dict, settings: setting
   return (total + jnp.sum(masked_totals), metrics), grads
 
 
-def _tree_finite(tree) -> jnp.ndarray:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def apply_gradients(state: TrainState, grads, settings: settings_lib.StepSettings) -> TrainState:
   """The optimizer update, then the learned log temperature clamped to its range (the parameter, not its exp)."""
   updated = state.apply_gradients(grads=grads)
@@ -242,14 +237,18 @@ def apply_gradients(state: TrainState, grads, settings: settings_lib.StepSetting
                                      log_temperature=jnp.clip(updated.params['log_temperature'], low, high)))
 
 
-def keep_if_finite(state: TrainState, updated: TrainState, loss, grad_norm) -> tuple[TrainState, jnp.ndarray]:
-  """`updated`, or `state` unchanged where the loss, gradient, new parameters or optimizer state is non-finite.
+def keep_if_finite(state: TrainState, updated: TrainState, loss, grad_norm,
+                   update_norm) -> tuple[TrainState, jnp.ndarray]:
+  """`updated`, or `state` unchanged where the loss, the gradient or the update is non-finite.
 
+  update_norm: the norm of `updated.params - state.params`. The old parameters are finite (every kept state
+  is), so a finite update norm means finite new parameters, whatever the learning rate did; and finite,
+  norm-clipped gradients keep AdamW's moments finite. So three scalars guard the whole state, with no pass
+  over the parameters or the optimizer state on the hot path.
   A skipped step still advances the step counter (so that it stays equal to the loop's: the checkpoint of
   step s always holds s steps) and counts in `nonfinite_steps`. Returns (state, finite).
   """
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _tree_finite(updated.params)
-            & _tree_finite(updated.opt_state))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
   return new_state.replace(step=state.step + 1,
                            nonfinite_steps=jnp.where(finite, 0, state.nonfinite_steps + 1)), finite
@@ -313,10 +312,10 @@ def train_step(state: TrainState, batch: dict, *, settings: settings_lib.StepSet
       updated = updated.replace(filter_stats=momentum.filter_stats)
     metrics['momentum'] = ema_momentum
   grad_norm = optax.tree.norm(grads)
-  new_state, finite = keep_if_finite(state, updated, loss, grad_norm)
+  update_norm = optax.tree.norm(jax.tree.map(jnp.subtract, updated.params, state.params))
+  new_state, finite = keep_if_finite(state, updated, loss, grad_norm, update_norm)
   metrics.update(
-      loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
-      update_norm=optax.tree.norm(jax.tree.map(jnp.subtract, updated.params, state.params)),
+      loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(state.params), update_norm=update_norm,
       learning_rate=learning_rate(state.step), nonfinite=1.0 - finite.astype(jnp.float32))
   return new_state, metrics
 
