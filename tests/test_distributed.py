@@ -1,18 +1,21 @@
 """A real multi-process run: 2 processes x 2 CPU devices on localhost, through jax.distributed.
 
-With momentum queues sharded over the 4 devices of both processes, KL alignment and the filter, stopped
-after step 3 and resumed from its checkpoint, it must train exactly like one uninterrupted process with 4
-devices: the same global batches, the same losses.
+With momentum queues sharded over the 4 devices of both processes, KL alignment and the filter, preempted
+by a SIGTERM that only one process receives (both must stop after the same step and checkpoint it) and
+resumed from that checkpoint, it must train exactly like one uninterrupted process with 4 devices: the same
+global batches, the same losses.
 """
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from hivlp_jax import train
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
 from tests.conftest import xla_flags
@@ -40,7 +43,9 @@ def _command(workdir, data_dir, *extra):
           f'--config.data.data_dir={data_dir}', *COTS_FLAGS, *extra]
 
 
-def _run_two_processes(workdir, data_dir, env, *extra) -> list[str]:
+def _run_two_processes(workdir, data_dir, env, *extra, sigterm_process: int = -1) -> list[str]:
+  """Both processes' logs. With `sigterm_process`, that process alone gets a SIGTERM as soon as it logs
+  that training starts (its first step is still compiling), and both must exit as preempted."""
   port = _free_port()
   processes = [
       subprocess.Popen(_command(workdir, data_dir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
@@ -48,24 +53,43 @@ def _run_two_processes(workdir, data_dir, env, *extra) -> list[str]:
                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   try:
+    early = []
+    if sigterm_process >= 0:
+      for line in processes[sigterm_process].stdout:
+        early.append(line)
+        if 'Training from step' in line:
+          processes[sigterm_process].send_signal(signal.SIGTERM)
+          break
     logs = [p.communicate(timeout=400)[0] for p in processes]
+    if sigterm_process >= 0:
+      logs[sigterm_process] = ''.join(early) + logs[sigterm_process]
   finally:
     for p in processes:
       p.kill()
+  want = 0 if sigterm_process < 0 else train.EXIT_PREEMPTED
   for i, (p, log) in enumerate(zip(processes, logs)):
-    assert p.returncode == 0, f'process {i} failed:\n{log[-3000:]}'
+    assert p.returncode == want, f'process {i} exited with {p.returncode}, not {want}:\n{log[-3000:]}'
   return logs
+
+
+def _stop_step(log: str) -> int:
+  (step,) = re.findall(r'Stopped by .* after step (\d+) of \d+: checkpointed', log)
+  return int(step)
 
 
 def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_path):
   pipeline.get_tokenizer(tiny_config(data_dir))  # Prepared once, as a shared filesystem would hold it.
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags(2))
   multi = str(tmp_path / 'multi')
-  first = _run_two_processes(multi, data_dir, env, '--stop_after_step=3')
+  first = _run_two_processes(multi, data_dir, env, sigterm_process=1)
   assert 'JAX devices: 2 local of 4 on 2 processes' in first[0]
+  # Process 0 got no signal and still stopped with process 1, after the same step.
+  assert 'Stopped by SIGTERM (on another process)' in first[0] and 'Stopped by SIGTERM after' in first[1]
+  stop = _stop_step(first[0])
+  assert stop == _stop_step(first[1]) and 1 <= stop < 6
   assert not os.path.exists(os.path.join(multi, 'metrics.json'))
   resumed = _run_two_processes(multi, data_dir, env)
-  assert 'Resumed from the checkpoint of step 3' in resumed[0]
+  assert f'Resumed from the checkpoint of step {stop}' in resumed[0]
 
   single = str(tmp_path / 'single')
   env['XLA_FLAGS'] = xla_flags(4)
@@ -78,4 +102,4 @@ def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_pa
   np.testing.assert_allclose([multi_losses[s] for s in range(1, 7)], [single_losses[s] for s in range(1, 7)],
                              rtol=1e-4)
   assert os.path.exists(os.path.join(multi, 'metrics.json'))
-  assert sorted(os.listdir(os.path.join(multi, 'checkpoints'))) == ['3', '6']
+  assert '6' in os.listdir(os.path.join(multi, 'checkpoints'))
