@@ -32,31 +32,39 @@ def test_scenes_are_distinct_within_and_across_splits():
   assert not set(keys['validation']) & set(keys['test'])
 
 
+def assert_captions_describe(captions, objects):
+  """Five different captions, each naming every object in one phrase with all four of its attributes."""
+  assert len(captions) == scenes.NUM_CAPTIONS == len(set(captions))
+  for caption in captions:
+    phrases = caption.replace(' with ', ' and ').replace(' , ', ' and ').split(' and ')
+    for obj in objects:
+      assert any(
+          any(f' {w} ' in _words(p) for w in scenes.SHAPE_WORDS[obj.shape]) and
+          any(f' {w} ' in _words(p) for w in scenes.COLOUR_WORDS[obj.colour]) and
+          any(f' {w} ' in _words(p) for w in scenes.SIZE_WORDS[obj.size]) and
+          any(f' {w} ' in _words(p.replace(' : ', ' ')) for w in scenes.CELL_WORDS[scenes.CELLS[obj.cell]])
+          for p in phrases), (caption, obj)
+    assert caption.count(' a ') + caption.startswith('a ') >= len(objects)
+
+
+def assert_objects_drawn(image, objects, what):
+  """Each object's colour shows in a few pixels of its cell of `image` uint8 [32, 32, 3]."""
+  image = image.astype(int)
+  for obj in objects:
+    row, col = divmod(obj.cell, 3)
+    cell = image[int(row * 32 / 3):int((row + 1) * 32 / 3), int(col * 32 / 3):int((col + 1) * 32 / 3)]
+    distance = np.abs(cell - np.array(scenes.RGB[obj.colour])).sum(-1)
+    assert (distance < 80).sum() >= 4, (what, obj)
+
+
 def test_every_caption_names_every_object_with_all_attributes():
   for index, objects in enumerate(scenes.generate_scenes('test', 200)):
-    captions = scenes.make_example('test', index, objects, 32)['captions']
-    assert len(captions) == scenes.NUM_CAPTIONS == len(set(captions))
-    for caption in captions:
-      # Each object is written as one phrase; find a phrase naming all four of its attributes.
-      for obj in objects:
-        phrases = [p for p in caption.replace(' with ', ' and ').replace(' , ', ' and ').split(' and ')]
-        assert any(
-            any(f' {w} ' in _words(p) for w in scenes.SHAPE_WORDS[obj.shape]) and
-            any(f' {w} ' in _words(p) for w in scenes.COLOUR_WORDS[obj.colour]) and
-            any(f' {w} ' in _words(p) for w in scenes.SIZE_WORDS[obj.size]) and
-            any(f' {w} ' in _words(p.replace(' : ', ' ')) for w in scenes.CELL_WORDS[scenes.CELLS[obj.cell]])
-            for p in phrases), (caption, obj)
-      assert caption.count(' a ') + caption.startswith('a ') >= len(objects)
+    assert_captions_describe(scenes.make_example('test', index, objects, 32)['captions'], objects)
 
 
 def test_rendered_objects_have_their_colour_at_their_cell():
   for index, objects in enumerate(scenes.generate_scenes('test', 100)):
-    image = scenes.make_example('test', index, objects, 32)['image'].astype(int)
-    for obj in objects:
-      row, col = divmod(obj.cell, 3)
-      cell = image[int(row * 32 / 3):int((row + 1) * 32 / 3), int(col * 32 / 3):int((col + 1) * 32 / 3)]
-      distance = np.abs(cell - np.array(scenes.RGB[obj.colour])).sum(-1)
-      assert (distance < 80).sum() >= 4, (index, obj)  # At least a few pixels of the object's colour.
+    assert_objects_drawn(scenes.make_example('test', index, objects, 32)['image'], objects, index)
 
 
 def test_images_sharing_an_attribute_do_not_share_a_caption():

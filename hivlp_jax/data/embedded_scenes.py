@@ -1,18 +1,21 @@
-"""TFDS builder of the embedded default data set (procedural scenes, 5 captions per image).
+"""TFDS builder of the embedded data sets (procedural scenes, 5 captions per image).
 
-Generated locally from `scenes.py`, no download:
+Generated locally from `scenes.py` (configs 'default', 'tiny') and `hard_scenes.py` ('hard': families of
+near-duplicate scenes), no download:
 
   builder = EmbeddedScenes(data_dir='data')
   builder.download_and_prepare()
-  test = builder.as_data_source(split='test')
+  test = load_split('data', 'test', 'hard')  # Or builder.as_dataset(split='test').
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from hivlp_jax import errors
+from hivlp_jax.data import hard_scenes
 from hivlp_jax.data import scenes
 
 
@@ -22,10 +25,11 @@ class EmbeddedScenesConfig(tfds.core.BuilderConfig):
   num_train: int = 40_000
   num_validation: int = 1_000
   num_test: int = 1_000  # The Flickr30K 1K-test protocol: 1,000 images x 5 captions.
+  hard: Optional[hard_scenes.Spec] = None  # Set: the hard scenes' families (hard_scenes.py); None: scenes.py.
 
 
 class EmbeddedScenes(tfds.core.GeneratorBasedBuilder):
-  """Scenes of 1 to 3 coloured shapes on a 3x3 grid, each with 5 paraphrased captions."""
+  """Scenes of coloured shapes on a 3x3 grid, each with 5 paraphrased captions."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -33,23 +37,29 @@ class EmbeddedScenes(tfds.core.GeneratorBasedBuilder):
       EmbeddedScenesConfig(name='default', description='32x32 images; 40k train, 1k val, 1k test.'),
       EmbeddedScenesConfig(name='tiny', description='For tests: 32x32 images; 512 train, 64 val, 64 test.',
                            num_train=512, num_validation=64, num_test=64),
+      EmbeddedScenesConfig(name='hard', description='32x32 images of 2 to 5 objects and clutter, in families '
+                           'of 16 single-edit near-duplicates; 40k train, 1k val, 1k test.', hard=hard_scenes.Spec()),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     class_label = lambda names: tfds.features.ClassLabel(names=list(names))
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'id': tfds.features.Scalar(np.int64),  # Scene index within its split.
-            'image': tfds.features.Image(shape=(size, size, 3)),
-            'captions': tfds.features.Sequence(tfds.features.Text(), length=scenes.NUM_CAPTIONS),
-            'objects': tfds.features.Sequence({
-                'shape': class_label(scenes.SHAPES),
-                'colour': class_label(scenes.COLOURS),
-                'size': class_label(scenes.SIZES),
-                'cell': class_label(c.replace(' ', '_') for c in scenes.CELLS),
-            }),
+    features = {
+        'id': tfds.features.Scalar(np.int64),  # Scene index within its split.
+        'image': tfds.features.Image(shape=(size, size, 3)),
+        'captions': tfds.features.Sequence(tfds.features.Text(), length=scenes.NUM_CAPTIONS),
+        'objects': tfds.features.Sequence({
+            'shape': class_label(scenes.SHAPES),
+            'colour': class_label(scenes.COLOURS),
+            'size': class_label(scenes.SIZES),
+            'cell': class_label(c.replace(' ', '_') for c in scenes.CELLS),
         }),
+    }
+    if self.builder_config.hard:  # Which family a scene is in, and the edit that made it from the base.
+      features['family'] = tfds.features.Scalar(np.int64)
+      features['edit'] = class_label(('base',) + hard_scenes.EDIT_KINDS)
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict(features),
         supervised_keys=None,
         homepage='https://github.com/hivlp-jax/hivlp_jax',
     )
@@ -64,8 +74,13 @@ class EmbeddedScenes(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, split: str, num_examples: int):
+    config = self.builder_config
+    if config.hard:
+      for index, member in enumerate(hard_scenes.generate_families(split, num_examples, config.hard)):
+        yield index, {'id': index, **hard_scenes.make_example(split, index, member, config.image_size, config.hard)}
+      return
     for index, objects in enumerate(scenes.generate_scenes(split, num_examples)):
-      example = scenes.make_example(split, index, objects, self.builder_config.image_size)
+      example = scenes.make_example(split, index, objects, config.image_size)
       yield index, {'id': index, **example}
 
 

@@ -96,21 +96,32 @@ def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np
   raise errors.InputError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
 
 
+def background(image_size: int, rng: np.random.Generator) -> np.ndarray:
+  """A noisy dark background. Returns float64 [image_size, image_size, 3] (drawn on, then cast)."""
+  background_rgb = rng.integers(10, 50, size=3)
+  return np.clip(background_rgb + rng.normal(0, 6, size=(image_size, image_size, 3)), 0, 255)
+
+
+def draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
+  """Paints `obj` into its cell of the 3x3 grid of `image` [S, S, 3], in place."""
+  image_size = image.shape[0]
+  cell_size = image_size / 3
+  row, col = divmod(obj.cell, 3)
+  # Small enough jitter and radius that objects in neighbouring cells never overlap.
+  jitter = rng.uniform(-0.08, 0.08, size=2) * cell_size
+  cy, cx = (row + 0.5) * cell_size + jitter[0], (col + 0.5) * cell_size + jitter[1]
+  radius = cell_size * (0.25 if obj.size == 'small' else 0.41)
+  yy, xx = np.mgrid[:image_size, :image_size] + 0.5
+  mask = _shape_mask(obj.shape, radius, yy - cy, xx - cx)
+  colour = np.clip(np.array(RGB[obj.colour]) + rng.normal(0, 8, size=3), 0, 255)
+  image[mask] = colour
+
+
 def render(objects: Sequence[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
   """Draws a scene. Returns uint8 [image_size, image_size, 3]."""
-  background = rng.integers(10, 50, size=3)
-  image = np.clip(background + rng.normal(0, 6, size=(image_size, image_size, 3)), 0, 255)
-  cell_size = image_size / 3
+  image = background(image_size, rng)
   for obj in objects:
-    row, col = divmod(obj.cell, 3)
-    # Small enough jitter and radius that objects in neighbouring cells never overlap.
-    jitter = rng.uniform(-0.08, 0.08, size=2) * cell_size
-    cy, cx = (row + 0.5) * cell_size + jitter[0], (col + 0.5) * cell_size + jitter[1]
-    radius = cell_size * (0.25 if obj.size == 'small' else 0.41)
-    yy, xx = np.mgrid[:image_size, :image_size] + 0.5
-    mask = _shape_mask(obj.shape, radius, yy - cy, xx - cx)
-    colour = np.clip(np.array(RGB[obj.colour]) + rng.normal(0, 8, size=3), 0, 255)
-    image[mask] = colour
+    draw_object(image, obj, rng)
   return image.astype(np.uint8)
 
 
@@ -132,14 +143,15 @@ def _object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
       p=pick(CELL_WORDS[CELLS[obj.cell]]))
 
 
-def make_captions(objects: Sequence[SceneObject], rng: np.random.Generator) -> list[str]:
+def make_captions(objects: Sequence[SceneObject], rng: np.random.Generator,
+                  prefixes: Sequence[str] = _PREFIXES) -> list[str]:
   """NUM_CAPTIONS different paraphrases, each naming every object with all its attributes."""
   captions = []
   while len(captions) < NUM_CAPTIONS:
     order = rng.permutation(len(objects))
     phrases = [_object_phrase(objects[i], rng) for i in order]
     joiner = _JOINERS[rng.integers(len(_JOINERS))]
-    caption = _PREFIXES[rng.integers(len(_PREFIXES))] + joiner.join(phrases)
+    caption = prefixes[rng.integers(len(prefixes))] + joiner.join(phrases)
     if caption not in captions:
       captions.append(caption)
   return captions
