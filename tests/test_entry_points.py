@@ -32,7 +32,7 @@ ENTRY_POINTS = {
     'benchmarks/retrieval.py': ['--sizes', '--dim', '--queries', '--methods', '--two_stage', '--threads',
                                 '--repeats', '--from_workdir', '--out', '--plot'],
     'benchmarks/input_pipeline.py': ['--workers', '--processes', '--batches', '--out'],
-    'benchmarks/cots_ablation.py': ['--root', '--out', '--variants', '--extra'],
+    'benchmarks/ablations.py': ['--sweep', '--config', '--seeds', '--root', '--out', '--variants', '--extra'],
     'benchmarks/bad_inputs.py': ['--out_dir', '--only'],
     'benchmarks/eval_memory.py': ['--images', '--captions_per_image', '--dim', '--cases', '--out'],
 }
