@@ -107,8 +107,13 @@ def run_main(workdir: str, overrides: dict, mode: str = 'train') -> None:
   subprocess.run(command, env=env, check=True)
 
 
+def tokenizer_workdir() -> str:
+  """Where the sweep's one visual tokenizer stage runs (for the variants with masked vision modeling)."""
+  return os.path.join(FLAGS.root, 'visual_tokenizer')
+
+
 def run_overrides(variant: Variant, seed: int) -> dict:
-  tokenizer = os.path.join(FLAGS.root, 'visual_tokenizer')
+  tokenizer = tokenizer_workdir()
   overrides = {k: (v.format(tokenizer=tokenizer) if isinstance(v, str) else v) for k, v in variant.overrides.items()}
   return {**overrides, 'seed': seed, **extra_overrides()}
 
@@ -117,7 +122,7 @@ def train_run(variant: Variant, workdir: str, seed: int) -> dict:
   """{mode: metrics} of the run's final evaluation, training it first unless it has finished."""
   metrics_file = os.path.join(workdir, 'metrics.json')
   if not os.path.exists(metrics_file):
-    tokenizer = os.path.join(FLAGS.root, 'visual_tokenizer')
+    tokenizer = tokenizer_workdir()
     if 'mvlm.mvm_weight' in variant.overrides and not os.path.exists(os.path.join(tokenizer, 'metrics.json')):
       run_main(tokenizer, extra_overrides(), mode='tokenizer')
     run_main(workdir, run_overrides(variant, seed))

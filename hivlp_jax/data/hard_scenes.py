@@ -62,16 +62,10 @@ def split_of_scene(objects: Sequence[SceneObject]) -> str:
   return next(split for split, buckets in scenes.SPLIT_BUCKETS.items() if bucket in buckets)
 
 
-def _random_object(cell: int, rng: np.random.Generator) -> SceneObject:
-  return SceneObject(shape=scenes.SHAPES[rng.integers(len(scenes.SHAPES))],
-                     colour=scenes.COLOURS[rng.integers(len(scenes.COLOURS))],
-                     size=scenes.SIZES[rng.integers(len(scenes.SIZES))], cell=cell)
-
-
 def sample_scene(spec: Spec, rng: np.random.Generator) -> list[SceneObject]:
   num_objects = rng.choice(np.arange(spec.min_objects, spec.max_objects + 1), p=spec.object_probs)
   cells = rng.choice(len(scenes.CELLS), size=num_objects, replace=False)
-  return [_random_object(int(c), rng) for c in sorted(cells)]
+  return [scenes.random_object(int(c), rng) for c in sorted(cells)]
 
 
 def _other(values: Sequence[str], value: str, rng: np.random.Generator) -> str:
@@ -106,7 +100,7 @@ def edit_scene(objects: Sequence[SceneObject], kind: str, spec: Spec,
   elif kind == 'add':
     if len(objects) >= spec.max_objects or not free:
       return None
-    objects.append(_random_object(free[rng.integers(len(free))], rng))
+    objects.append(scenes.random_object(free[rng.integers(len(free))], rng))
   elif kind == 'remove':
     if len(objects) <= spec.min_objects:
       return None
@@ -205,7 +199,7 @@ def render(objects: Sequence[SceneObject], image_size: int, spec: Spec,
 def caption_prefixes(num_objects: int) -> tuple[str, ...]:
   """The default's prefixes and two that state the count."""
   count = NUMBER_WORDS[num_objects]
-  return ('', 'a picture of ', 'there is ', f'{count} shapes : ', f'a picture of {count} shapes : ')
+  return scenes.CAPTION_PREFIXES + (f'{count} shapes : ', f'a picture of {count} shapes : ')
 
 
 def make_example(split: str, index: int, member: Member, image_size: int, spec: Spec) -> dict:
@@ -215,12 +209,7 @@ def make_example(split: str, index: int, member: Member, image_size: int, spec: 
   return {
       'image': render(objects, image_size, spec, rng),
       'captions': scenes.make_captions(objects, rng, caption_prefixes(len(objects))),
-      'objects': {
-          'shape': [scenes.SHAPES.index(o.shape) for o in objects],
-          'colour': [scenes.COLOURS.index(o.colour) for o in objects],
-          'size': [scenes.SIZES.index(o.size) for o in objects],
-          'cell': [o.cell for o in objects],
-      },
+      'objects': scenes.object_features(objects),
       'family': member.family,
       'edit': member.edit,
   }

@@ -62,11 +62,15 @@ def split_of_scene(objects: Sequence[SceneObject]) -> str:
   return next(split for split, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
 
 
+def random_object(cell: int, rng: np.random.Generator) -> SceneObject:
+  return SceneObject(shape=SHAPES[rng.integers(len(SHAPES))], colour=COLOURS[rng.integers(len(COLOURS))],
+                     size=SIZES[rng.integers(len(SIZES))], cell=cell)
+
+
 def sample_scene(rng: np.random.Generator) -> list[SceneObject]:
   num_objects = rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4])
   cells = rng.choice(len(CELLS), size=num_objects, replace=False)
-  return [SceneObject(shape=SHAPES[rng.integers(len(SHAPES))], colour=COLOURS[rng.integers(len(COLOURS))],
-                      size=SIZES[rng.integers(len(SIZES))], cell=int(c)) for c in sorted(cells)]
+  return [random_object(int(c), rng) for c in sorted(cells)]
 
 
 def generate_scenes(split: str, num_scenes: int) -> list[list[SceneObject]]:
@@ -132,7 +136,7 @@ _OBJECT_TEMPLATES = (
     'in the {p} a {s} {c} {h}',
     '{p} : a {s} {c} {h}',
 )
-_PREFIXES = ('', 'a picture of ', 'there is ')
+CAPTION_PREFIXES = ('', 'a picture of ', 'there is ')
 _JOINERS = (' and ', ' , ', ' with ')
 
 
@@ -144,7 +148,7 @@ def _object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
 
 
 def make_captions(objects: Sequence[SceneObject], rng: np.random.Generator,
-                  prefixes: Sequence[str] = _PREFIXES) -> list[str]:
+                  prefixes: Sequence[str] = CAPTION_PREFIXES) -> list[str]:
   """NUM_CAPTIONS different paraphrases, each naming every object with all its attributes."""
   captions = []
   while len(captions) < NUM_CAPTIONS:
@@ -163,10 +167,11 @@ def make_example(split: str, index: int, objects: Sequence[SceneObject], image_s
   return {
       'image': render(objects, image_size, rng),
       'captions': make_captions(objects, rng),
-      'objects': {
-          'shape': [SHAPES.index(o.shape) for o in objects],
-          'colour': [COLOURS.index(o.colour) for o in objects],
-          'size': [SIZES.index(o.size) for o in objects],
-          'cell': [o.cell for o in objects],
-      },
+      'objects': object_features(objects),
   }
+
+
+def object_features(objects: Sequence[SceneObject]) -> dict[str, list[int]]:
+  """The objects as the builder's 'objects' feature: class indices of shape, colour, size and cell."""
+  return {'shape': [SHAPES.index(o.shape) for o in objects], 'colour': [COLOURS.index(o.colour) for o in objects],
+          'size': [SIZES.index(o.size) for o in objects], 'cell': [o.cell for o in objects]}
