@@ -4,10 +4,18 @@ r"""Retrieval benchmark: exact, FAISS, ScaNN and coarse-to-fine search side by s
   python benchmarks/retrieval.py --sizes=10000,100000,1000000 --dim=768 --queries=1000 \
       --out=benchmarks/results/retrieval.json --plot=benchmarks/results/retrieval.png
 
-Gallery: G vectors whose coordinate i has std 1 / (1 + i / 16), a decaying spectrum like a Matryoshka
-head's (the leading coordinates carry most of the signal). Queries: noisy copies of random gallery items
-(noise std --query_noise times each coordinate's std), so the exact neighbour structure is meaningful.
-Ground truth: the exact full-dim cosine top-10 (the `exact_numpy` row, recall 1 by construction).
+Gallery (--gallery=uniform): G vectors whose coordinate i has std 1 / (1 + i / 16), a decaying spectrum
+like a Matryoshka head's (the leading coordinates carry most of the signal). Queries: noisy copies of
+random gallery items (noise std --query_noise times each coordinate's std), so the exact neighbour
+structure is meaningful. --gallery=clustered: a mixture of --clusters Gaussians with that spectrum (each
+--cluster_spread as wide as the centres' spread), as real embeddings cluster; IVF methods need far fewer
+probes there. Ground truth: the exact full-dim cosine top-10 (the `exact_numpy` row, recall 1).
+
+Tuned to a recall target (--target_recall, default 0.95; 0: each method's fixed default): every method
+with knobs (see retrieval_methods.py: FAISS nprobe / k_factor / efSearch, ScaNN leaves and re-scoring,
+the two-stage leaves and shortlist) is set to its fastest setting whose recall@10 on --tuning_queries
+held-out queries reaches the target (`hivlp_jax.tuning.cheapest_setting`), then measured on --queries
+others. A row whose target was not reached says so.
 
 two_stage rows run either backend of `coarse_to_fine.TwoStageSearch`: --two_stage=64:200:rerank,64:300:truncate
 puts the numpy re-rank of a ScaNN shortlist beside ScaNN's truncate mode (its exact re-scoring of the
@@ -57,25 +65,23 @@ if THREADS > 0:
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import dataclasses
 import functools
 import io
 import platform
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import retrieval_data
+from benchmarks import retrieval_methods
 from hivlp_jax import coarse_to_fine
 from hivlp_jax import files
 from hivlp_jax import retrieval
+from hivlp_jax import tuning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['10000', '100000', '1000000'], 'Gallery sizes.')
@@ -85,8 +91,17 @@ flags.DEFINE_integer('latency_queries', 200, 'Queries searched one at a time for
 flags.DEFINE_float('query_noise', 0.5, 'Query noise std, relative to each coordinate\'s std.')
 flags.DEFINE_integer('repeats', 1, 'Batched runs per method; queries/s is their median.')
 flags.DEFINE_integer('threads', 1, 'Threads per library; 0: every core. See the module docstring.')
-flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'scann', 'two_stage',
-                              'funnel'], 'Methods to run.')
+flags.DEFINE_list('methods', ['exact_numpy', 'exact_jax', 'faiss_flat', 'faiss_ivf', 'faiss_ivfpq', 'faiss_hnsw',
+                              'scann', 'two_stage', 'funnel'], 'Methods to run.')
+flags.DEFINE_enum('gallery', 'uniform', ['uniform', 'clustered'], 'Synthetic gallery: one Gaussian (uniform) or '
+                  'a mixture of --clusters Gaussians (clustered, like real embeddings).')
+flags.DEFINE_integer('clusters', 1000, 'clustered: mixture components.')
+flags.DEFINE_float('cluster_spread', 0.5, 'clustered: each component\'s std relative to the centres\' spread.')
+flags.DEFINE_float('target_recall', 0.95, 'Tune every method with knobs to its fastest setting reaching this '
+                   'recall@10 on --tuning_queries held-out queries (hivlp_jax/tuning.py); 0: fixed defaults.')
+flags.DEFINE_integer('tuning_queries', 500, 'Held-out queries the tuning measures recall and speed on.')
+flags.DEFINE_integer('hnsw_max_size', 200_000, 'faiss_hnsw rows only up to this gallery size (its build is '
+                     'single-threaded here and grows fast with G).')
 flags.DEFINE_list('two_stage', ['64:1000:rerank', '16:1000:rerank', '64:300:truncate'],
                   'two_stage rows, each coarse_dim:shortlist[:backend], backend rerank, truncate or auto '
                   '(the default; see coarse_to_fine.TwoStageSearch).')
@@ -103,18 +118,7 @@ flags.DEFINE_string('from_split', 'test', 'With --from_workdir: the split embedd
 flags.DEFINE_float('replica_noise', 0.1, 'With --from_workdir: noise std of the copies, relative to each '
                    'coordinate\'s std.')
 
-K = 10
-
-
-def directory_bytes(path: str) -> int:
-  return sum((root / name).stat().length for root, _, names in files.path(path).walk() for name in names)
-
-
-def scann_bytes(searcher) -> int:
-  """Size of the serialised searcher: its hashed codes, tree, codebooks and float32 re-scoring data."""
-  with tempfile.TemporaryDirectory() as tmp:
-    searcher.serialize(tmp)
-    return directory_bytes(tmp)
+K = retrieval_methods.K
 
 
 def scann_settings() -> retrieval.ScannSettings:
@@ -122,147 +126,83 @@ def scann_settings() -> retrieval.ScannSettings:
                                  leaves_to_search=FLAGS.scann_leaves_to_search or None)
 
 
-@dataclasses.dataclass
-class Method:
-  name: str
-  build: Callable[[np.ndarray], Any]  # gallery [G, D] -> index
-  search: Callable[[Any, np.ndarray], np.ndarray]  # index, queries [Q, D] -> indices [Q, K]
-  nbytes: Callable[[Any], int]
-
-
-def exact_numpy() -> Method:
-  return Method('exact_numpy', retrieval.ExactIndex, lambda index, q: index.search(q, K)[1],
-                lambda index: index.gallery_t.nbytes)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _jax_top_k(q: jnp.ndarray, g: jnp.ndarray, k: int) -> jnp.ndarray:
-  q = q / jnp.sqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-6)
-  return jax.lax.top_k(q @ g.T, k)[1]
-
-
-def exact_jax(chunk: int = 64) -> Method:
-  def search(g, q):
-    if len(q) == 1:
-      return np.asarray(_jax_top_k(jnp.asarray(q), g, K))
-    out = []
-    for start in range(0, len(q), chunk):  # Fixed chunk shape: one compilation.
-      block = q[start:start + chunk]
-      padded = np.pad(block, ((0, chunk - len(block)), (0, 0)), constant_values=1.0)
-      out.append(np.asarray(_jax_top_k(jnp.asarray(padded), g, K))[:len(block)])
-    return np.concatenate(out)
-  return Method('exact_jax', lambda g: jax.device_put(retrieval.normalized_prefix_np(g, g.shape[1])), search,
-                lambda g: g.nbytes)
-
-
-def _faiss_search(index, q: np.ndarray) -> np.ndarray:
-  return index.search(retrieval.normalized_prefix_np(q, q.shape[1]), K)[1]
-
-
-def faiss_flat() -> Method:
-  import faiss
-
-  def build(g):
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(retrieval.normalized_prefix_np(g, g.shape[1]))
-    return index
-  return Method('faiss_flat', build, _faiss_search, lambda index: index.ntotal * index.d * 4)
-
-
-def faiss_ivf() -> Method:
-  import faiss
-
-  def build(g):
-    num_lists = max(1, round(np.sqrt(len(g))))
-    g = retrieval.normalized_prefix_np(g, g.shape[1])
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(g.shape[1]), g.shape[1], num_lists,
-                               faiss.METRIC_INNER_PRODUCT)
-    # 40 points per list is above FAISS's minimum (39) and keeps k-means at 1M affordable.
-    sample = np.random.default_rng(0).choice(len(g), min(len(g), 40 * num_lists), replace=False)
-    index.train(g[np.sort(sample)])
-    index.add(g)
-    index.nprobe = max(1, int(np.ceil(FLAGS.ivf_nprobe_fraction * num_lists)))
-    return index
-  return Method(f'faiss_ivf_p{FLAGS.ivf_nprobe_fraction:g}', build, _faiss_search,
-                # Vectors and 8-byte ids in the lists, plus the centroids.
-                lambda index: index.ntotal * (index.d * 4 + 8) + index.nlist * index.d * 4)
-
-
-def scann_full() -> Method:
-  def search(searcher, q):
-    q = retrieval.normalized_prefix_np(q, q.shape[1])
-    return retrieval.scann_search(searcher, q, K, threads=THREADS)[1]
-  return Method('scann', lambda g: retrieval.build_scann(retrieval.normalized_prefix_np(g, g.shape[1]), K,
-                                                         scann_settings()), search, scann_bytes)
-
-
-def coarse_to_fine_method(mode) -> Method:
-  """A row of a `coarse_to_fine.TwoStageSearch` or `FunnelSearch`."""
-  def nbytes(index):
-    if isinstance(index, coarse_to_fine.ScannPrefixIndex):  # ScaNN holds the vectors it re-scores.
-      return scann_bytes(index.searcher)
-    return (scann_bytes(index.searcher) + index.gallery.nbytes
-            + sum(v.nbytes for v in index.inverse_norms.values()))
-  return Method(mode.name, mode.build, lambda index, q: index.search(q, K)[1], nbytes)
-
-
-def two_stage(spec: str) -> Method:
+def two_stage(spec: str) -> retrieval_methods.Method:
   """coarse_dim:shortlist[:backend] -> a TwoStageSearch row."""
   parts = spec.split(':')
   if len(parts) not in (2, 3):
     raise ValueError(f'--two_stage row {spec!r} is not coarse_dim:shortlist[:backend].')
   backend = parts[2] if len(parts) == 3 else 'auto'
-  return coarse_to_fine_method(coarse_to_fine.TwoStageSearch(int(parts[0]), int(parts[1]), scann_settings(),
-                                                             backend=backend))
+  return retrieval_methods.coarse_to_fine_method(
+      coarse_to_fine.TwoStageSearch(int(parts[0]), int(parts[1]), scann_settings(), backend=backend))
 
 
-def methods() -> list[Method]:
+def methods(size: int) -> list[retrieval_methods.Method]:
   out = []
   for name in FLAGS.methods:
     if name == 'two_stage':
       out += [two_stage(spec) for spec in FLAGS.two_stage]
     elif name == 'funnel':
-      out += [coarse_to_fine_method(coarse_to_fine.FunnelSearch(
+      out += [retrieval_methods.coarse_to_fine_method(coarse_to_fine.FunnelSearch(
           [tuple(int(x) for x in stage.split(':')) for stage in spec.split('/')], settings=scann_settings()))
               for spec in FLAGS.funnel]
+    elif name == 'faiss_hnsw' and size > FLAGS.hnsw_max_size:
+      logging.info('G=%d: no faiss_hnsw row (above --hnsw_max_size=%d).', size, FLAGS.hnsw_max_size)
     else:
-      out.append({'exact_numpy': exact_numpy, 'exact_jax': exact_jax, 'faiss_flat': faiss_flat,
-                  'faiss_ivf': faiss_ivf, 'scann': scann_full}[name]())
+      out.append({'exact_numpy': retrieval_methods.exact_numpy, 'exact_jax': retrieval_methods.exact_jax,
+                  'faiss_flat': retrieval_methods.faiss_flat,
+                  'faiss_ivf': lambda: retrieval_methods.faiss_ivf(FLAGS.ivf_nprobe_fraction),
+                  'faiss_ivfpq': lambda: retrieval_methods.faiss_ivfpq(FLAGS.ivf_nprobe_fraction),
+                  'faiss_hnsw': retrieval_methods.faiss_hnsw,
+                  'scann': lambda: retrieval_methods.scann_full(scann_settings())}[name]())
   return out
 
 
-def measure(method: Method, gallery: np.ndarray, queries: np.ndarray) -> tuple[dict, np.ndarray]:
+def measure(method: retrieval_methods.Method, gallery: np.ndarray, queries: np.ndarray,
+            tuning_queries: Optional[np.ndarray], tuning_top: Optional[np.ndarray]) -> tuple[dict, np.ndarray]:
+  """Builds `method`'s index, tunes it to --target_recall on the tuning queries when it has knobs and
+  tuning queries are given, then times it on `queries`: (the row, the ids [Q, K] it found)."""
   start = time.perf_counter()
   index = method.build(gallery)
   build_s = time.perf_counter() - start
-  method.search(index, queries[:1])  # Warm-up (JAX compiles each shape once).
-  method.search(index, queries[:2])
+  row = {'method': method.name, 'build_s': build_s, 'index_bytes': int(method.nbytes(index)), 'setting': None}
+  setting = None
+  if tuning_queries is not None and method.rows is not None and method.rows(index):
+    start = time.perf_counter()
+    point = tuning.cheapest_setting(method.rows(index), lambda setting, q: method.search(index, q, setting),
+                                    tuning_queries, tuning_top, FLAGS.target_recall)
+    setting = point.setting
+    row |= {'setting': setting, 'tuning_recall': point.recall_at_10, 'reached': point.reached,
+            'settings_tried': point.settings_tried, 'tune_s': time.perf_counter() - start}
+  search = lambda q: method.search(index, q, setting)  # pylint: disable=unnecessary-lambda-assignment
+  search(queries[:1])  # Warm-up (JAX compiles each shape once).
+  search(queries[:2])
   latencies = []
   for i in range(min(FLAGS.latency_queries, len(queries))):
     start = time.perf_counter()
-    method.search(index, queries[i:i + 1])
+    search(queries[i:i + 1])
     latencies.append(time.perf_counter() - start)
   batched_s = []
   for _ in range(FLAGS.repeats):
     start = time.perf_counter()
-    top = method.search(index, queries)
+    top = search(queries)
     batched_s.append(time.perf_counter() - start)
-  row = {'method': method.name, 'build_s': build_s, 'index_bytes': int(method.nbytes(index)),
-         'p50_ms': 1e3 * float(np.percentile(latencies, 50)),
-         'p99_ms': 1e3 * float(np.percentile(latencies, 99)),
-         'qps': len(queries) / float(np.median(batched_s)),  # The median of --repeats batched runs.
-         'qps_runs': [len(queries) / t for t in batched_s]}
+  row |= {'p50_ms': 1e3 * float(np.percentile(latencies, 50)),
+          'p99_ms': 1e3 * float(np.percentile(latencies, 99)),
+          'qps': len(queries) / float(np.median(batched_s)),  # The median of --repeats batched runs.
+          'qps_runs': [len(queries) / t for t in batched_s]}
   del index
   return row, np.asarray(top)
 
 
 def format_table(size: int, rows: list[dict]) -> str:
-  lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"}',
+  lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"} gallery={FLAGS.gallery}'
+           + (f' target recall@10={FLAGS.target_recall:g}' if FLAGS.target_recall else ''),
            f'{"method":<32}{"build_s":>9}{"index_MiB":>11}{"p50_ms":>9}{"p99_ms":>9}{"qps":>10}'
-           f'{"recall@10":>11}']
+           f'{"recall@10":>11}  setting']
   for r in rows:
     lines.append(f'{r["method"]:<32}{r["build_s"]:>9.2f}{r["index_bytes"] / 2**20:>11.1f}{r["p50_ms"]:>9.3f}'
-                 f'{r["p99_ms"]:>9.3f}{r["qps"]:>10.0f}{r["recall_at_10"]:>11.3f}')
+                 f'{r["p99_ms"]:>9.3f}{r["qps"]:>10.0f}{r["recall_at_10"]:>11.3f}  {r["setting"] or "-"}'
+                 + ('' if r.get('reached', True) else ' (target not reached)'))
   return '\n'.join(lines)
 
 
@@ -295,11 +235,17 @@ def plot(results: list[dict], path: str) -> None:
   files.write_bytes(path, buffer.getvalue())
 
 
+def exact_top(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
+  return retrieval.ExactIndex(gallery).search(queries, K)[1]
+
+
 def main(argv):
   del argv
   if THREADS > 0 and any(m.startswith('faiss') for m in FLAGS.methods):
     import faiss
     faiss.omp_set_num_threads(THREADS)
+  if FLAGS.target_recall:
+    retrieval.check_target_recall(FLAGS.target_recall, '--target_recall')
   if any(m.startswith(('scann', 'two_stage', 'funnel')) for m in FLAGS.methods):
     import scann  # pylint: disable=unused-import  # Imports TensorFlow (seconds): not in a build time.
   trained = None
@@ -311,24 +257,34 @@ def main(argv):
       if not FLAGS[name].present and path.endswith(suffix):  # Keep the synthetic results.
         setattr(FLAGS, name, path[:-len(suffix)] + '_trained' + suffix)
   results = []
+  num_tuning = FLAGS.tuning_queries if FLAGS.target_recall else 0
   for size in (int(s) for s in FLAGS.sizes):
-    if trained is None:
-      gallery, queries = retrieval_data.synthetic_data(size, FLAGS.dim, FLAGS.queries, FLAGS.query_noise, FLAGS.seed)
+    # One draw of queries, split: the first --queries are measured, the rest tune (held out from them).
+    if trained is not None:
+      gallery, queries = retrieval_data.replicated_data(*trained, size, FLAGS.queries + num_tuning,
+                                                        FLAGS.replica_noise, FLAGS.seed)
+    elif FLAGS.gallery == 'clustered':
+      gallery, queries = retrieval_data.clustered_data(size, FLAGS.dim, FLAGS.queries + num_tuning, FLAGS.query_noise,
+                                                       FLAGS.seed, FLAGS.clusters, FLAGS.cluster_spread)
     else:
-      gallery, queries = retrieval_data.replicated_data(*trained, size, FLAGS.queries, FLAGS.replica_noise, FLAGS.seed)
+      gallery, queries = retrieval_data.synthetic_data(size, FLAGS.dim, FLAGS.queries + num_tuning, FLAGS.query_noise,
+                                                       FLAGS.seed)
+    queries, tuning_queries = queries[:FLAGS.queries], (queries[FLAGS.queries:] if num_tuning else None)
+    tuning_top = exact_top(gallery, tuning_queries) if num_tuning else None
     rows, tops = [], []
-    for method in methods():
+    for method in methods(size):
       logging.info('G=%d: %s', size, method.name)
-      row, top = measure(method, gallery, queries)
+      row, top = measure(method, gallery, queries, tuning_queries, tuning_top)
       rows.append(row)
       tops.append(top)
-      print(f'  G={size} {method.name}: build {row["build_s"]:.1f} s, {row["qps"]:.0f} queries/s', flush=True)
+      print(f'  G={size} {method.name}: build {row["build_s"]:.1f} s, {row["qps"]:.0f} queries/s'
+            + (f', tuned to {row["setting"]} in {row["tune_s"]:.1f} s' if 'tune_s' in row else ''), flush=True)
     # The exact_numpy row is the ground truth; without it, compute it.
-    exact_top = next((t for r, t in zip(rows, tops) if r['method'] == 'exact_numpy'), None)
-    if exact_top is None:
-      exact_top = retrieval.ExactIndex(gallery).search(queries, K)[1]
+    exact = next((t for r, t in zip(rows, tops) if r['method'] == 'exact_numpy'), None)
+    if exact is None:
+      exact = exact_top(gallery, queries)
     for row, top in zip(rows, tops):
-      row['recall_at_10'] = retrieval.shortlist_recall(top[:, :K], exact_top)
+      row['recall_at_10'] = retrieval.shortlist_recall(top[:, :K], exact)
     print(format_table(size, rows), flush=True)
     results += [{'size': size, **r} for r in rows]
     del gallery, queries
@@ -337,6 +293,8 @@ def main(argv):
             'query_noise': FLAGS.query_noise, 'threads': THREADS, 'repeats': FLAGS.repeats, 'seed': FLAGS.seed,
             'k': K, 'two_stage': FLAGS.two_stage, 'funnel': FLAGS.funnel,
             'ivf_nprobe_fraction': FLAGS.ivf_nprobe_fraction, 'cpu_count': os.cpu_count(),
+            'gallery': FLAGS.gallery, 'clusters': FLAGS.clusters, 'cluster_spread': FLAGS.cluster_spread,
+            'target_recall': FLAGS.target_recall, 'tuning_queries': num_tuning,
             'data': f'trained:{FLAGS.from_workdir}:{FLAGS.from_split}' if trained is not None else 'synthetic',
             'replica_noise': FLAGS.replica_noise if trained is not None else None,
             'machine': platform.machine(), 'python': platform.python_version()}

@@ -19,6 +19,27 @@ def synthetic_data(num_items: int, dim: int, num_queries: int, noise: float, see
   return gallery, queries
 
 
+def clustered_data(num_items: int, dim: int, num_queries: int, noise: float, seed: int, num_clusters: int,
+                   spread: float) -> tuple[np.ndarray, np.ndarray]:
+  """A Gaussian mixture gallery [G, dim] and noisy copies of its items as queries [Q, dim].
+
+  Centres are drawn like `synthetic_data`'s items (std 1 / (1 + i / 16) on coordinate i); an item is a
+  centre (uniformly chosen) plus Gaussian noise of `spread` times that std; a query is an item plus noise
+  of `noise * spread` times it, so a query's neighbours are mostly items of its own cluster.
+  """
+  rng = np.random.default_rng(seed)
+  std = (1.0 / (1.0 + np.arange(dim) / 16.0)).astype(np.float32)
+  centres = rng.standard_normal((num_clusters, dim), np.float32) * std
+  gallery = np.empty((num_items, dim), np.float32)
+  for start in range(0, num_items, 65536):
+    count = min(65536, num_items - start)
+    members = rng.integers(0, num_clusters, count)
+    gallery[start:start + count] = centres[members] + spread * rng.standard_normal((count, dim), np.float32) * std
+  sources = rng.choice(num_items, num_queries, replace=False)
+  queries = gallery[sources] + noise * spread * rng.standard_normal((num_queries, dim), np.float32) * std
+  return gallery, queries
+
+
 def trained_embeddings(workdir: str, config_file: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Image [N, D] and caption [N * captions, D] embeddings of `split` by the latest checkpoint of `workdir`."""
   from hivlp_jax import config_lib

@@ -6,6 +6,7 @@ searcher in its truncate mode (`ScannPrefixIndex`: the 'truncate' backend). Both
 `retrieval.Index`; items outside the last shortlist score -inf.
 """
 
+import copy
 import dataclasses
 from typing import Optional, Sequence
 
@@ -34,20 +35,34 @@ class CoarseToFineIndex:
   """
 
   def __init__(self, gallery: np.ndarray, stages: Sequence[tuple[int, int]], final_dim: int, searcher,
-               threads: int = 0):
+               threads: int = 0, num_leaves: int = 0, leaves_to_search: Optional[int] = None):
     """gallery [G, D] unnormalised; stages ((dim, shortlist), ...); `searcher` indexes the normalised
-    stages[0][0]-prefixes of `gallery` in its row order."""
+    stages[0][0]-prefixes of `gallery` in its row order; num_leaves: its tree's (0: brute force);
+    leaves_to_search: per query, None: the searcher's own."""
     self.gallery = np.ascontiguousarray(gallery, np.float32)
     self.stages = tuple(stages)
     self.final_dim = final_dim
     self.searcher = searcher
     self.threads = threads
+    self.num_leaves, self.leaves_to_search = num_leaves, leaves_to_search
     self.inverse_norms = {dim: _inverse_prefix_norms(self.gallery, dim)
                           for dim in [d for d, _ in self.stages[1:]] + [final_dim]}
 
   @property
   def num_items(self) -> int:
     return self.gallery.shape[0]
+
+  @property
+  def shortlist(self) -> int:
+    return self.stages[0][1]
+
+  def with_knobs(self, shortlist: int, leaves_to_search: Optional[int] = None) -> 'CoarseToFineIndex':
+    """This index searching `leaves_to_search` leaves for a first-stage shortlist of `shortlist` (later
+    stages keep at most as many); it shares the gallery and the searcher (see `tuning`)."""
+    out = copy.copy(self)
+    out.stages = ((self.stages[0][0], shortlist),) + tuple((d, min(k, shortlist)) for d, k in self.stages[1:])
+    out.leaves_to_search = leaves_to_search
+    return out
 
   def rescore(self, queries: np.ndarray, candidates: np.ndarray, dim: int,
               max_chunk_bytes: int = 4 << 20) -> np.ndarray:
@@ -70,7 +85,8 @@ class CoarseToFineIndex:
     """Stage 1 alone: queries [Q, D] -> the ScaNN shortlist int [Q, K_first] (-1 for empty slots)."""
     dim, shortlist = self.stages[0]
     return retrieval.scann_search(self.searcher, retrieval.normalized_prefix_np(queries, dim),
-                                  min(shortlist, self.num_items), threads=self.threads)[1]
+                                  min(shortlist, self.num_items), leaves_to_search=self.leaves_to_search,
+                                  threads=self.threads)[1]
 
   def candidates(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs every stage: queries [Q, D] -> final-dim scores and ids [Q, K_last]."""
@@ -95,14 +111,23 @@ class ScannPrefixIndex:
   not kept: ScaNN holds the normalised vectors it re-scores.
   """
 
-  def __init__(self, searcher, num_items: int, shortlist: int, dim: int, threads: int = 0):
-    """`dim`: the prefix the searcher's database was normalised at."""
+  def __init__(self, searcher, num_items: int, shortlist: int, dim: int, threads: int = 0, num_leaves: int = 0,
+               leaves_to_search: Optional[int] = None):
+    """`dim`: the prefix the searcher's database was normalised at; num_leaves: its tree's;
+    leaves_to_search: per query, None: the searcher's own."""
     self.searcher, self.num_items, self.shortlist, self.dim = searcher, num_items, shortlist, dim
     self.threads = threads
+    self.num_leaves, self.leaves_to_search = num_leaves, leaves_to_search
+
+  def with_knobs(self, shortlist: int, leaves_to_search: Optional[int] = None) -> 'ScannPrefixIndex':
+    """This index re-scoring `shortlist` candidates from `leaves_to_search` leaves (see `tuning`)."""
+    return ScannPrefixIndex(self.searcher, self.num_items, shortlist, self.dim, self.threads, self.num_leaves,
+                            leaves_to_search)
 
   def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     q = retrieval.normalized_prefix_np(queries, self.dim)
-    return retrieval.scann_search(self.searcher, q, k, pre_reorder=self.shortlist, threads=self.threads)
+    return retrieval.scann_search(self.searcher, q, k, pre_reorder=self.shortlist,
+                                  leaves_to_search=self.leaves_to_search, threads=self.threads)
 
   def candidates(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """queries [Q, D] -> the stage-1 shortlist [Q, min(shortlist, G)] with its exact `dim` scores.
@@ -164,7 +189,8 @@ class FunnelSearch:
     """gallery [G, D] -> its index; `searcher` reuses a saved stage-1 searcher (see index_store)."""
     final_dim = _final_dim(self.final_dim, gallery)
     searcher = searcher if searcher is not None else self.build_searcher(gallery)
-    return CoarseToFineIndex(gallery, self.stages, final_dim, searcher, self.settings.threads)
+    num_leaves = self.settings.resolve(gallery.shape[0], min(self.stages[0][1], gallery.shape[0])).num_leaves
+    return CoarseToFineIndex(gallery, self.stages, final_dim, searcher, self.settings.threads, num_leaves)
 
 
 class TwoStageSearch:
@@ -235,4 +261,5 @@ class TwoStageSearch:
       return self._rerank.build(gallery, searcher)
     final_dim = _final_dim(self.final_dim, gallery)
     searcher = searcher if searcher is not None else self.build_searcher(gallery)
-    return ScannPrefixIndex(searcher, gallery.shape[0], self.shortlist, final_dim, self.settings.threads)
+    return ScannPrefixIndex(searcher, gallery.shape[0], self.shortlist, final_dim, self.settings.threads,
+                            self.scann_settings(gallery.shape[0]).num_leaves)

@@ -30,6 +30,7 @@ from hivlp_jax import files
 from hivlp_jax import index_store
 from hivlp_jax import retrieval
 from hivlp_jax import train_step
+from hivlp_jax import tuning
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import tokenizer as tokenizer_lib
 from hivlp_jax.models import two_towers
@@ -37,6 +38,7 @@ from hivlp_jax.models import two_towers
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                               'default.py')
 INDEX_DIR = 'indexes'
+TUNING_QUERIES = 1000  # Held-out queries an index is tuned on (`tuned`).
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 # Config fields that must match the run's: they decide the parameters' shapes and the token ids.
 MODEL_FIELDS = ('model.', 'data.name', 'data.builder_config', 'data.vocab_file', 'data.vocab_size')
@@ -236,16 +238,20 @@ class GalleryIndex:
   rebuilt: bool  # The ScaNN index was built (not loaded).
   embedded: bool  # The gallery was embedded (its saved embeddings were not reused).
   stale_reasons: list[str]
+  operating_point: Optional[dict] = None  # The manifest's, when tuned to a recall target (`tuned`).
 
 
 def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto',
-                  settings: Optional[retrieval.ScannSettings] = None) -> GalleryIndex:
+                  settings: Optional[retrieval.ScannSettings] = None, target_recall: float = 0.0,
+                  queries_from: Optional[Gallery] = None, min_shortlist: int = tuning.RECALL_K) -> GalleryIndex:
   """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid.
 
   Saved embeddings are reused when the checkpoint step and the `source` (the gallery's inputs and the
   parameters, by fingerprint) match and their file is intact; the ScaNN index when, in addition, the
   embeddings, settings and resolved backend ('auto': see `coarse_to_fine.TwoStageSearch`) do and its
-  files are intact. Non-finite embeddings raise ValueError naming the step.
+  files are intact. Non-finite embeddings raise ValueError naming the step. With `target_recall` > 0 the
+  index serves at its tuned leaves and shortlist (`tuned`: on queries from `queries_from`, default the
+  gallery's own items; the shortlist stays >= `min_shortlist`) instead of the given ones.
   """
   directory = str(files.path(run.workdir) / INDEX_DIR / f'{gallery.key}-dim{coarse_dim}')
   source = {'gallery': gallery.key, 'side': gallery.side, 'inputs': index_store.fingerprint(gallery.inputs),
@@ -258,8 +264,38 @@ def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, b
   evaluate.check_finite({gallery.name: embeddings}, run.step)
   stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, settings,
                                      source=source, backend=backend)
-  return GalleryIndex(stored.index(), stored.backend, directory, stored.rebuilt, embedded,
-                      stored.stale_reasons)
+  index, point = stored.index(), None
+  if target_recall and stored.embeddings.shape[0] > tuning.RECALL_K:
+    index, point = tuned(run, stored, index, directory, queries_from or gallery, target_recall, min_shortlist)
+  return GalleryIndex(index, stored.backend, directory, stored.rebuilt, embedded, stored.stale_reasons, point)
+
+
+def tuned(run: Run, stored: index_store.StoredIndex, index: retrieval.Index, directory: str,
+          queries_from: Gallery, target_recall: float, min_shortlist: int) -> tuple[retrieval.Index, dict]:
+  """`index` at the cheapest leaves and shortlist (>= `min_shortlist`) reaching `target_recall`
+  (`tuning.tune_index`).
+
+  Tuned on TUNING_QUERIES items of `queries_from` (a fixed sample, embedded here) against their exact
+  full-dim top-10 in the gallery; the point is recorded in the index's manifest and reused while the
+  index, the target and the query gallery are unchanged. For a split's image gallery the caller passes
+  the split's captions (text-to-image queries, as served); a folder's own images stand in for queries.
+  """
+  count = min(TUNING_QUERIES, queries_from.size)
+  source = {'target_recall': float(target_recall), 'queries': queries_from.key, 'side': queries_from.side,
+            'count': count, 'min_shortlist': int(min_shortlist)}
+  saved = stored.manifest.get('operating_point')
+  if not stored.rebuilt and saved and saved.get('source') == source:
+    return index.with_knobs(**saved['setting']), saved
+  sample = np.sort(np.random.default_rng(0).choice(queries_from.size, count, replace=False))
+  logging.info('Tuning %s to recall@10 %.3f on %d %s.', directory, target_recall, count, queries_from.name)
+  queries = run.embed(queries_from.side, queries_from.inputs[sample])
+  evaluate.check_finite({f'tuning queries from {queries_from.name}': queries}, run.step)
+  exact = tuning.exact_top_k(stored.embeddings, queries)
+  shortlists = [s for s in tuning.SHORTLISTS if s >= min_shortlist] or [min_shortlist]
+  index, point = tuning.tune_index(index, queries, exact, target_recall, shortlists)
+  record = point.to_json() | {'source': source}
+  index_store.record_operating_point(directory, record)
+  return index, record
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ An index directory holds
                   `coarse_to_fine.TwoStageSearch`), the resolved ScaNN settings, `files` (the size and
                   sha256 of every file below) and, when the caller gives one, `source`: what the
                   embeddings were computed from (e.g. fingerprints of the gallery's inputs and of the
-                  model's parameters);
+                  model's parameters); `operating_point` once the index was tuned to a recall target
+                  (`tuning`, `record_operating_point`): the leaves and shortlist it serves with;
   embeddings.npy  the gallery [G, D] (full dim, unnormalised) that the exact re-ranking stages read;
   scann/          `searcher.serialize(dir, relative_path=True)`: over the normalised coarse prefixes
                   ('rerank'), or the truncate-mode searcher over the normalised full vectors ('truncate').
@@ -181,6 +182,15 @@ def save(directory: files.PathLike, searcher, embeddings: np.ndarray, manifest: 
   if old.exists():
     old.rmtree()
   return manifest
+
+
+def record_operating_point(directory: files.PathLike, point: dict) -> None:
+  """Adds `point` (an `tuning.OperatingPoint` as JSON, with what it was tuned on) to the manifest; the
+  index itself is unchanged, so a rebuild (a new manifest) drops it."""
+  manifest = read_manifest(directory)
+  if manifest is None:
+    raise errors.MissingInputError(f'No readable {MANIFEST} in {directory}.')
+  files.write_json(files.path(directory) / MANIFEST, manifest | {'operating_point': point})
 
 
 def _load_searcher(directory: files.PathLike):

@@ -70,9 +70,12 @@ def format_result(result: gallery_lib.QueryResult) -> str:
   status = ('rebuilt' + (f' ({"; ".join(found.stale_reasons)})' if found.stale_reasons else '')
             if found.rebuilt else 'reused')
   skipped = (f'; {len(result.gallery.skipped)} unreadable files skipped' if result.gallery.skipped else '')
+  point = found.operating_point
+  tuned = (f'; tuned to recall@10 {point["target_recall"]:g}: {point["setting"]}, '
+           f'{point["recall_at_10"]:.3f} on {point["source"]["count"]} queries' if point else '')
   lines = [f'{result.kind} query: {result.query!r}',
            f'  top {len(result.hits)} of {result.gallery.size} {result.gallery.name} at step {result.step} '
-           f'(index {found.directory}, {found.backend}: {status}; '
+           f'(index {found.directory}, {found.backend}: {status}{tuned}; '
            f'embeddings {"computed" if found.embedded else "reused"}{skipped})']
   folder = result.gallery.key.startswith('dir-')
   for hit in result.hits:
@@ -217,12 +220,16 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
     caption_gallery = image_gallery  # A folder has no captions: image queries find similar images.
   else:
     image_gallery, caption_gallery = gallery_lib.split_galleries(run, split)
+  # Tuned indexes (config.eval.scann.target_recall) are tuned on the other side's items, as they are queried.
+  queries_from = {image_gallery.key: caption_gallery, caption_gallery.key: image_gallery}
   indexes = {}
 
   def index(gallery: gallery_lib.Gallery) -> gallery_lib.GalleryIndex:
     if gallery.key not in indexes:  # ScaNN is built for `shortlist` neighbours: k may need more.
-      indexes[gallery.key] = gallery_lib.gallery_index(run, gallery, coarse_dim, max(shortlist, k), backend,
-                                                       settings)
+      indexes[gallery.key] = gallery_lib.gallery_index(
+          run, gallery, coarse_dim, max(shortlist, k), backend, settings,
+          target_recall=run.config.eval.scann.target_recall, queries_from=queries_from[gallery.key],
+          min_shortlist=k)
     return indexes[gallery.key]
 
   results = [gallery_lib.search(run, index(image_gallery), image_gallery, 'text', t, k) for t in texts]

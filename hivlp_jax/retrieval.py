@@ -130,6 +130,13 @@ def shortlist_recall(candidate_ids: np.ndarray, exact_top: np.ndarray) -> float:
   return float(found.mean())
 
 
+def check_target_recall(target_recall: float, name: str = 'target_recall') -> None:
+  """A recall@10 to tune a search to (`tuning`) must be in (0, 1]."""
+  if not 0 < target_recall <= 1:
+    raise errors.InputError(f'{name}={target_recall} must be in (0, 1]: the recall@10 to reach (0 in the config: '
+                            'no tuning).')
+
+
 # ----------------------------------------------------------------------------------------------------
 # Exact search.
 
@@ -227,6 +234,9 @@ class ScannSettings:
     for name in fields + ('brute_force_below', 'threads'):
       if scann_config[name] < 0:
         raise errors.InputError(f'config.eval.scann.{name}={scann_config[name]} must be >= 0 (0: the default).')
+    target = scann_config.get('target_recall', 0.0)
+    if target:
+      check_target_recall(target, 'config.eval.scann.target_recall')
     return cls(brute_force_below=scann_config.brute_force_below, threads=scann_config.threads,
                **{name: scann_config[name] or None for name in fields})
 

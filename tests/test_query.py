@@ -321,3 +321,37 @@ def test_command_line(run_dir, tmp_path):
 def test_bad_query_inputs_are_named(run_dir, kwargs, message):
   with pytest.raises(errors.InputError, match=message):
     query.query(run_dir, out=io.StringIO(), **kwargs)
+
+
+def test_a_recall_target_tunes_the_saved_index_once_and_records_the_point(run_dir, tmp_path, caplog):
+  """config.eval.scann.target_recall: the index is tuned on the other side's items (captions for the image
+  gallery), the point goes into its manifest and is reused; another target tunes again."""
+  workdir = _fresh_copy(run_dir, tmp_path)
+  config = gallery_lib.config_from_workdir(workdir)
+  config.eval.scann.target_recall = 0.9
+  out = io.StringIO()
+  with caplog.at_level(logging.INFO):
+    first, = query.query(workdir, texts=[TEXT], k=3, config=config, out=out)
+  point = first.index.operating_point
+  assert point['reached'] and point['recall_at_10'] >= 0.9
+  assert point['source'] == {'target_recall': 0.9, 'queries': 'test-captions', 'side': 'text', 'count': 320,
+                             'min_shortlist': 3}
+  assert index_store.read_manifest(first.index.directory)['operating_point'] == point
+  assert first.index.index.shortlist == point['setting']['shortlist'] >= 10
+  assert 'tuned to recall@10 0.9' in out.getvalue()
+  assert caplog.text.count('Tuning ') == 1
+
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    second, = query.query(workdir, texts=[TEXT], k=3, config=config, out=io.StringIO())
+  assert 'Tuning ' not in caplog.text and second.index.operating_point == point
+  assert _hits(second) == _hits(first)
+
+  config.eval.scann.target_recall = 1.0
+  third, = query.query(workdir, texts=[TEXT], k=3, config=config, out=io.StringIO())
+  assert third.index.operating_point['source']['target_recall'] == 1.0
+  assert third.index.operating_point['recall_at_10'] == 1.0  # A brute-force coarse stage reaches it.
+
+  config.eval.scann.target_recall = 1.5
+  with pytest.raises(errors.InputError, match=r'config.eval.scann.target_recall=1.5 must be in \(0, 1\]'):
+    query.query(workdir, texts=[TEXT], config=config, out=io.StringIO())
