@@ -9,12 +9,14 @@ text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both 
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
 from hivlp_jax import coarse_to_fine
 from hivlp_jax import errors
 from hivlp_jax import files
+from hivlp_jax import gallery_shards
 from hivlp_jax import ranking
 from hivlp_jax import retrieval
 from hivlp_jax.data import pipeline
@@ -50,11 +52,20 @@ def _rank_metrics(rankings: Mapping[str, ranking.Ranking], ks: Sequence[int]) ->
   return metrics
 
 
-def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int):
-  """(indexes, rankings): direction name -> the mode's index over its gallery, and its `ranking.Ranking`."""
-  indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
-  return indexes, {name: ranking.rank_queries(indexes[name], queries, positives, k)
-                   for name, queries, _, positives in directions}
+def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int,
+                     shard: Optional[gallery_shards.Shard] = None):
+  """(indexes, rankings): direction name -> the mode's index over its gallery (this process's share of it
+  when `shard` is given), and its `ranking.Ranking` (of the whole gallery)."""
+  if shard is None:
+    indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
+    return indexes, {name: ranking.rank_queries(indexes[name], queries, positives, k)
+                     for name, queries, _, positives in directions}
+  indexes, rankings = {}, {}
+  for name, queries, gallery, positives in directions:
+    start, stop = shard.bounds(len(gallery))
+    indexes[name] = mode.build(gallery[start:stop])
+    rankings[name] = gallery_shards.rank_queries(indexes[name], shard, len(gallery), queries, positives, k)
+  return indexes, rankings
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
@@ -70,18 +81,25 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
   return _rank_metrics(_rank_directions(mode, directions, max(ks))[1], ks)
 
 
-def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.ImageTextSplit, batch_size: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_split(embed_images: Callable, embed_texts: Callable, data: pipeline.ImageTextSplit, batch_size: int,
+                shard: Optional[gallery_shards.Shard] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Embeds every image and caption of a split with pmapped embedding functions.
 
   `embed_images(images [devices, b, H, W, 3])` and `embed_texts(tokens [devices, b, L])` return
   [devices, b, D]. Returns image embeddings [N, D], text embeddings [N * captions, D] and the image
-  id of each caption [N * captions].
+  id of each caption [N * captions]. With `shard` (a collective) this process embeds its share of the
+  images and of the captions and the shares are all-gathered.
   """
   tokens = data.tokens.reshape(-1, data.tokens.shape[-1])
   text_image_ids = np.repeat(np.arange(data.num_images), data.captions_per_image)
-  return (embed_batches(embed_images, data.images, batch_size), embed_batches(embed_texts, tokens, batch_size),
-          text_image_ids)
+  embedded = []
+  for embed, inputs in ((embed_images, data.images), (embed_texts, tokens)):
+    if shard is None:
+      embedded.append(embed_batches(embed, inputs, batch_size))
+    else:
+      start, stop = shard.bounds(len(inputs))
+      embedded.append(shard.all_rows(embed_batches(embed, inputs[start:stop], batch_size), len(inputs)))
+  return embedded[0], embedded[1], text_image_ids
 
 
 def embed_batches(embed: Callable, array: np.ndarray, batch_size: int) -> np.ndarray:
@@ -192,20 +210,27 @@ def speed_metrics(queries: np.ndarray, index: retrieval.Index, exact_top: np.nda
 
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
              modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0,
-             step: Optional[int] = None) -> dict[str, dict[str, float]]:
+             step: Optional[int] = None, shard: Optional[gallery_shards.Shard] = None
+             ) -> dict[str, dict[str, float]]:
   """Recall of every mode; with `latency_queries` > 0 also its speed both ways (see `speed_metrics`), as
   't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions).
 
   Each mode indexes each direction's gallery once, for its recall and its speed. Non-finite embeddings
-  raise ValueError naming `step`, the checkpoint step they come from (`check_finite`).
+  raise ValueError naming `step`, the checkpoint step they come from (`check_finite`). With `shard`
+  (a multi-process job: every process calls this with all embeddings) each process indexes its share of
+  each gallery and the rankings are merged (`gallery_shards`); speed is then not measured (a query would
+  time the collective, not a deployment).
   """
   check_finite({'image': image_embeddings, 'text': text_embeddings}, step)
   directions = _directions(image_embeddings, text_embeddings, text_image_ids)
   k = max(ks)
   exact_tops = {}  # The exact full-dim top-k of each query, for shortlist recall.
   results = {}
+  if shard is not None and latency_queries:
+    logging.info('Galleries sharded over %d processes: retrieval speed is not measured.', shard.count)
+    latency_queries = 0
   for mode in modes:
-    indexes, rankings = _rank_directions(mode, directions, k)
+    indexes, rankings = _rank_directions(mode, directions, k, shard)
     results[mode.name] = _rank_metrics(rankings, ks)
     for name, queries, gallery, _ in directions:
       top = min(k, len(gallery))

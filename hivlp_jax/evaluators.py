@@ -18,6 +18,7 @@ from hivlp_jax import checkpointing
 from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import files
+from hivlp_jax import gallery_shards
 from hivlp_jax import train_step
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import two_towers
@@ -42,14 +43,19 @@ class RetrievalEvaluator:
     pipeline.check_split(config, split, tokenizer)
 
   def run(self, model: two_towers.TwoTowers, params_replicated, step: int) -> dict[str, dict[str, float]]:
-    """{mode name: metrics} for the replicated parameters of `step`."""
+    """{mode name: metrics} for the replicated parameters of `step`.
+
+    In a multi-process job each process embeds its share of the images and captions, the embeddings are
+    all-gathered (every process needs every query), and each process indexes its share of each gallery
+    (`gallery_shards`): the split's embedding and indexing work is divided, not repeated."""
     data = pipeline.load_split(self.config, self.split, self.tokenizer)
+    shard = gallery_shards.for_this_process() if jax.process_count() > 1 else None
     embed_images, embed_texts = make_pmapped_embedders(model)
     image_emb, text_emb, text_image_ids = evaluate.embed_split(
         functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
-        data, self.config.eval.batch_size)
+        data, self.config.eval.batch_size, shard)
     return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(self.config),
-                             self.config.eval.ks, self.config.eval.latency_queries, step=step)
+                             self.config.eval.ks, self.config.eval.latency_queries, step=step, shard=shard)
 
 
 def from_config(config: ml_collections.ConfigDict, tokenizer) -> list[RetrievalEvaluator]:

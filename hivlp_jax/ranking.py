@@ -35,10 +35,27 @@ def best_positive_ranks(similarity, positives, num_items: Optional[int] = None):
     int [Q]: the number of negatives scoring at least as high as the best positive. A query whose
     positives all score -inf, inf or NaN (or are not among its candidates) gets rank G (never a hit).
   """
+  best = best_positive_scores(similarity, positives)
+  return ranks_from_counts(negatives_at_least(similarity, positives, best), best,
+                           similarity.shape[1] if num_items is None else num_items)
+
+
+def best_positive_scores(similarity, positives):
+  """[Q]: the highest finite score of each query's positives among [Q, C] candidates (-inf: none)."""
   xp = jnp if isinstance(similarity, jax.Array) else np
-  best = xp.max(xp.where(positives & xp.isfinite(similarity), similarity, -xp.inf), axis=1, keepdims=True)
-  ranks = xp.sum((similarity >= best) & ~positives, axis=1)  # NaN >= x is False: NaN negatives never count.
-  return xp.where(xp.isneginf(best[:, 0]), similarity.shape[1] if num_items is None else num_items, ranks)
+  return xp.max(xp.where(positives & xp.isfinite(similarity), similarity, -xp.inf), axis=1)
+
+
+def negatives_at_least(similarity, positives, best):
+  """[Q]: how many negatives among [Q, C] candidates score at least `best` [Q] (NaN never counts)."""
+  xp = jnp if isinstance(similarity, jax.Array) else np
+  return xp.sum((similarity >= xp.asarray(best)[:, None]) & ~positives, axis=1)
+
+
+def ranks_from_counts(counts, best, num_items: int):
+  """[Q] ranks: `counts` where a query has a finite best positive score `best`, else `num_items`."""
+  xp = jnp if isinstance(counts, jax.Array) else np
+  return xp.where(xp.isneginf(xp.asarray(best)), num_items, counts)
 
 
 def positive_mask(ids: Optional[np.ndarray], positive_ids: np.ndarray, num_columns: int, xp=np):
@@ -89,23 +106,31 @@ def rank_queries(index: retrieval.Index, queries: np.ndarray, positive_ids: np.n
   block of all Q, so exact search scores as one [Q, G] matmul would (`retrieval.MIN_BLOCK_ROWS`). On an
   accelerator exact search ranks on the device.
   """
-  block = block or retrieval.block_rows(index.num_items)
   out = Ranking(np.empty(len(queries), np.int64), np.empty((len(queries), k), np.float32),
                 np.empty((len(queries), k), np.int64))
-  for start in range(0, len(queries), block):
-    rows = slice(start, start + block)
-    block_queries = queries[rows]
-    if len(block_queries) < min(block, len(queries)):  # The last block, padded with copies of its last row:
-      pad = np.repeat(block_queries[-1:], block - len(block_queries), axis=0)  # a fixed shape, see MIN_BLOCK_ROWS.
-      block_queries = np.concatenate([block_queries, pad])
-    scores, ids = index.candidates(block_queries)
-    n = min(block, len(queries) - start)
-    scores, ids = scores[:n], (None if ids is None else ids[:n])
+  for rows, scores, ids in scored_blocks(index, queries, block or retrieval.block_rows(index.num_items)):
     xp = jnp if isinstance(scores, jax.Array) else np
     positives = positive_mask(ids, positive_ids[rows], scores.shape[1], xp)
     out.ranks[rows] = np.asarray(best_positive_ranks(scores, positives, index.num_items))
     out.scores[rows], out.ids[rows] = retrieval.top_k(scores, k, ids)
   return out
+
+
+def scored_blocks(index: retrieval.Index, queries: np.ndarray, block: int):
+  """Yields (rows, scores [n, C], ids [n, C] or None): `index.candidates` of each block of `block` queries.
+
+  Every block is scored with `block` rows (the last one padded with copies of its last query, padding
+  dropped from the result), or there is one block of all Q: a fixed matmul shape, so exact search scores
+  as one [Q, G] matmul would (`retrieval.MIN_BLOCK_ROWS`).
+  """
+  for start in range(0, len(queries), block):
+    rows = slice(start, start + block)
+    block_queries = queries[rows]
+    n = len(block_queries)
+    if n < min(block, len(queries)):
+      block_queries = np.concatenate([block_queries, np.repeat(block_queries[-1:], block - n, axis=0)])
+    scores, ids = index.candidates(block_queries)
+    yield rows, scores[:n], (None if ids is None else ids[:n])
 
 
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:

@@ -6,6 +6,7 @@ resumed from that checkpoint, it must train exactly like one uninterrupted proce
 global batches, the same losses.
 """
 
+import json
 import os
 import re
 import signal
@@ -103,3 +104,24 @@ def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_pa
                              rtol=1e-4)
   assert os.path.exists(os.path.join(multi, 'metrics.json'))
   assert '6' in os.listdir(os.path.join(multi, 'checkpoints'))
+
+  # --mode=evaluate of the same checkpoint with its galleries sharded over the two processes (each embeds
+  # and indexes half of each gallery) equals one process with 2 devices (the same per-device batches).
+  sharded = _run_two_processes(multi, data_dir, dict(env, XLA_FLAGS=xla_flags(2)), '--mode=evaluate')
+  assert 'Galleries sharded over 2 processes' in sharded[0]
+  path = os.path.join(multi, 'metrics', 'test', 'step_6.json')
+  sharded_metrics = json.loads(open(path).read())
+  env['XLA_FLAGS'] = xla_flags(2)
+  one = subprocess.run(_command(multi, data_dir, '--mode=evaluate'), env=env, capture_output=True, text=True,
+                       timeout=400)
+  assert one.returncode == 0, one.stderr[-3000:]
+  one_metrics = json.loads(open(path).read())
+  exact = [name for name in one_metrics if name.startswith('exact_dim')]
+  assert len(exact) >= 2 and sharded_metrics['step'] == one_metrics['step'] == 6
+  for name in exact:
+    recalls = {key: value for key, value in one_metrics[name].items()
+               if key.endswith(('_r1', '_r5', '_r10', 'rsum', '_medr'))}
+    assert {key: sharded_metrics[name][key] for key in recalls} == recalls, name
+  # Coarse-to-fine modes shortlist per share: the same modes, each with finite recall.
+  assert sorted(sharded_metrics) == sorted(one_metrics)
+  assert all(np.isfinite(sharded_metrics[name]['rsum']) for name in sharded_metrics if name != 'step')
