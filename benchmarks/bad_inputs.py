@@ -50,6 +50,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` and `hivlp_jax` of this checkout.
+from configs import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hivlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out_dir', 'docs', 'Where bad_inputs.json and bad_inputs.md are written.')
@@ -80,7 +82,9 @@ class Scratch:
     self.data, self.cache, self.base = r / 'data', r / 'jax_cache', r / 'base_run'
     self.manual, self.coco, self.shards = r / 'manual' / 'flickr30k', r / 'manual' / 'coco', r / 'shards'
     self.streamed_config = r / 'tiny_streamed.py'
-    self.vocab = self.data / 'embedded_scenes-tiny-vocab.txt'
+    config = tiny.get_config()
+    config.data.data_dir = str(self.data)
+    self.vocab = pathlib.Path(pipeline.vocab_file(config))  # The tiny run's trained vocabulary.
 
   def placeholders(self, case_dir: Optional[pathlib.Path] = None) -> list[tuple[str, str]]:
     pairs = [(self.streamed_config, 'TINY_STREAMED.py'), (self.data, 'DATA_DIR'), (self.base, 'BASE_RUN'),

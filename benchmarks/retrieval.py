@@ -226,7 +226,9 @@ def plot(results: list[dict], path: str) -> None:
   ax.set_xscale('log')
   ax.set_xlabel('batched queries/s (log)')
   ax.set_ylabel('recall@10 vs exact full-dim top-10')
-  ax.set_title(f'D={FLAGS.dim}, {FLAGS.queries} queries, threads={THREADS or "all"}')
+  ax.set_title(f'D={FLAGS.dim}, {FLAGS.queries} queries, threads={THREADS or "all"}, '
+               + ('trained' if FLAGS.from_workdir else FLAGS.gallery) + ' gallery'
+               + (f', tuned to recall@10 {FLAGS.target_recall:g}' if FLAGS.target_recall else ''))
   ax.grid(True, which='both', alpha=0.3)
   ax.legend(handles=handles, fontsize=7, loc='lower left')
   fig.tight_layout()

@@ -123,10 +123,14 @@ class Checkpoints:
         raise IOError(f'{self.directory / str(step) / name} {problem}')
 
   def restore_latest(self, target):
-    """The newest checkpoint that verifies and restores into `target`'s structure, or `target` if none exists."""
+    """The newest checkpoint that verifies and restores into `target`'s structure, or `target` if none exists.
+
+    A checkpoint whose arrays have other shapes than `target`'s was written by another model: InputError
+    naming them, before any array is read (and nothing is moved aside)."""
     steps = sorted(self.all_steps(), reverse=True)
     failed = []
     for step in steps:
+      check_shapes(self.directory / str(step), target)
       try:
         self.verify(step)
         restored = self._new_manager().restore(step, args=ocp.args.StandardRestore(target))
@@ -162,6 +166,32 @@ class Checkpoints:
     self.manager = self._new_manager()
 
 
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key)))) for key in path)
+
+
+def check_shapes(step_dir: files.PathLike, target) -> None:
+  """Raises InputError when arrays of the checkpoint in `step_dir` have other shapes than the same-named
+  leaves of `target` (arrays or shape structs): the checkpoint was written by another model config. An
+  unreadable metadata file is left to the restore to report."""
+  try:
+    saved = ocp.PyTreeCheckpointHandler().metadata(files.path(step_dir) / 'default')
+  except Exception:  # pylint: disable=broad-except  # A damaged step: the restore names the problem.
+    return
+  saved_shapes = {_names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
+                  if hasattr(leaf, 'shape')}
+  wrong = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+    name = _names(path)
+    if name in saved_shapes and hasattr(leaf, 'shape') and saved_shapes[name] != tuple(np.shape(leaf)):
+      wrong.append(f'{".".join(name)}: saved {saved_shapes[name]}, this config {tuple(np.shape(leaf))}')
+  if wrong:
+    raise errors.InputError(
+        f'The checkpoint {step_dir} was written by another model: {len(wrong)} arrays differ in shape '
+        f'({"; ".join(wrong[:3])}). Run with the config that trained it (its WORKDIR/config.json), or use a new '
+        '--workdir.')
+
+
 def restore_params(workdir: str, abstract_params, step: Optional[int] = None) -> tuple[Any, int]:
   """Only the `params` of a workdir's checkpoint: no optimizer, EMA or queues.
 
@@ -178,6 +208,7 @@ def restore_params(workdir: str, abstract_params, step: Optional[int] = None) ->
   item = {'params': abstract_params}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   for candidate in [step] if step is not None else steps:
+    check_shapes(checkpoints.directory / str(candidate), item)
     try:
       checkpoints.verify(candidate)
       restored = ocp.PyTreeCheckpointer().restore(
@@ -192,6 +223,16 @@ def restore_params(workdir: str, abstract_params, step: Optional[int] = None) ->
   raise AssertionError('unreachable')
 
 
+def read_config_record(path: files.PathLike) -> dict:
+  """The flat config a run recorded at `path` (WORKDIR/config.json); InputError when it is not JSON."""
+  try:
+    return files.read_json(path)
+  except ValueError as e:
+    raise errors.InputError(f'{path} is not valid JSON ({e}): it records the config of the run in that workdir. '
+                            'Restore it, or delete it (training then resumes without the check; the query tool '
+                            'needs --config=FILE).') from None
+
+
 def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[str], bool], what: str) -> None:
   """Records `current` (flat, JSON-able) at `path`, or checks it against the record a previous run left.
 
@@ -200,11 +241,7 @@ def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[st
   """
   path = files.path(path)
   if path.exists():
-    try:
-      saved = files.read_json(path)
-    except ValueError as e:
-      raise errors.InputError(f'{path} is not valid JSON ({e}): it records the config of the run in that workdir. '
-                              'Restore it, or delete it to resume without the check.') from None
+    saved = read_config_record(path)
     added = sorted(set(current) - set(saved))
     if added:
       logging.warning('Config fields new since the run in %s started (their current values apply): %s',

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from hivlp_jax import checkpointing
 from hivlp_jax import config_lib
 from hivlp_jax import errors
 from hivlp_jax import evaluate
@@ -55,7 +56,7 @@ def _read_recorded_config(workdir: str) -> dict:
   if not path.exists():
     raise errors.MissingInputError(f'{path} does not exist: is {workdir!r} a training workdir? Pass --config=FILE '
                                    'to give the run\'s config explicitly.')
-  return files.read_json(path)
+  return checkpointing.read_config_record(path)
 
 
 def config_from_workdir(workdir: str, base: Optional[ml_collections.ConfigDict] = None
@@ -178,6 +179,7 @@ class Gallery:
 
 def split_galleries(run: Run, split: str) -> tuple[Gallery, Gallery]:
   """The images (labelled with their first caption) and the captions of a split of the run's data set."""
+  pipeline.check_split(run.config, split, run.tokenizer)  # An unknown split or missing file, named.
   data = pipeline.load_split(run.config, split, run.tokenizer)
   images = Gallery(name=f'{split} images', key=split, side='image', inputs=data.images,
                    labels=[c[0] for c in data.captions], images=data.images,

@@ -37,6 +37,7 @@ from typing import Optional, Sequence, TextIO
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -232,6 +233,9 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
           min_shortlist=k)
     return indexes[gallery.key]
 
+  for gallery, asked in ((image_gallery, texts), (caption_gallery, images)):
+    if asked and k > gallery.size:
+      logging.warning('k=%d exceeds the %d %s: all of them are returned.', k, gallery.size, gallery.name)
   results = [gallery_lib.search(run, index(image_gallery), image_gallery, 'text', t, k) for t in texts]
   results += [gallery_lib.search(run, index(caption_gallery), caption_gallery, 'image', path, k)
               for path in images]

@@ -19,6 +19,7 @@ from hivlp_jax import coarse_to_fine
 from hivlp_jax import config_lib
 from hivlp_jax import errors
 from hivlp_jax import evaluate
+from hivlp_jax import evaluators
 from hivlp_jax import gallery as gallery_lib
 from hivlp_jax import index_store
 from hivlp_jax import query
@@ -355,3 +356,30 @@ def test_a_recall_target_tunes_the_saved_index_once_and_records_the_point(run_di
   config.eval.scann.target_recall = 1.5
   with pytest.raises(errors.InputError, match=r'config.eval.scann.target_recall=1.5 must be in \(0, 1\]'):
     query.query(workdir, texts=[TEXT], config=config, out=io.StringIO())
+
+
+def test_a_garbage_config_record_an_unknown_split_and_a_large_k_are_named(run_dir, tmp_path, caplog):
+  workdir = _fresh_copy(run_dir, tmp_path)
+  with pytest.raises(errors.InputError, match=r"Unknown split 'val' of embedded_scenes; known: \['test', 'train'"):
+    query.query(workdir, texts=[TEXT], split='val', out=io.StringIO())
+  with caplog.at_level(logging.WARNING):
+    result, = query.query(workdir, texts=[TEXT], k=1000, out=io.StringIO())
+  assert len(result.hits) == 64 and 'k=1000 exceeds the 64 test images' in caplog.text
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write('{"seed" 0}')
+  with pytest.raises(errors.InputError, match=r'config.json is not valid JSON \(Expecting'):
+    query.query(workdir, texts=[TEXT], out=io.StringIO())
+
+
+def test_a_checkpoint_of_another_model_is_named_before_any_array_is_read(run_dir):
+  """A config whose model differs from the run's (no config.json to compare with): the shapes are compared
+  from the checkpoint's metadata and the error names the arrays, for a resume and a params-only restore."""
+  config = gallery_lib.config_from_workdir(run_dir)
+  config.model.image.mlp_dim *= 2
+  model = train_step.create_model(config, gallery_lib.load_run(run_dir).tokenizer.vocab_size)
+  with pytest.raises(errors.InputError, match=r'checkpoints/150 was written by another model: \d+ arrays differ in '
+                                              r'shape \(params\.image_tower\.encoder\.block0\.MlpBlock_0'):
+    evaluators.restore_params(run_dir, config, model)
+  abstract = jax.eval_shape(lambda: {'params': train_step.init_params(config, model, jax.random.key(0))})
+  with pytest.raises(errors.InputError, match='was written by another model'):
+    checkpointing.Checkpoints(run_dir, max_to_keep=1, create=False).restore_latest(abstract)
