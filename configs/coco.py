@@ -5,6 +5,7 @@ The recipe of flickr30k.py on COCO. Two sources:
 - 'tfds': TFDS's coco_captions/2014 builder (same Karpathy splits), built once in config.data.data_dir with
   `tfds build coco_captions --data_dir=data` (downloads about 19 GB).
   python -m hivlp_jax.main --config=configs/coco.py --workdir=runs/coco
+From a pre-trained run, as in flickr30k.py: add --config.init.workdir=runs/web_pretrain.
 """
 
 from configs import flickr30k

@@ -120,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A step whose loss is not finite is skipped; this many in a row stop the run.
   config.max_consecutive_nonfinite_steps = 10
 
+  # Start from another run's checkpoint (pre-train, then fine-tune; hivlp_jax/init_from_run.py): its workdir
+  # ('' : from scratch), its step (0: the newest), and whether the momentum towers start from its own.
+  config.init = ml_collections.ConfigDict(dict(workdir='', step=0, ema=False))
+
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
   config.eval.batch_size = 500

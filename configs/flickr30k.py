@@ -5,6 +5,11 @@ Put Karpathy's dataset_flickr30k.json and the flickr30k-images/ folder in config
 BERT-base uncased vocab.txt at config.data.vocab_file:
   python -m hivlp_jax.main --config=configs/flickr30k.py --workdir=runs/flickr30k \
       --config.model.image.init_checkpoint=ViT-B_16.npz
+Fine-tuning a pre-trained run (configs/web_pretrain.py with the same vocabulary): start from its newest
+checkpoint's parameters with a new optimizer (hivlp_jax/init_from_run.py; arrays of another shape are
+fitted or re-initialised and reported):
+  python -m hivlp_jax.main --config=configs/flickr30k.py --workdir=runs/flickr30k_ft \
+      --config.init.workdir=runs/web_pretrain [--config.init.step=N] [--config.init.ema=True]
 """
 
 from configs import base_b16

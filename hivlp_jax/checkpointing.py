@@ -175,7 +175,7 @@ def check_shapes(step_dir: files.PathLike, target) -> None:
   leaves of `target` (arrays or shape structs): the checkpoint was written by another model config. An
   unreadable metadata file is left to the restore to report."""
   try:
-    saved = ocp.PyTreeCheckpointHandler().metadata(files.path(step_dir) / 'default')
+    saved = saved_tree(step_dir)
   except Exception:  # pylint: disable=broad-except  # A damaged step: the restore names the problem.
     return
   saved_shapes = {_names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(saved)
@@ -192,34 +192,48 @@ def check_shapes(step_dir: files.PathLike, target) -> None:
         '--workdir.')
 
 
-def restore_params(workdir: str, abstract_params, step: Optional[int] = None) -> tuple[Any, int]:
-  """Only the `params` of a workdir's checkpoint: no optimizer, EMA or queues.
+def saved_tree(step_dir: files.PathLike) -> dict:
+  """The checkpoint's tree of array metadata (`.shape`, `.dtype`), read without reading any array."""
+  return ocp.PyTreeCheckpointHandler().metadata(files.path(step_dir) / 'default').tree
 
-  abstract_params: the parameter tree's shapes and dtypes (e.g. `jax.eval_shape` of the model's init).
-  step: that checkpoint, or None: the newest one that verifies and restores (older ones are tried in turn).
-  Returns (params as host arrays, the step).
+
+def restore_params(workdir: str, abstract_params=None, step: Optional[int] = None, key: str = 'params',
+                   step_name: str = '--step') -> tuple[Any, int]:
+  """Only the `params` (or another top-level `key`, e.g. 'ema_params') of a workdir's checkpoint.
+
+  abstract_params: the tree's shapes and dtypes (e.g. `jax.eval_shape` of the model's init), checked
+    against the checkpoint's; None: as saved (another model's parameters, see `init_from_run`).
+  step: that checkpoint, or None: the newest one that verifies and restores (older ones are tried in turn);
+    `step_name` names it in errors.
+  Returns (the tree as host arrays, the step).
   """
   checkpoints = Checkpoints(workdir, max_to_keep=1, create=False)
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if not steps:
     raise errors.MissingInputError(f'No checkpoint in {checkpoints.directory}: train there first.')
   if step is not None and step not in steps:
-    raise errors.InputError(f'--step={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
-  item = {'params': abstract_params}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    raise errors.InputError(f'{step_name}={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
   for candidate in [step] if step is not None else steps:
-    check_shapes(checkpoints.directory / str(candidate), item)
+    step_dir = checkpoints.directory / str(candidate)
+    try:
+      abstract = abstract_params if abstract_params is not None else jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree(step_dir)[key])
+    except KeyError:
+      raise errors.InputError(f'The checkpoint {step_dir} holds no {key!r}.') from None
+    item = {key: abstract}
+    check_shapes(step_dir, item)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     try:
       checkpoints.verify(candidate)
       restored = ocp.PyTreeCheckpointer().restore(
-          checkpoints.directory / str(candidate) / 'default',
-          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-      return restored['params'], candidate
+          step_dir / 'default', args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                            partial_restore=True))
+      return restored[key], candidate
     except Exception as e:  # pylint: disable=broad-except
       if step is not None or candidate == steps[-1]:
         raise
-      logging.error('Parameters of step %d in %s could not be restored (%s: %s); trying an older step.',
-                    candidate, checkpoints.directory, type(e).__name__, e)
+      logging.error('%s of step %d in %s could not be restored (%s: %s); trying an older step.',
+                    key, candidate, checkpoints.directory, type(e).__name__, e)
   raise AssertionError('unreachable')
 
 

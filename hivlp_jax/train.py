@@ -154,8 +154,10 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
   tokenizer = pipeline.get_tokenizer(config)
   evaluator_list = evaluators.from_config(config, tokenizer)  # Checks their splits now, before training.
   model = train_step.create_model(config, tokenizer.vocab_size)
-  state = replication.with_global_queues(train_step.create_train_state(config, model, jax.random.key(config.seed)))
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)
+  # config.init's run seeds only a fresh run: a resumed one restores its own state.
+  state = replication.with_global_queues(train_step.create_train_state(
+      config, model, jax.random.key(config.seed), from_init_run=not checkpoints.all_steps()))
   state = checkpoints.restore_latest(state)
   start_step = int(state.step)
   if start_step == 0:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from hivlp_jax import init_from_run
 from hivlp_jax import losses
 from hivlp_jax import momentum_towers
 from hivlp_jax import optim
@@ -62,8 +63,10 @@ def init_params(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, 
   return model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8), texts, **masked)['params']
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng) -> TrainState:
-  """Initial state on the host, with the towers' pretrained weights where the config names them."""
+def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng,
+                       from_init_run: bool = True) -> TrainState:
+  """Initial state on the host, with the towers' pretrained weights where the config names them, then
+  (with `from_init_run`) the parameters of config.init's run (`init_from_run`)."""
   params = jax.jit(functools.partial(init_params, config, model))(rng)
   for tower, loader, checkpoint in (('image_tower', pretrained.load_vit_npz, config.model.image.init_checkpoint),
                                     ('text_tower', pretrained.load_bert_checkpoint, config.model.text.init_checkpoint)):
@@ -71,13 +74,16 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
       params = dict(params)
       params[tower], report = loader(checkpoint, params[tower])
       logging.info('%s initialised from %s: %s', tower, checkpoint, report)
+  ema_params = None
+  if from_init_run and config.init.workdir:
+    params, ema_params, _ = init_from_run.load(config, params)
   opt = config.optimizer
   tx = optim.adamw(learning_rate_fn(config), b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                    grad_clip_norm=opt.grad_clip_norm, excluded_names=NO_DECAY)
   momentum_fields = {}
   if config.contrastive.queue_size:
     # The momentum towers start equal to the online ones.
-    momentum_fields = dict(ema_params=params,
+    momentum_fields = dict(ema_params=params if ema_params is None else ema_params,
                            negative_queues=queues.init(config.contrastive.queue_size, config.model.embed_dim),
                            filter_stats=momentum_towers.init_filter_stats())
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,

@@ -62,14 +62,14 @@ class LoadReport:
             f'unused {self.unused}')
 
 
-def _flat_unscanned(tower_params) -> dict:
-  """A tower's params as {'encoder/block0/...': array}, scanned blocks unstacked."""
+def flat_unscanned(tower_params) -> dict:
+  """A params tree (a tower's, or the whole model's) as {'encoder/block0/...': array}, scanned blocks unstacked."""
   params = encoders.unstack_layers(flax.core.unfreeze(tower_params))
   return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
 
 
-def _unflatten_like(flat: dict, tower_params) -> dict:
-  """The inverse of `_flat_unscanned`: stacked again when `tower_params` has scanned blocks."""
+def unflatten_like(flat: dict, tower_params) -> dict:
+  """The inverse of `flat_unscanned`: stacked again when `tower_params` has scanned blocks."""
   params = flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
   return encoders.stack_layers(params) if encoders.has_scanned_layers(tower_params) else params
 
@@ -95,7 +95,7 @@ def resize_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray
 
 def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
   """Returns the image tower's params with every matching checkpoint array copied in, and a report."""
-  flat = _flat_unscanned(image_tower_params)
+  flat = flat_unscanned(image_tower_params)
   report = LoadReport()
   with files.path(path).open('rb') as f, np.load(f) as checkpoint:
     for checkpoint_name in checkpoint.files:
@@ -113,7 +113,7 @@ def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
       flat[name] = value.astype(np.asarray(target).dtype)
       report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
-  return _unflatten_like(flat, image_tower_params), report
+  return unflatten_like(flat, image_tower_params), report
 
 
 # BERT: names in the TF checkpoint (below 'bert/') -> names in `bert.BertTextTransformer`.
@@ -201,7 +201,7 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
   Blocks the checkpoint has beyond the tower's depth are unused (a truncated BERT, as ALBEF's text encoder
   uses BERT's first 6 layers); blocks the tower has beyond it are left new.
   """
-  flat = _flat_unscanned(text_params)
+  flat = flat_unscanned(text_params)
   if 'type_embedding' not in flat or 'embedding_norm/scale' not in flat:
     raise errors.InputError('A BERT checkpoint fits only the BERT text tower: set '
                             "config.model.text.architecture='bert' "
@@ -240,4 +240,4 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     flat[name] = value.astype(target.dtype)
     report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
-  return _unflatten_like(flat, text_params), report
+  return unflatten_like(flat, text_params), report
