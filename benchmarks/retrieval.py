@@ -237,10 +237,6 @@ def plot(results: list[dict], path: str) -> None:
   files.write_bytes(path, buffer.getvalue())
 
 
-def exact_top(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
-  return retrieval.ExactIndex(gallery).search(queries, K)[1]
-
-
 def main(argv):
   del argv
   if THREADS > 0 and any(m.startswith('faiss') for m in FLAGS.methods):
@@ -272,7 +268,7 @@ def main(argv):
       gallery, queries = retrieval_data.synthetic_data(size, FLAGS.dim, FLAGS.queries + num_tuning, FLAGS.query_noise,
                                                        FLAGS.seed)
     queries, tuning_queries = queries[:FLAGS.queries], (queries[FLAGS.queries:] if num_tuning else None)
-    tuning_top = exact_top(gallery, tuning_queries) if num_tuning else None
+    tuning_top = tuning.exact_top_k(gallery, tuning_queries) if num_tuning else None
     rows, tops = [], []
     for method in methods(size):
       logging.info('G=%d: %s', size, method.name)
@@ -284,7 +280,7 @@ def main(argv):
     # The exact_numpy row is the ground truth; without it, compute it.
     exact = next((t for r, t in zip(rows, tops) if r['method'] == 'exact_numpy'), None)
     if exact is None:
-      exact = exact_top(gallery, queries)
+      exact = tuning.exact_top_k(gallery, queries)
     for row, top in zip(rows, tops):
       row['recall_at_10'] = retrieval.shortlist_recall(top[:, :K], exact)
     print(format_table(size, rows), flush=True)

@@ -141,6 +141,15 @@ def test_the_trained_vocabulary_is_named_by_its_size(tmp_path):
   assert pipeline.vocab_file(config) != small and pipeline.vocab_file(config).endswith('vocab50.txt')
 
 
+def test_the_trained_vocabulary_size_is_logged_and_a_different_one_warned(tmp_path, caplog):
+  captions = ['a small red circle', 'two large blue squares', 'a green triangle left of a circle'] * 3
+  with caplog.at_level(logging.INFO):
+    trained = tokenizer_lib.train_tokenizer(captions, str(tmp_path / 'vocab.txt'), vocab_size=10)
+  warning, = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert trained.vocab_size > 10  # Every character seen is kept.
+  assert f'vocabulary of {trained.vocab_size} tokens (vocab_size=10 asked)' in warning.getMessage()
+
+
 # -- Damaged web shards.
 
 

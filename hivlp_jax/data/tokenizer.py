@@ -6,6 +6,7 @@ The vocabulary is read and written through hivlp_jax/files.py, so it may live in
 import tempfile
 from typing import Iterable, Sequence
 
+from absl import logging
 import numpy as np
 from tokenizers import BertWordPieceTokenizer
 
@@ -75,4 +76,9 @@ def train_tokenizer(texts: Iterable[str], vocab_file: str, vocab_size: int = 100
   with tempfile.TemporaryDirectory() as local:
     written, = tokenizer.save_model(local)
     files.write_bytes(vocab_file, files.path(written).read_bytes())
-  return Tokenizer(vocab_file)
+  trained = Tokenizer(vocab_file)
+  # WordPiece keeps every character it saw, so a small vocab_size can give more tokens than asked.
+  log = logging.warning if trained.vocab_size != vocab_size else logging.info
+  log('Trained a WordPiece vocabulary of %d tokens (vocab_size=%d asked) on the training captions: %s',
+      trained.vocab_size, vocab_size, vocab_file)
+  return trained
