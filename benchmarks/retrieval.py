@@ -195,7 +195,8 @@ def measure(method: retrieval_methods.Method, gallery: np.ndarray, queries: np.n
 
 
 def format_table(size: int, rows: list[dict]) -> str:
-  lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"} gallery={FLAGS.gallery}'
+  gallery = f'trained:{FLAGS.from_workdir}:{FLAGS.from_split}' if FLAGS.from_workdir else FLAGS.gallery
+  lines = [f'G={size:,} D={FLAGS.dim} Q={FLAGS.queries} threads={THREADS or "all"} gallery={gallery}'
            + (f' target recall@10={FLAGS.target_recall:g}' if FLAGS.target_recall else ''),
            f'{"method":<32}{"build_s":>9}{"index_MiB":>11}{"p50_ms":>9}{"p99_ms":>9}{"qps":>10}'
            f'{"recall@10":>11}  setting']
