@@ -65,7 +65,6 @@ if THREADS > 0:
     os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
 import io
 import platform
 import time
@@ -190,7 +189,6 @@ def measure(method: retrieval_methods.Method, gallery: np.ndarray, queries: np.n
           'p99_ms': 1e3 * float(np.percentile(latencies, 99)),
           'qps': len(queries) / float(np.median(batched_s)),  # The median of --repeats batched runs.
           'qps_runs': [len(queries) / t for t in batched_s]}
-  del index
   return row, np.asarray(top)
 
 
