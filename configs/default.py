@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   # does not fit; costs one extra forward pass.
   config.accumulation_steps = 1
   config.num_train_steps = 700
+  # A wall-clock budget in minutes (0: none): training stops at the first step that ends after it (setup
+  # included), checkpoints and evaluates that step; running again continues training. Leave time to evaluate.
+  config.train_minutes = 0.0
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 100

@@ -21,9 +21,9 @@ from hivlp_jax.models import encoders
 from hivlp_jax.models import pretrained
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
-RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
-                    'max_consecutive_nonfinite_steps', 'data.data_dir', 'data.manual_dir', 'data.shards',
-                    'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
+RESUMABLE_FIELDS = ('num_train_steps', 'train_minutes', 'init.', 'log_every_steps', 'checkpoint_every_steps',
+                    'max_checkpoints_to_keep', 'max_consecutive_nonfinite_steps', 'data.data_dir', 'data.manual_dir',
+                    'data.shards', 'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch', 'eval.')
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
 DTYPES = ('float32', 'bfloat16', 'float16')  # The towers' compute dtype; parameters stay float32.
@@ -134,6 +134,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config[name] if '.' not in name else config.eval[name.split('.')[1]]
     settings.check_field(value >= 1, name, value, 'must be >= 1')
   settings.check_field(config.num_train_steps >= 0, 'num_train_steps', config.num_train_steps, 'must be >= 0')
+  settings.check_field(math.isfinite(config.train_minutes) and config.train_minutes >= 0, 'train_minutes',
+                       config.train_minutes, 'must be finite and >= 0 (0: no time budget)')
   settings.check_field(config.model.text.max_len >= 2, 'model.text.max_len', config.model.text.max_len,
          'must be >= 2 ([CLS] and at least one token)')
   opt = config.optimizer

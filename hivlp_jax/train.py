@@ -2,7 +2,9 @@
 
 SIGTERM or SIGINT (TPU VMs and SLURM send SIGTERM before preempting a job) finishes the current step,
 checkpoints it, waits for the save to commit and exits with `EXIT_PREEMPTED`; every process of a multi-host
-job stops at the same step. A rerun in the same workdir resumes bit-identically.
+job stops at the same step. A rerun in the same workdir resumes bit-identically. `config.train_minutes`
+(a fixed time slot) ends training at the first step that finishes after that many minutes since the start,
+checkpoints it and evaluates it; a rerun continues training.
 """
 
 import dataclasses
@@ -64,14 +66,15 @@ class StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def stop_requested(self) -> bool:
-    """Whether any process received a signal (collective with several processes, so all agree)."""
-    asked = self.received is not None
+  def stop_requested(self, out_of_time: bool = False) -> tuple[bool, bool]:
+    """(a signal arrived, the time budget ran out) on any process: one collective with several processes,
+    so that all agree."""
+    flags = np.array([self.received is not None, out_of_time])
     if jax.process_count() > 1:
-      asked = bool(np.any(multihost_utils.process_allgather(np.array(asked))))
-      if asked and self.received is None:
+      flags = np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+      if flags[0] and self.received is None:
         self.received = 'SIGTERM (on another process)'
-    return asked
+    return bool(flags[0]), bool(flags[1])
 
 
 def masking_transform(config: ml_collections.ConfigDict, tokenizer) -> Optional[functools.partial]:
@@ -134,13 +137,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   before evaluating; running again in the same workdir resumes from there. Raises `Preempted` after
   checkpointing when SIGTERM/SIGINT arrives.
   """
+  started = time.monotonic()
   config_lib.validate(config)
   files.make_dir(workdir)
   with checkpointing.WorkdirLock(workdir), StopSignals() as signals:
-    return _train_and_evaluate(config, workdir, stop_after_step, signals)
+    deadline = started + 60 * config.train_minutes if config.train_minutes else None
+    return _train_and_evaluate(config, workdir, stop_after_step, signals, deadline)
 
 
-def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) -> Optional[dict]:
+def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
+                        deadline: Optional[float]) -> Optional[dict]:
   # clu's writers import TensorFlow (seconds, 700 MiB): only the training loop needs them, not the step.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
@@ -184,8 +190,8 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
       state, metrics = p_train_step(state, next(batches))
     pending_metrics.append(metrics)
     report_progress(step)
-    last = step == end_step
-    stop = signals.stop_requested()
+    stop, out_of_time = signals.stop_requested(deadline is not None and time.monotonic() > deadline)
+    last = step == end_step or out_of_time
     if step % config.log_every_steps == 0 or last or stop:
       writer.write_scalars(step, _summary(pending_metrics, config.batch_size, time.perf_counter() - window_start,
                                           stream))
@@ -207,14 +213,18 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals) 
       logging.warning('Stopped by %s after step %d of %d: checkpointed; run again to resume.', signals.received,
                       step, config.num_train_steps)
       raise Preempted(step, signals.received)
+    if out_of_time:
+      logging.warning('config.train_minutes=%g used up after step %d of %d: checkpointed; evaluating it. Run again '
+                      'to continue training.', config.train_minutes, step, config.num_train_steps)
+      break
   checkpoints.close()
   if stream is not None:
     stream.close()
     logging.info('Training data (all processes): %s.', webdataset.count_by_reason(webdataset.global_stats(stream.stats)))
-  if end_step < config.num_train_steps:
+  final_step = int(state.step[0])
+  if final_step == end_step < config.num_train_steps:
     logging.info('Stopped after step %d of %d as asked; run again to resume.', end_step, config.num_train_steps)
     return None
-  final_step = int(state.step[0])
   results = evaluators.run_all(evaluator_list, model, state.params, final_step)
   if jax.process_index() == 0:
     for name, metrics in results.items():

@@ -138,3 +138,21 @@ def test_short_training_beats_chance_by_a_wide_margin(data_dir, tmp_path):
   full = results['exact_dim64']
   assert full['t2i_r10'] > 0.5 and full['i2t_r10'] > 0.5, full
   assert results['exact_dim16']['t2i_r10'] > 0.4, results['exact_dim16']
+
+
+def test_a_time_budget_checkpoints_and_evaluates_the_step_it_ends_at_and_a_rerun_continues(data_dir, tmp_path, caplog):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 6
+  config.train_minutes = 1e-4  # 6 ms: used up by the set-up, so training ends after its first step.
+  workdir = str(tmp_path / 'run')
+  with caplog.at_level('WARNING'):
+    results = train.train_and_evaluate(config, workdir)
+  assert 'config.train_minutes=0.0001 used up after step 1 of 6: checkpointed; evaluating it' in caplog.text
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f)['step'] == 1
+  assert results and 'exact_dim64' in results
+  assert checkpointing.Checkpoints(workdir, 1, create=False).all_steps() == [1]
+  config.train_minutes = 0.0
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f)['step'] == 6

@@ -77,8 +77,9 @@ def train_tokenizer(texts: Iterable[str], vocab_file: str, vocab_size: int = 100
     written, = tokenizer.save_model(local)
     files.write_bytes(vocab_file, files.path(written).read_bytes())
   trained = Tokenizer(vocab_file)
-  # WordPiece keeps every character it saw, so a small vocab_size can give more tokens than asked.
-  log = logging.warning if trained.vocab_size != vocab_size else logging.info
+  # WordPiece keeps every character it saw, so a small vocab_size can give more tokens than asked (a warning);
+  # a small corpus gives fewer (normal).
+  log = logging.warning if trained.vocab_size > vocab_size else logging.info
   log('Trained a WordPiece vocabulary of %d tokens (vocab_size=%d asked) on the training captions: %s',
       trained.vocab_size, vocab_size, vocab_file)
   return trained
