@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 100
+  config.optimizer.warmup_fraction = 0.0  # > 0: the warm-up is this share of num_train_steps (replaces warmup_steps).
   config.optimizer.end_learning_rate_fraction = 0.01
   config.optimizer.weight_decay = 0.05
   config.optimizer.b1 = 0.9

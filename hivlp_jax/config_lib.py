@@ -142,6 +142,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ('learning_rate', 'weight_decay', 'grad_clip_norm', 'end_learning_rate_fraction'):
     settings.check_field(math.isfinite(opt[name]) and opt[name] >= 0, f'optimizer.{name}', opt[name], 'must be finite and >= 0')
   settings.check_field(opt.warmup_steps >= 0, 'optimizer.warmup_steps', opt.warmup_steps, 'must be >= 0')
+  settings.check_field(0.0 <= opt.warmup_fraction < 1.0, 'optimizer.warmup_fraction', opt.warmup_fraction,
+                       'must be in [0, 1) (a share of num_train_steps; 0: warmup_steps applies)')
   for name in ('b1', 'b2'):
     settings.check_field(0.0 <= opt[name] < 1.0, f'optimizer.{name}', opt[name], 'must be in [0, 1)')
   devices = jax.device_count()

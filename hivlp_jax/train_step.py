@@ -48,9 +48,10 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> two_towe
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The run's schedule; config.optimizer.warmup_fraction > 0 sets the warm-up as that share of the run."""
   opt = config.optimizer
-  return optim.warmup_cosine(opt.learning_rate, opt.warmup_steps, config.num_train_steps,
-                             opt.end_learning_rate_fraction)
+  warmup = round(opt.warmup_fraction * config.num_train_steps) if opt.warmup_fraction else opt.warmup_steps
+  return optim.warmup_cosine(opt.learning_rate, warmup, config.num_train_steps, opt.end_learning_rate_fraction)
 
 
 def init_params(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng):

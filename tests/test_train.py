@@ -7,8 +7,11 @@ import flax
 import jax
 import numpy as np
 import optax
+import pytest
 
 from hivlp_jax import checkpointing
+from hivlp_jax import config_lib
+from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import replication
 from hivlp_jax import settings
@@ -156,3 +159,14 @@ def test_a_time_budget_checkpoints_and_evaluates_the_step_it_ends_at_and_a_rerun
   train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, 'metrics.json')) as f:
     assert json.load(f)['step'] == 6
+
+
+def test_the_warm_up_can_be_a_share_of_the_run_and_a_bad_share_is_named(data_dir):
+  config = tiny_config(data_dir)
+  config.num_train_steps, config.optimizer.warmup_steps, config.optimizer.warmup_fraction = 400, 7, 0.25
+  schedule = train_step.learning_rate_fn(config)
+  peak = config.optimizer.learning_rate
+  np.testing.assert_allclose([schedule(50), schedule(100)], [peak / 2, peak], rtol=1e-6)  # 100 steps, not 7.
+  config.optimizer.warmup_fraction = 1.0
+  with pytest.raises(errors.InputError, match=r'optimizer.warmup_fraction=1.0 must be in \[0, 1\)'):
+    config_lib.validate(config)
