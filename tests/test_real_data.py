@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import tarfile
 
@@ -10,6 +11,8 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import flickr30k_cpu
+from hivlp_jax import train
 from hivlp_jax.data import flickr30k
 from hivlp_jax.data import images
 from hivlp_jax.data import scenes
@@ -114,3 +117,19 @@ def test_webdataset_hosts_read_disjoint_halves(tmp_path):
   assert sorted(per_host[0] + per_host[1]) == [f'{i:05d}' for i in range(20)]
   with pytest.raises(ValueError, match='4 shards cannot feed 8 hosts'):
     webdataset.shards_for_host(shards, 0, 8)
+
+
+def test_the_cpu_sized_flickr30k_config_trains_and_evaluates_on_a_karpathy_folder(tmp_path, caplog):
+  """configs/flickr30k_cpu.py as shipped (only the step count, batch and paths shortened): it trains its own
+  vocabulary, streams the folder, and evaluates the test split."""
+  _write_flickr_manual_dir(tmp_path / 'manual', ['train'] * 24 + ['val'] * 2 + ['test'] * 6)
+  config = flickr30k_cpu.get_config()
+  config.data.manual_dir, config.data.data_dir = str(tmp_path / 'manual'), str(tmp_path / 'data')
+  config.num_train_steps, config.batch_size, config.eval.batch_size = 2, 8, 8
+  config.eval.latency_queries = 0
+  with caplog.at_level(logging.INFO):
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'Trained a WordPiece vocabulary of' in caplog.text
+  assert results['exact_dim256']['t2i_r10'] == 1.0  # 6 test images: every one is in a top 10.
+  with open(tmp_path / 'run' / 'metrics.json') as f:
+    assert json.load(f)['step'] == 2
