@@ -63,28 +63,36 @@ def config_from_workdir(workdir: str, base: Optional[ml_collections.ConfigDict] 
                         ) -> ml_collections.ConfigDict:
   """The config a run recorded in WORKDIR/config.json, rebuilt over `base` (default configs/default.py).
 
-  config.json is `config_lib.flatten(config)`: sequences were written as strings, so a field whose value
-  in `base` is a tuple is parsed back with `ast.literal_eval`. A recorded field that `base` lacks is an
-  error (pass the run's --config file instead).
+  config.json is `config_lib.flatten(config)`: sequences were written as strings (`str(tuple(...))`), so a
+  field whose value in `base` is a tuple is parsed back with `ast.literal_eval`. A recorded field that
+  `base` lacks (a run of another config file, e.g. configs/flickr30k.py's data fields) is added as
+  recorded, a '(...)' string parsed back to a tuple, and logged.
   """
   flat = _read_recorded_config(workdir)
   config = base if base is not None else config_lib.load_config_file(DEFAULT_CONFIG)
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
-  unknown = []
+  added = []
   for name, value in flat.items():
     *parents, key = name.split('.')
     node = config
     for parent in parents:
-      node = node.get(parent) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-      unknown.append(name)
-      continue
-    if isinstance(node[key], (tuple, list)) and isinstance(value, str):
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node = node[parent]
+    if key not in node:
+      added.append(name)
+      if isinstance(value, str) and value.startswith('(') and value.endswith(')'):
+        try:
+          value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          pass
+    elif isinstance(node[key], (tuple, list)) and isinstance(value, str):
       value = ast.literal_eval(value)
     node[key] = value
-  if unknown:
-    raise errors.InputError(f'{files.path(workdir) / config_lib.CONFIG_FILE} has fields that {DEFAULT_CONFIG} lacks '
-                            f'({", ".join(unknown[:5])}): pass the run\'s config file with --config.')
+  if added:
+    logging.info('%s records fields that %s lacks, taken as recorded: %s',
+                 files.path(workdir) / config_lib.CONFIG_FILE, DEFAULT_CONFIG,
+                 ', '.join(added[:10]) + (' ...' if len(added) > 10 else ''))
   return config
 
 

@@ -383,3 +383,19 @@ def test_a_checkpoint_of_another_model_is_named_before_any_array_is_read(run_dir
   abstract = jax.eval_shape(lambda: {'params': train_step.init_params(config, model, jax.random.key(0))})
   with pytest.raises(errors.InputError, match='was written by another model'):
     checkpointing.Checkpoints(run_dir, max_to_keep=1, create=False).restore_latest(abstract)
+
+
+def test_a_run_of_another_config_file_is_rebuilt_from_its_record(run_dir, tmp_path):
+  """Fields the default config lacks (a real-data config's) are taken as recorded: no --config needed."""
+  workdir = _fresh_copy(run_dir, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    record = json.load(f)
+  record.update({'data.source': 'karpathy', 'data.crop_scale': '(0.5, 1.0)', 'extra.depth': 3})
+  with open(path, 'w') as f:
+    json.dump(record, f)
+  config = gallery_lib.config_from_workdir(workdir)
+  assert config.data.source == 'karpathy' and config.data.crop_scale == (0.5, 1.0) and config.extra.depth == 3
+  assert config.model.nested_dims == (8, 16, 32, 64)  # Known fields as before.
+  result, = query.query(workdir, texts=[TEXT], k=2, out=io.StringIO())
+  assert len(result.hits) == 2
