@@ -24,6 +24,8 @@ def add_streaming_data_fields(config):
   data.eval_name = ''  # The evaluation data set when it is not data.name (web pre-training: flickr30k or coco).
   data.captions_per_image = 5  # Per evaluation image: the 1K / 5K test protocols use each image's first 5.
   data.crop_scale = (0.5, 1.0)  # Random resized crop: area fraction (Inception/CLIP-style; ALBEF uses 0.5-1).
+  data.crop_ratio = (3 / 4, 4 / 3)  # Its aspect ratio range (log-uniform; Inception / torchvision).
+  data.flip = True  # Mirror half the images; False where left and right matter (arrows, text, "facing left").
   # The data order: each epoch permutes the host's shards, reads them shards_per_group at a time
   # interleaved, through a shuffle buffer of shuffle_buffer examples (undecoded, so ~100 KB each). Random-
   # access sources (karpathy) use one permutation of all examples instead and ignore both fields.

@@ -81,6 +81,20 @@ def test_decoded_transforms_equal_the_array_ops_and_are_deterministic():
   assert images.decode_for_training(b'\xff\xd8 not a jpeg', size, np.random.default_rng(0)) is None
 
 
+def test_the_flip_and_the_aspect_range_are_settings():
+  data, size = _jpeg(5), 32
+  flips = [images.Augment().flipped(np.random.default_rng(seed)) for seed in range(8)]
+  seed = flips.index(True)  # A generator whose draw mirrors the crop.
+  mirrored = images.decode_for_training(data, size, np.random.default_rng(seed))
+  kept = images.decode_for_training(data, size, np.random.default_rng(seed), images.Augment(flip=False))
+  np.testing.assert_array_equal(kept, mirrored[:, ::-1])  # The same crop, not mirrored.
+  square = images.Augment(scale=(0.3, 0.6), ratio=(1.0, 1.0))
+  for seed in range(5):
+    left, top, right, bottom = images.random_resized_crop_box(300, 400, np.random.default_rng(seed), square.scale,
+                                                              square.ratio)
+    assert abs((right - left) - (bottom - top)) <= 1
+
+
 def test_large_jpegs_decode_at_reduced_scale_close_to_full():
   image = np.asarray(Image.fromarray(np.asarray(Image.open(io.BytesIO(_jpeg(1))))).resize((400, 300)))
   buffer = io.BytesIO()

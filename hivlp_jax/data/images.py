@@ -8,7 +8,7 @@ measures both. JPEGs much larger than the crop are decoded at 1/2, 1/4 or 1/8 sc
 """
 
 import io
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -16,6 +16,18 @@ from PIL import Image
 # Inception / torchvision RandomResizedCrop aspect range.
 ASPECT_RATIO = (3 / 4, 4 / 3)
 # Boxes are (left, top, right, bottom) in pixels of the full image.
+
+
+class Augment(NamedTuple):
+  """Training augmentation (config.data.crop_scale, crop_ratio, flip): a random resized crop of area a
+  uniform fraction `scale` of the image and aspect log-uniform in `ratio`, mirrored with probability 1/2
+  when `flip` (off for data where left and right matter: arrows, text, "facing right")."""
+  scale: tuple[float, float] = (0.5, 1.0)
+  ratio: tuple[float, float] = ASPECT_RATIO
+  flip: bool = True
+
+  def flipped(self, rng: np.random.Generator) -> bool:
+    return bool(rng.random() < 0.5) and self.flip  # Drawn either way: the crops do not depend on `flip`.
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -62,10 +74,10 @@ def crop_and_resize(image: Union[np.ndarray, Image.Image], box: Sequence[float],
 
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
-                        scale: Sequence[float] = (0.5, 1.0)) -> np.ndarray:
+                        augment: Augment = Augment()) -> np.ndarray:
   """Training augmentation of a decoded image uint8 [H, W, 3]: random resized crop + horizontal flip."""
-  box = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale)
-  return crop_and_resize(image, box, size, flip=bool(rng.random() < 0.5))
+  box = random_resized_crop_box(image.shape[0], image.shape[1], rng, augment.scale, augment.ratio)
+  return crop_and_resize(image, box, size, flip=augment.flipped(rng))
 
 
 def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -98,7 +110,7 @@ def header_size(data: bytes) -> Optional[tuple[int, int]]:
 
 
 def decode_for_training(data: bytes, size: int, rng: np.random.Generator,
-                        scale: Sequence[float] = (0.5, 1.0)) -> Optional[np.ndarray]:
+                        augment: Augment = Augment()) -> Optional[np.ndarray]:
   """`random_resized_crop` of encoded image bytes; None when they are not a readable image.
 
   Equal to decoding then `random_resized_crop` with the same generator, up to the JPEG draft scale.
@@ -106,8 +118,8 @@ def decode_for_training(data: bytes, size: int, rng: np.random.Generator,
   try:
     with Image.open(io.BytesIO(data)) as header:
       width, height = header.size  # Read from the header only.
-    box = random_resized_crop_box(height, width, rng, scale)
-    flip = bool(rng.random() < 0.5)
+    box = random_resized_crop_box(height, width, rng, augment.scale, augment.ratio)
+    flip = augment.flipped(rng)
     image, box = _open_reduced(data, box, size)
     return crop_and_resize(image, box, size, flip)
   except Exception:  # pylint: disable=broad-except  (web images fail in many ways; each one is skipped)

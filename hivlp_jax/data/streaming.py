@@ -44,7 +44,7 @@ Position = order_lib.Position
 
 
 def _prepare(chunk: Sequence[tuple[sources.RawExample, tuple[int, ...]]], image_size: int,
-             crop_scale: tuple[float, float]) -> list[tuple[Optional[np.ndarray], Optional[str], str]]:
+             augment: images_lib.Augment) -> list[tuple[Optional[np.ndarray], Optional[str], str]]:
   """Worker task: [(image uint8 [S, S, 3] or None, caption or None, problem)] for (example, seed) pairs."""
   results = []
   for example, seed in chunk:
@@ -59,7 +59,7 @@ def _prepare(chunk: Sequence[tuple[sources.RawExample, tuple[int, ...]]], image_
         continue
     rng = np.random.default_rng(seed)
     caption = example.captions[int(rng.integers(len(example.captions)))]
-    image = images_lib.decode_for_training(data, image_size, rng, crop_scale)
+    image = images_lib.decode_for_training(data, image_size, rng, augment)
     results.append((image, caption, '' if image is not None else 'corrupt_images'))
   return results
 
@@ -79,7 +79,7 @@ class TrainStream:
   """
 
   def __init__(self, source: sources.Source, tokenizer: tokenizer_lib.Tokenizer, *, global_batch: int,
-               image_size: int, max_len: int, seed: int, crop_scale: Sequence[float] = (0.5, 1.0),
+               image_size: int, max_len: int, seed: int, augment: images_lib.Augment = images_lib.Augment(),
                shards_per_group: int = 4, shuffle_buffer: int = 1000, num_workers: int = 4,
                worker_processes: bool = False, prefetch: int = 2, device_prefetch: int = 0,
                transform: Optional[Callable[[np.random.Generator, dict], dict]] = None,
@@ -94,7 +94,7 @@ class TrainStream:
     self.local_batch = global_batch // self.process_count
     self.source, self.tokenizer, self.seed = source, tokenizer, seed
     self.shards = webdataset.shards_for_host(source.shards, self.process_index, self.process_count)
-    self.image_size, self.max_len, self.crop_scale = image_size, max_len, tuple(crop_scale)
+    self.image_size, self.max_len, self.augment = image_size, max_len, augment
     self.shards_per_group, self.shuffle_buffer = shards_per_group, shuffle_buffer
     self.transform = transform
     self._position = self._check_state(state) if state else Position()
@@ -166,7 +166,7 @@ class TrainStream:
         # Each example's generator is seeded with its position: the same draws whichever worker runs it.
         yield [(e, (self.seed, self.process_index, p.epoch, p.group, p.offset)) for e, p in chunk], chunk
 
-    prepare = functools.partial(_prepare, image_size=self.image_size, crop_scale=self.crop_scale)
+    prepare = functools.partial(_prepare, image_size=self.image_size, augment=self.augment)
     chunks = make_chunks()
     if self._executor is None:
       for tasks, chunk in chunks:
@@ -269,7 +269,8 @@ def create_train_stream(config: ml_collections.ConfigDict, tokenizer: tokenizer_
   return TrainStream(
       sources.source_from_config(config, 'train'), tokenizer, global_batch=config.batch_size,
       image_size=config.model.image_size, max_len=config.model.text.max_len, seed=config.seed,
-      crop_scale=tuple(data.crop_scale), shards_per_group=data.shards_per_group,
+      augment=images_lib.Augment(tuple(data.crop_scale), tuple(data.crop_ratio), data.flip),
+      shards_per_group=data.shards_per_group,
       shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, worker_processes=data.worker_processes,
       prefetch=data.prefetch, device_prefetch=data.device_prefetch, transform=transform, state=state)
 
