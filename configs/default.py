@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.text = ml_collections.ConfigDict(
       dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512,
            architecture='pre_ln',  # Or 'bert': post-LN blocks that a BERT checkpoint fits (models/bert.py).
-           init_checkpoint=''))  # A TF BERT checkpoint (bert_model.ckpt) to start from; needs 'bert'.
+           init_checkpoint=''))  # BERT to start from: TF bert_model.ckpt or a Hugging Face folder; needs 'bert'.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.

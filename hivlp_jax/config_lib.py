@@ -187,12 +187,12 @@ def validate_text_tower(config: ml_collections.ConfigDict) -> None:
                             "checkpoint, which fits only config.model.text.architecture='bert' "
                             f'(not {text.architecture!r}).')
   try:
-    prefix = pretrained.bert_checkpoint_prefix(text.init_checkpoint)
+    folder = pretrained.bert_checkpoint_folder(text.init_checkpoint)
   except FileNotFoundError as e:
     raise errors.InputError(f'config.model.text.init_checkpoint: {e}') from None
   # The checkpoint's word embeddings are rows of its vocab.txt: the tokenizer must read the same ids.
-  checkpoint_vocab = f'{prefix.rpartition("/")[0] or "."}/vocab.txt'
-  if not pretrained.gfile().exists(checkpoint_vocab):
+  checkpoint_vocab = f'{folder}/vocab.txt'
+  if not files.path(checkpoint_vocab).exists():
     return
   if not config.data.vocab_file:
     raise errors.InputError(f'config.model.text.init_checkpoint={text.init_checkpoint!r} with an empty '

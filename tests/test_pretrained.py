@@ -1,11 +1,17 @@
-"""Loading public checkpoints: a ViT `.npz` into the image tower, a TF BERT checkpoint into the 'bert' text tower."""
+"""Loading public checkpoints: a ViT `.npz` into the image tower, a TF or Hugging Face BERT checkpoint into the
+'bert' text tower."""
+
+import json
+import re
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
+from hivlp_jax import errors
 from hivlp_jax.models import pretrained
 from hivlp_jax.models import encoders
 
@@ -216,10 +222,12 @@ def test_bert_checkpoint_errors_name_the_problem(tmp_path):
   arrays = _bert_checkpoint(np.random.default_rng(2))
   prefix = _write_bert_checkpoint(tmp_path / 'bert', arrays, num_heads=2)
   _, params = _bert_tower()
-  with pytest.raises(FileNotFoundError, match=r"No TF BERT checkpoint at '.*missing': found no .*missing\.index"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"No BERT checkpoint at '.*missing': found no .*missing\.index \(TF\) nor model.safetensors"):
     pretrained.load_bert_checkpoint(str(tmp_path / 'missing'), params)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match=r'found no .*empty/bert_model\.ckpt\.index\. Give the checkpoint prefix'):
+  with pytest.raises(FileNotFoundError, match=r'found no .*empty/bert_model\.ckpt\.index \(TF\) nor '
+                                              r'model.safetensors \(Hugging Face\)\. Give the checkpoint prefix'):
     pretrained.load_bert_checkpoint(str(tmp_path / 'empty'), params)
   pre_ln = encoders.TextTransformer(30, 8, 16, 2, 2, 32)
   pre_ln_params = jax.eval_shape(pre_ln.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))['params']
@@ -274,7 +282,7 @@ def test_text_tower_config_is_validated(tmp_path):
   with pytest.raises(ValueError, match="fits only config.model.text.architecture='bert' \\(not 'pre_ln'\\)"):
     config_lib.validate(config)
   config.model.text.architecture = 'bert'
-  with pytest.raises(ValueError, match='config.model.text.init_checkpoint: No TF BERT checkpoint at'):
+  with pytest.raises(ValueError, match='config.model.text.init_checkpoint: No BERT checkpoint at'):
     config_lib.validate(config)
   _write_bert_checkpoint(folder, {'bert/embeddings/word_embeddings': np.zeros((3, 4), np.float32)})
   (folder / 'vocab.txt').write_text('[PAD]\n[UNK]\n[CLS]\n')
@@ -311,3 +319,49 @@ def test_scanned_towers_load_both_checkpoints_block_by_block(tmp_path):
   images = np.random.default_rng(6).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(jax.jit(scanned_vit.apply)({'params': loaded}, images)[0],
                              jax.jit(vit.apply)({'params': expected}, images)[0], atol=1e-4, rtol=1e-4)
+
+
+def _hf_name(tf_name: str) -> str:
+  """The inverse of pretrained.hf_bert_name: the name Hugging Face's bert-base-uncased uses."""
+  if not tf_name.startswith('bert/'):
+    return tf_name.replace('/', '.')
+  name = re.sub(r'/layer_(\d+)/', r'/layer/\1/', tf_name).replace('/', '.')
+  for old, new in (('.gamma', '.weight'), ('.beta', '.bias'), ('.kernel', '.weight')):
+    if name.endswith(old):
+      return name[:-len(old)] + new
+  return name + '.weight' if name.endswith('_embeddings') else name
+
+
+def _write_hf_bert(folder, arrays, num_heads=2):
+  """`arrays` (TF names) as a Hugging Face folder: model.safetensors (dense weights [out, in]) + config.json."""
+  folder.mkdir(exist_ok=True)
+  tensors = {_hf_name(n): np.ascontiguousarray(v.T if n.endswith('/kernel') else v) for n, v in arrays.items()}
+  safetensors.numpy.save_file(tensors, str(folder / 'model.safetensors'))
+  (folder / 'config.json').write_text(json.dumps({'num_attention_heads': num_heads, 'hidden_act': 'gelu',
+                                                  'model_type': 'bert'}))
+  return tensors
+
+
+def test_a_hugging_face_bert_folder_fills_the_tower_which_then_computes_bert(tmp_path):
+  arrays = _bert_checkpoint(np.random.default_rng(3))
+  tensors = _write_hf_bert(tmp_path / 'bert-base-uncased', arrays)
+  assert 'bert.encoder.layer.1.attention.self.query.weight' in tensors  # The published layout.
+  assert all(pretrained.hf_bert_name(_hf_name(n)) == n for n in arrays if n.startswith('bert/'))
+  tower, params = _bert_tower()
+  loaded, report = pretrained.load_bert_checkpoint(str(tmp_path / 'bert-base-uncased'), params)
+  assert report.left_new == [] and sorted(report.loaded) == sorted(
+      '/'.join(k) for k in flax.traverse_util.flatten_dict(params))
+  tokens = np.array([[2, 5, 7, 3, 0, 0, 0, 0], [2, 9, 9, 9, 11, 12, 13, 3]], np.int32)
+  _, states = tower.apply({'params': loaded}, tokens)
+  np.testing.assert_allclose(states, _numpy_bert(arrays, tokens, num_heads=2), atol=1e-4, rtol=1e-4)
+
+  del arrays['bert/encoder/layer_1/output/dense/bias']  # A missing key is named, and left as initialised.
+  _write_hf_bert(tmp_path / 'missing', arrays)
+  _, report = pretrained.load_bert_checkpoint(str(tmp_path / 'missing'), params)
+  assert report.left_new == ['encoder/block1/output/bias']
+  _write_hf_bert(tmp_path / 'heads', arrays, num_heads=4)
+  with pytest.raises(errors.InputError, match='config.json has num_attention_heads=4 but the text tower has 2'):
+    pretrained.load_bert_checkpoint(str(tmp_path / 'heads'), params)
+  (tmp_path / 'missing' / 'model.safetensors').write_bytes(b'not safetensors')
+  with pytest.raises(errors.InputError, match='model.safetensors is not a readable safetensors file'):
+    pretrained.load_bert_checkpoint(str(tmp_path / 'missing'), params)

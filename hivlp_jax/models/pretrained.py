@@ -16,6 +16,7 @@ unscanned layout, block by block, and stacked back: names in reports are always 
 """
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -131,6 +132,7 @@ _BERT_RENAMES = (
 )
 _LAYER_NORM_RENAMES = {'gamma': 'scale', 'beta': 'bias'}
 BERT_CHECKPOINT_NAME = 'bert_model.ckpt'  # The prefix of the .index / .data-* files in Google's releases.
+HF_WEIGHTS = 'model.safetensors'  # Hugging Face's weights file (bert-base-uncased), beside its config.json.
 
 
 def bert_name(checkpoint_name: str) -> str:
@@ -159,23 +161,22 @@ def bert_checkpoint_prefix(path: str) -> str:
     prefix = f'{prefix.rstrip("/")}/{BERT_CHECKPOINT_NAME}'
   if not gfile().exists(prefix + '.index'):
     raise errors.MissingInputError(
-        f'No TF BERT checkpoint at {path!r}: found no {prefix}.index. Give the checkpoint prefix (the '
-        f"'{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / .data-00000-of-00001 files) or "
-        'the folder holding it.')
+        f'No BERT checkpoint at {path!r}: found no {prefix}.index (TF) nor {HF_WEIGHTS} (Hugging Face). Give the '
+        f"checkpoint prefix (the '{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / "
+        f'.data-00000-of-00001 files), the folder holding it, or a Hugging Face folder ({HF_WEIGHTS} + config.json).')
   return prefix
 
 
-def _check_bert_config(prefix: str, flat_params: dict) -> None:
-  """Checks the bert_config.json next to the checkpoint, when there is one, against the tower.
+def _check_bert_config(config_file: str, flat_params: dict) -> None:
+  """Checks the checkpoint's config (bert_config.json, or Hugging Face's config.json), when there is one,
+  against the tower.
 
   The number of heads is not in any array's shape, so a mismatch would load without error and compute
   another function: refuse it here.
   """
-  config_file = f'{prefix.rpartition("/")[0] or "."}/bert_config.json'
-  if not gfile().exists(config_file):
+  if not files.path(config_file).exists():
     return
-  with gfile().GFile(config_file) as f:
-    bert_config = json.load(f)
+  bert_config = json.loads(files.path(config_file).read_text())
   query = flat_params.get('encoder/block0/attention/query/kernel')  # [W, heads, head_dim]
   heads = bert_config.get('num_attention_heads') if query is None else query.shape[1]
   if bert_config.get('num_attention_heads', heads) != heads:
@@ -187,12 +188,14 @@ def _check_bert_config(prefix: str, flat_params: dict) -> None:
 
 
 def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
-  """Returns the 'bert' text tower's params with the arrays of a TF BERT checkpoint copied in, and a report.
+  """Returns the 'bert' text tower's params with the arrays of a BERT checkpoint copied in, and a report.
 
-  path: the checkpoint prefix ('.../bert_model.ckpt') or its folder, as Google released BERT-base (with
-  vocab.txt and bert_config.json beside it). Layout changes: the query/key/value kernels [W, W] are split
-  into heads as [W, heads, head_dim] (biases [heads, head_dim]) and the attention output kernel into
-  [heads, head_dim, W]; these count as loaded. Shape changes are listed in `reshaped`:
+  path: a Hugging Face folder (`model.safetensors` + `config.json`, as `bert-base-uncased` is published;
+  read with safetensors, no TensorFlow) or a TF checkpoint: its prefix ('.../bert_model.ckpt') or its
+  folder, as Google released BERT-base (with vocab.txt and bert_config.json beside it). Layout changes: the
+  query/key/value kernels [W, W] are split into heads as [W, heads, head_dim] (biases [heads, head_dim])
+  and the attention output kernel into [heads, head_dim, W]; these count as loaded. Shape changes are
+  listed in `reshaped`:
   - position embeddings [512, W] -> the first max_len rows, as [1, max_len, W];
   - token-type embeddings [2, W] -> the row of type 0 (one segment);
   - word embeddings [V, W] -> the model's vocabulary [V', W]: the first min(V, V') rows are copied (the
@@ -206,20 +209,26 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     raise errors.InputError('A BERT checkpoint fits only the BERT text tower: set '
                             "config.model.text.architecture='bert' "
                             f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
-  prefix = bert_checkpoint_prefix(path)
-  _check_bert_config(prefix, flat)
-  reader = _tensorflow().train.load_checkpoint(prefix)
+  if is_hf_folder(path):
+    source, config_file = str(files.path(path) / HF_WEIGHTS), str(files.path(path) / 'config.json')
+    arrays = hf_bert_arrays(source)
+  else:
+    source = bert_checkpoint_prefix(path)
+    config_file = f'{source.rpartition("/")[0] or "."}/bert_config.json'
+    reader = _tensorflow().train.load_checkpoint(source)
+    arrays = {name: functools.partial(reader.get_tensor, name) for name in reader.get_variable_to_shape_map()}
+  _check_bert_config(config_file, flat)
   report = LoadReport()
-  for checkpoint_name in sorted(reader.get_variable_to_shape_map()):
+  for checkpoint_name in sorted(arrays):
     name = bert_name(checkpoint_name)
     if name not in flat:
       report.unused.append(checkpoint_name)
       continue
-    value, target = reader.get_tensor(checkpoint_name), np.asarray(flat[name])
+    value, target = np.asarray(arrays[checkpoint_name]()), np.asarray(flat[name])
     shape = value.shape
     if name == 'pos_embedding' and shape[-1:] == target.shape[-1:]:
       if shape[0] < target.shape[1]:
-        raise errors.InputError(f'{checkpoint_name} in {prefix} has {shape[0]} positions, fewer than the text tower '
+        raise errors.InputError(f'{checkpoint_name} in {source} has {shape[0]} positions, fewer than the text tower '
                                 f'has (config.model.text.max_len={target.shape[1]}).')
       value = value[None, :target.shape[1]]
       if shape[0] != target.shape[1]:
@@ -235,9 +244,54 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     elif '/attention/' in name and value.size == target.size:
       value = value.reshape(target.shape)  # Only the split into heads: the element order stays.
     if value.shape != target.shape:
-      raise errors.InputError(f'{checkpoint_name} in {prefix} has shape {value.shape}, the model wants {target.shape} '
+      raise errors.InputError(f'{checkpoint_name} in {source} has shape {value.shape}, the model wants {target.shape} '
                               f'at {name}: the checkpoint is of another model size.')
     flat[name] = value.astype(target.dtype)
     report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
   return unflatten_like(flat, text_params), report
+
+
+def is_hf_folder(path: str) -> bool:
+  return files.path(path).is_dir() and (files.path(path) / HF_WEIGHTS).exists()
+
+
+def bert_checkpoint_folder(path: str) -> str:
+  """The folder of a BERT checkpoint (Hugging Face's, or a TF prefix's), where its vocab.txt lies;
+  MissingInputError when `path` is neither."""
+  if is_hf_folder(path):
+    return path
+  return bert_checkpoint_prefix(path).rpartition('/')[0] or '.'
+
+
+def hf_bert_name(hf_name: str) -> str:
+  """A Hugging Face BERT name -> the TF checkpoint's: 'bert.encoder.layer.3.attention.self.query.weight'
+  -> 'bert/encoder/layer_3/attention/self/query/kernel' ('LayerNorm.weight' / '.bias' -> gamma / beta;
+  'bert.' is optional, as in `BertModel` files). The pre-training heads ('cls.') keep their names."""
+  if hf_name.startswith('cls.'):
+    return hf_name
+  name = re.sub(r'\.layer\.(\d+)\.', r'.layer_\1.', hf_name.removeprefix('bert.')).replace('.', '/')
+  parent, _, leaf = name.rpartition('/')
+  if parent.endswith('LayerNorm'):
+    leaf = {'weight': 'gamma', 'bias': 'beta'}.get(leaf, leaf)
+  elif parent.endswith('_embeddings') and leaf == 'weight':
+    return f'bert/{parent}'
+  elif leaf == 'weight':
+    leaf = 'kernel'
+  return f'bert/{parent}/{leaf}'
+
+
+def hf_bert_arrays(path: str) -> dict:
+  """{TF checkpoint name: () -> array} of a Hugging Face BERT `model.safetensors`; dense weights [out, in]
+  (PyTorch's Linear) transposed to TF's kernels [in, out]."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    tensors = safetensors_numpy.load(files.path(path).read_bytes())
+  except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types.
+    raise errors.InputError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}).') from None
+  arrays = {}
+  for hf_name, value in tensors.items():
+    name = hf_bert_name(hf_name)
+    value = value.T if name.endswith('/kernel') else value
+    arrays[name] = functools.partial(np.asarray, value)
+  return arrays
