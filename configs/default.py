@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.temperature_max = 0.5
   config.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
-           init_checkpoint=''))  # A public ViT .npz to start from (see models/pretrained.py).
+           init_checkpoint=''))  # A public ViT .npz or a Hugging Face ViT folder to start from (models/pretrained.py).
   config.model.text = ml_collections.ConfigDict(
       dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512,
            architecture='pre_ln',  # Or 'bert': post-LN blocks that a BERT checkpoint fits (models/bert.py).

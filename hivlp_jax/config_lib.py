@@ -129,7 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   settings.check_field(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'is not one of {DTYPES}')
   image_init = config.model.image.init_checkpoint
   settings.check_field(not image_init or files.path(image_init).exists(), 'model.image.init_checkpoint', image_init,
-                       'does not exist (a ViT .npz, see models/pretrained.py; empty: train from scratch)')
+                       'does not exist (a ViT .npz or Hugging Face folder, see models/pretrained.py; empty: from '
+                       'scratch)')
   for name in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'max_checkpoints_to_keep',
                'max_consecutive_nonfinite_steps', 'eval.batch_size'):
     value = config[name] if '.' not in name else config.eval[name.split('.')[1]]

@@ -14,6 +14,7 @@ import safetensors.numpy
 from hivlp_jax import errors
 from hivlp_jax.models import pretrained
 from hivlp_jax.models import encoders
+from hivlp_jax.models import hf_weights
 
 
 def _checkpoint(rng, width=64, heads=2, mlp=128, depth=2, patch=8, grid=2):
@@ -37,6 +38,53 @@ def _checkpoint(rng, width=64, heads=2, mlp=128, depth=2, patch=8, grid=2):
                    f'{block}/MlpBlock_3/Dense_0/kernel': (width, mlp), f'{block}/MlpBlock_3/Dense_0/bias': (mlp,),
                    f'{block}/MlpBlock_3/Dense_1/kernel': (mlp, width), f'{block}/MlpBlock_3/Dense_1/bias': (width,)})
   return {name: rng.normal(size=shape).astype(np.float32) for name, shape in arrays.items()}
+
+
+def _hf_vit(arrays):
+  """The .npz `arrays` of `_checkpoint` in Hugging Face's ViT layout (google/vit-base-patch16-224-in21k)."""
+  out = {}
+  for name, value in arrays.items():
+    width = arrays['embedding/bias'].shape[0]
+    if name == 'cls':
+      out['vit.embeddings.cls_token'] = value
+    elif name.startswith('Transformer/posembed_input'):
+      out['vit.embeddings.position_embeddings'] = value
+    elif name.startswith('embedding/'):
+      kind = name.split('/')[1]
+      out[f'vit.embeddings.patch_embeddings.projection.{"weight" if kind == "kernel" else "bias"}'] = (
+          value.transpose(3, 2, 0, 1) if kind == 'kernel' else value)
+    elif name.startswith('head/'):
+      out[f'classifier.{"weight" if name.endswith("kernel") else "bias"}'] = value.T if value.ndim == 2 else value
+    else:
+      parts = name.split('/')
+      leaf = {'scale': 'weight', 'kernel': 'weight', 'bias': 'bias'}[parts[-1]]
+      if parts[1] == 'encoder_norm':
+        out[f'vit.layernorm.{leaf}'] = value
+        continue
+      layer = f'vit.encoder.layer.{parts[1].split("_")[1]}'
+      module = {'LayerNorm_0': 'layernorm_before', 'LayerNorm_2': 'layernorm_after',
+                'MlpBlock_3/Dense_0': 'intermediate.dense', 'MlpBlock_3/Dense_1': 'output.dense',
+                'MultiHeadDotProductAttention_1/out': 'attention.output.dense'}.get(
+                    '/'.join(parts[2:-1]), f'attention.attention.{parts[3]}')
+      if leaf == 'weight' and parts[-1] == 'kernel':
+        value = value.reshape(width, -1).T if value.shape[0] == width else value.reshape(-1, width).T
+      elif leaf == 'bias':
+        value = value.reshape(-1)
+      out[f'{layer}.{module}.{leaf}'] = value
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def test_a_hugging_face_vit_folder_loads_exactly_like_the_npz(tmp_path):
+  arrays = _checkpoint(np.random.default_rng(4))
+  np.savez(tmp_path / 'vit.npz', **arrays)
+  (tmp_path / 'hf').mkdir()
+  safetensors.numpy.save_file(_hf_vit(arrays), str(tmp_path / 'hf' / 'model.safetensors'))
+  _, params = _vit_params()
+  from_npz, npz_report = pretrained.load_vit_npz(str(tmp_path / 'vit.npz'), params)
+  from_hf, hf_report = pretrained.load_vit_npz(str(tmp_path / 'hf'), params)
+  assert sorted(hf_report.loaded) == sorted(npz_report.loaded) and hf_report.left_new == npz_report.left_new
+  assert sorted(hf_report.unused) == ['classifier.bias', 'classifier.weight']
+  jax.tree.map(np.testing.assert_array_equal, from_hf, from_npz)
 
 
 def _vit_params(width=64):
@@ -346,7 +394,7 @@ def test_a_hugging_face_bert_folder_fills_the_tower_which_then_computes_bert(tmp
   arrays = _bert_checkpoint(np.random.default_rng(3))
   tensors = _write_hf_bert(tmp_path / 'bert-base-uncased', arrays)
   assert 'bert.encoder.layer.1.attention.self.query.weight' in tensors  # The published layout.
-  assert all(pretrained.hf_bert_name(_hf_name(n)) == n for n in arrays if n.startswith('bert/'))
+  assert all(hf_weights.bert_name(_hf_name(n)) == n for n in arrays if n.startswith('bert/'))
   tower, params = _bert_tower()
   loaded, report = pretrained.load_bert_checkpoint(str(tmp_path / 'bert-base-uncased'), params)
   assert report.left_new == [] and sorted(report.loaded) == sorted(

@@ -27,6 +27,7 @@ import numpy as np
 from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.models import encoders
+from hivlp_jax.models import hf_weights
 
 
 def _tensorflow():
@@ -95,24 +96,33 @@ def resize_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray
 
 
 def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:
-  """Returns the image tower's params with every matching checkpoint array copied in, and a report."""
+  """Returns the image tower's params with every matching checkpoint array copied in, and a report.
+
+  path: a public ViT `.npz` (big_vision / vision_transformer names), or a Hugging Face folder
+  (`model.safetensors`, e.g. google/vit-base-patch16-224-in21k; `hf_weights.vit_arrays` renames it)."""
   flat = flat_unscanned(image_tower_params)
   report = LoadReport()
-  with files.path(path).open('rb') as f, np.load(f) as checkpoint:
-    for checkpoint_name in checkpoint.files:
-      name = vit_name(checkpoint_name)
-      if name not in flat:
-        report.unused.append(checkpoint_name)
-        continue
-      value, target = checkpoint[checkpoint_name], flat[name]
-      if name == 'pos_embedding' and value.shape != target.shape:
-        value = resize_position_embedding(value, target.shape[1])
-        report.reshaped.append(f'{name} {checkpoint[checkpoint_name].shape} -> {value.shape}')
-      if value.shape != target.shape:
-        raise errors.InputError(f'{checkpoint_name} in {path} has shape {value.shape}, the model wants {target.shape} '
-                                f'at {name}: the checkpoint is of another model size.')
-      flat[name] = value.astype(np.asarray(target).dtype)
-      report.loaded.append(name)
+  if hf_weights.is_folder(path):
+    arrays = hf_weights.vit_arrays(str(files.path(path) / hf_weights.WEIGHTS))
+  else:
+    with files.path(path).open('rb') as f, np.load(f) as checkpoint:
+      arrays = {name: checkpoint[name] for name in checkpoint.files}
+  for checkpoint_name, value in arrays.items():
+    name = vit_name(checkpoint_name)
+    if name not in flat:
+      report.unused.append(checkpoint_name)
+      continue
+    target = flat[name]
+    if name == 'pos_embedding' and value.shape != target.shape:
+      value = resize_position_embedding(value, target.shape[1])
+      report.reshaped.append(f'{name} {arrays[checkpoint_name].shape} -> {value.shape}')
+    elif '/MultiHeadDotProductAttention_0/' in name and value.size == np.size(target):
+      value = value.reshape(np.shape(target))  # Hugging Face's [W, W]: only the split into heads.
+    if value.shape != target.shape:
+      raise errors.InputError(f'{checkpoint_name} in {path} has shape {value.shape}, the model wants {target.shape} '
+                              f'at {name}: the checkpoint is of another model size.')
+    flat[name] = value.astype(np.asarray(target).dtype)
+    report.loaded.append(name)
   report.left_new = sorted(set(flat) - set(report.loaded))
   return unflatten_like(flat, image_tower_params), report
 
@@ -132,7 +142,6 @@ _BERT_RENAMES = (
 )
 _LAYER_NORM_RENAMES = {'gamma': 'scale', 'beta': 'bias'}
 BERT_CHECKPOINT_NAME = 'bert_model.ckpt'  # The prefix of the .index / .data-* files in Google's releases.
-HF_WEIGHTS = 'model.safetensors'  # Hugging Face's weights file (bert-base-uncased), beside its config.json.
 
 
 def bert_name(checkpoint_name: str) -> str:
@@ -161,9 +170,10 @@ def bert_checkpoint_prefix(path: str) -> str:
     prefix = f'{prefix.rstrip("/")}/{BERT_CHECKPOINT_NAME}'
   if not gfile().exists(prefix + '.index'):
     raise errors.MissingInputError(
-        f'No BERT checkpoint at {path!r}: found no {prefix}.index (TF) nor {HF_WEIGHTS} (Hugging Face). Give the '
-        f"checkpoint prefix (the '{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / "
-        f'.data-00000-of-00001 files), the folder holding it, or a Hugging Face folder ({HF_WEIGHTS} + config.json).')
+        f'No BERT checkpoint at {path!r}: found no {prefix}.index (TF) nor {hf_weights.WEIGHTS} (Hugging Face). '
+        f"Give the checkpoint prefix (the '{BERT_CHECKPOINT_NAME}' of Google's released bert_model.ckpt.index / "
+        f'.data-00000-of-00001 files), the folder holding it, or a Hugging Face folder ({hf_weights.WEIGHTS} + '
+        'config.json).')
   return prefix
 
 
@@ -209,9 +219,9 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
     raise errors.InputError('A BERT checkpoint fits only the BERT text tower: set '
                             "config.model.text.architecture='bert' "
                             f"(these params have no 'type_embedding' / 'embedding_norm': {sorted(flat)[:4]} ...).")
-  if is_hf_folder(path):
-    source, config_file = str(files.path(path) / HF_WEIGHTS), str(files.path(path) / 'config.json')
-    arrays = hf_bert_arrays(source)
+  if hf_weights.is_folder(path):
+    source, config_file = str(files.path(path) / hf_weights.WEIGHTS), str(files.path(path) / 'config.json')
+    arrays = hf_weights.bert_arrays(source)
   else:
     source = bert_checkpoint_prefix(path)
     config_file = f'{source.rpartition("/")[0] or "."}/bert_config.json'
@@ -252,46 +262,9 @@ def load_bert_checkpoint(path: str, text_params) -> tuple[dict, LoadReport]:
   return unflatten_like(flat, text_params), report
 
 
-def is_hf_folder(path: str) -> bool:
-  return files.path(path).is_dir() and (files.path(path) / HF_WEIGHTS).exists()
-
-
 def bert_checkpoint_folder(path: str) -> str:
   """The folder of a BERT checkpoint (Hugging Face's, or a TF prefix's), where its vocab.txt lies;
   MissingInputError when `path` is neither."""
-  if is_hf_folder(path):
+  if hf_weights.is_folder(path):
     return path
   return bert_checkpoint_prefix(path).rpartition('/')[0] or '.'
-
-
-def hf_bert_name(hf_name: str) -> str:
-  """A Hugging Face BERT name -> the TF checkpoint's: 'bert.encoder.layer.3.attention.self.query.weight'
-  -> 'bert/encoder/layer_3/attention/self/query/kernel' ('LayerNorm.weight' / '.bias' -> gamma / beta;
-  'bert.' is optional, as in `BertModel` files). The pre-training heads ('cls.') keep their names."""
-  if hf_name.startswith('cls.'):
-    return hf_name
-  name = re.sub(r'\.layer\.(\d+)\.', r'.layer_\1.', hf_name.removeprefix('bert.')).replace('.', '/')
-  parent, _, leaf = name.rpartition('/')
-  if parent.endswith('LayerNorm'):
-    leaf = {'weight': 'gamma', 'bias': 'beta'}.get(leaf, leaf)
-  elif parent.endswith('_embeddings') and leaf == 'weight':
-    return f'bert/{parent}'
-  elif leaf == 'weight':
-    leaf = 'kernel'
-  return f'bert/{parent}/{leaf}'
-
-
-def hf_bert_arrays(path: str) -> dict:
-  """{TF checkpoint name: () -> array} of a Hugging Face BERT `model.safetensors`; dense weights [out, in]
-  (PyTorch's Linear) transposed to TF's kernels [in, out]."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  try:
-    tensors = safetensors_numpy.load(files.path(path).read_bytes())
-  except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own error types.
-    raise errors.InputError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}).') from None
-  arrays = {}
-  for hf_name, value in tensors.items():
-    name = hf_bert_name(hf_name)
-    value = value.T if name.endswith('/kernel') else value
-    arrays[name] = functools.partial(np.asarray, value)
-  return arrays
