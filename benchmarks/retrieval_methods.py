@@ -83,6 +83,10 @@ def _num_lists(num_items: int) -> int:
   return max(1, round(np.sqrt(num_items)))
 
 
+def _default_nprobe(nprobe_fraction: float, num_lists: int) -> int:
+  return max(1, int(np.ceil(nprobe_fraction * num_lists)))
+
+
 def _train_ivf(index, g: np.ndarray, num_lists: int) -> None:
   # 40 points per list is above FAISS's minimum (39) and keeps k-means at 1M affordable.
   sample = np.random.default_rng(0).choice(len(g), min(len(g), 40 * num_lists), replace=False)
@@ -113,7 +117,7 @@ def faiss_ivf(nprobe_fraction: float) -> Method:
     return index
 
   def search(index, q, setting):
-    index.nprobe = (setting or {}).get('nprobe') or max(1, int(np.ceil(nprobe_fraction * index.nlist)))
+    index.nprobe = (setting or {}).get('nprobe') or _default_nprobe(nprobe_fraction, index.nlist)
     return index.search(_normalized(q), K)[1]
   return Method('faiss_ivf', build, search,
                 # Vectors and 8-byte ids in the lists, plus the centroids.
@@ -136,7 +140,7 @@ def faiss_ivfpq(nprobe_fraction: float) -> Method:
   def search(index, q, setting):
     setting = setting or {}
     ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = setting.get('nprobe') or max(1, int(np.ceil(nprobe_fraction * ivf.nlist)))
+    ivf.nprobe = setting.get('nprobe') or _default_nprobe(nprobe_fraction, ivf.nlist)
     index.k_factor = setting.get('k_factor', 16)
     return index.search(_normalized(q), K)[1]
 

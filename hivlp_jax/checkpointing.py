@@ -215,13 +215,14 @@ def restore_params(workdir: str, abstract_params=None, step: Optional[int] = Non
     raise errors.InputError(f'{step_name}={step}: {checkpoints.directory} holds steps {sorted(steps)}.')
   for candidate in [step] if step is not None else steps:
     step_dir = checkpoints.directory / str(candidate)
-    try:
-      abstract = abstract_params if abstract_params is not None else jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree(step_dir)[key])
-    except KeyError:
-      raise errors.InputError(f'The checkpoint {step_dir} holds no {key!r}.') from None
-    item = {key: abstract}
-    check_shapes(step_dir, item)
+    if abstract_params is None:  # As saved: nothing to check the shapes against.
+      try:
+        item = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree(step_dir)[key])}
+      except KeyError:
+        raise errors.InputError(f'The checkpoint {step_dir} holds no {key!r}.') from None
+    else:
+      item = {key: abstract_params}
+      check_shapes(step_dir, item)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     try:
       checkpoints.verify(candidate)

@@ -293,8 +293,8 @@ def tuned(run: Run, stored: index_store.StoredIndex, index: retrieval.Index, dir
   count = min(TUNING_QUERIES, queries_from.size)
   source = {'target_recall': float(target_recall), 'queries': queries_from.key, 'side': queries_from.side,
             'count': count, 'min_shortlist': int(min_shortlist)}
-  saved = stored.manifest.get('operating_point')
-  if not stored.rebuilt and saved and saved.get('source') == source:
+  saved = stored.manifest.get('operating_point')  # A rebuilt index's new manifest has none.
+  if saved and saved.get('source') == source:
     return index.with_knobs(**saved['setting']), saved
   sample = np.sort(np.random.default_rng(0).choice(queries_from.size, count, replace=False))
   logging.info('Tuning %s to recall@10 %.3f on %d %s.', directory, target_recall, count, queries_from.name)
@@ -304,7 +304,7 @@ def tuned(run: Run, stored: index_store.StoredIndex, index: retrieval.Index, dir
   shortlists = [s for s in tuning.SHORTLISTS if s >= min_shortlist] or [min_shortlist]
   index, point = tuning.tune_index(index, queries, exact, target_recall, shortlists)
   record = point.to_json() | {'source': source}
-  index_store.record_operating_point(directory, record)
+  index_store.record_operating_point(directory, stored.manifest, record)
   return index, record
 
 

@@ -56,7 +56,8 @@ class Shard:
   def all_rows(self, local: np.ndarray, num_items: int) -> np.ndarray:
     """Every shard's `local` rows [n_i, ...] joined in shard order -> [num_items, ...] (padded to equal
     sizes for the gather, padding dropped)."""
-    sizes = [np.subtract(*dataclasses.replace(self, index=i).bounds(num_items)[::-1]) for i in range(self.count)]
+    sizes = [stop - start for start, stop in (dataclasses.replace(self, index=i).bounds(num_items)
+                                              for i in range(self.count))]
     padded = np.zeros((max(sizes),) + local.shape[1:], local.dtype)
     padded[:len(local)] = local
     gathered = self.gather(padded)
@@ -89,10 +90,11 @@ def rank_queries(index: retrieval.Index, shard: Shard, num_items: int, queries: 
     positives = ranking.positive_mask(ids, positive_ids[rows], scores.shape[1])
     top_scores, top_ids = retrieval.top_k(scores, k, ids)
     best = ranking.best_positive_scores(scores, positives)
-    # Ids as int32 (jax's default width); -1 pads stay -1.
-    gathered_scores = shard.gather(top_scores)  # [P, q, k]
+    # The top-k scores and the best positive score in one gather [P, q, k + 1]; ids as int32 (jax's default
+    # width; -1 pads stay -1).
+    gathered = shard.gather(np.concatenate([top_scores, best.astype(np.float32)[:, None]], axis=1))
+    gathered_scores, best = gathered[:, :, :k], gathered[:, :, k].max(axis=0)  # [P, q, k], [q]
     gathered_ids = shard.gather(top_ids.astype(np.int32)).astype(np.int64)
-    best = shard.gather(best.astype(np.float32)).max(axis=0)  # [q]
     count = shard.gather(ranking.negatives_at_least(scores, positives, best).astype(np.int32)).sum(axis=0)
     out.ranks[rows] = ranking.ranks_from_counts(count.astype(np.int64), best, num_items)
     merged_scores = np.concatenate(list(gathered_scores), axis=1)

@@ -184,12 +184,9 @@ def save(directory: files.PathLike, searcher, embeddings: np.ndarray, manifest: 
   return manifest
 
 
-def record_operating_point(directory: files.PathLike, point: dict) -> None:
-  """Adds `point` (an `tuning.OperatingPoint` as JSON, with what it was tuned on) to the manifest; the
-  index itself is unchanged, so a rebuild (a new manifest) drops it."""
-  manifest = read_manifest(directory)
-  if manifest is None:
-    raise errors.MissingInputError(f'No readable {MANIFEST} in {directory}.')
+def record_operating_point(directory: files.PathLike, manifest: dict, point: dict) -> None:
+  """Writes `manifest` (the index's, as loaded or saved) with `point` (a `tuning.OperatingPoint` as JSON,
+  with what it was tuned on) added; the index itself is unchanged, so a rebuild (a new manifest) drops it."""
   files.write_json(files.path(directory) / MANIFEST, manifest | {'operating_point': point})
 
 
