@@ -70,7 +70,7 @@ def test_a_tuned_tree_reaches_the_target_on_held_out_queries_and_is_minimal_in_i
   gallery, queries = _clustered(20_000, 48, 400)
   tune_queries, held_out = queries[:200], queries[200:]
   settings = retrieval.ScannSettings(brute_force_below=0, threads=1)
-  index = coarse_to_fine.TwoStageSearch(16, 100, settings, backend=backend).build(gallery)
+  index = coarse_to_fine.TwoStageSearch(32, 100, settings, backend=backend).build(gallery)
   assert index.num_leaves == 141  # round(sqrt(G)).
   exact = tuning.exact_top_k(gallery, tune_queries)
   tuned, point = tuning.tune_index(index, tune_queries, exact, target_recall=0.9, repeats=1)
@@ -85,7 +85,10 @@ def test_a_tuned_tree_reaches_the_target_on_held_out_queries_and_is_minimal_in_i
     assert retrieval.shortlist_recall(below, exact) < 0.9
   held_out_recall = retrieval.shortlist_recall(tuned.search(held_out, 10)[1], tuning.exact_top_k(gallery, held_out))
   assert held_out_recall >= 0.85, held_out_recall
-  assert tuned.leaves_to_search < 15  # Clustered data: far fewer than the default 10% of 141 leaves.
+  # Clustered data: 10 of 141 leaves (under the default 10%) already find what scanning all of them finds.
+  # (Which row's pick wins is timed, so the tuned count itself is not asserted.)
+  recall = lambda leaves: retrieval.shortlist_recall(index.with_knobs(1000, leaves).search(tune_queries, 10)[1], exact)
+  assert recall(10) >= recall(index.num_leaves) - 0.005
 
 
 def test_a_brute_force_index_tunes_its_shortlist_alone():
