@@ -7,16 +7,19 @@ The memory levers are config fields: add --config.model.remat=block (or block_fu
 time; --memory_only compiles without running (the accumulation table of docs/results.md).
 
 Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
-masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are
-XLA's cost analysis of the compiled step (forward, backward and optimizer, summed over devices); the peak is
-a measured matmul in the model's dtype on the same devices. Memory is XLA's memory analysis of the compiled
-step on one device (pmap compiles one program per device): arguments (state, batch), outputs, temporaries
-(the activations kept for the backward pass live here), and the outputs aliased to donated arguments.
+masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are the model's (MFU):
+XLA's cost analysis of the step lowered for one CPU device on the whole global batch, without accumulation
+or remat (forward, backward and optimizer), whatever the backend timed. The peak is a measured
+matmul in the model's dtype on the same devices, or --peak_tflops (a chip's published dense peak). Memory
+is XLA's memory analysis of the compiled step on one device (pmap compiles one program per device):
+arguments (state, batch), outputs, temporaries (the activations kept for the backward pass live here),
+and the outputs aliased to donated arguments. compile_s is lowering plus compilation of the step.
 """
 
 import json
 import os
 import statistics
+import sys
 import time
 
 from absl import app
@@ -36,6 +39,9 @@ config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config to bench
 flags.DEFINE_integer('steps', 20, 'Timed steps after 3 warm-up steps.')
 flags.DEFINE_integer('vocab_size', 1000, 'Vocabulary size of the text tower.')
 flags.DEFINE_string('out', '', 'Append the result as one JSON line to this file.')
+flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps first (the first one compiles).')
+flags.DEFINE_float('peak_tflops', 0, 'Per-device peak in TFLOP/s for fraction_of_peak (e.g. 989 for an H100/H200 in '
+                   'dense bf16); 0 measures a matmul in the model dtype instead.')
 flags.DEFINE_bool('memory_only', False, 'Compile and report the memory analysis only, no timed steps (for steps '
                   'too big to run on the machine at hand, e.g. base_b16 at batch 4096 on a CPU).')
 
@@ -56,11 +62,32 @@ def measured_matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
 
 def step_flops(lowered) -> float:
   # The lowered (not the compiled) program's count: on GPU, the compiled one misses the matmuls that XLA
-  # hands to cuBLAS (an H200 run of base_b16 counted 3.7 TFLOP per step, a tenth of an analytic count).
+  # hands to cuBLAS (an H200 run of base_b16 counted 3.7 TFLOP per step, a tenth of an analytic count), and
+  # jax 0.11's lowered GPU step gives none.
   analysis = lowered.cost_analysis()
   if isinstance(analysis, list):
     analysis = analysis[0]
   return float(analysis.get('flops', float('nan'))) if analysis else float('nan')
+
+
+def model_flops(config, state, batch) -> float:
+  """FLOPs of one step of `config`'s math on the whole global batch, without accumulation and remat.
+
+  Counted on the step lowered for one CPU device from shapes alone: the lowered GPU step reports no count,
+  XLA counts a scanned micro-batch loop's body once, and recomputed forward passes are overhead.
+  """
+  reference = config.copy_and_resolve_references()
+  reference.accumulation_steps = 1
+  reference.model.remat = 'none'
+  model = train_step.create_model(reference, FLAGS.vocab_size)
+  cpu = jax.devices('cpu')[:1]
+  # Replicated leaves keep one copy; the batch and the queue shards [devices, n, ...] become [1, devices * n, ...].
+  one_copy = lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+  one_device = lambda x: jax.ShapeDtypeStruct((1, x.shape[0] * x.shape[1]) + x.shape[2:], x.dtype)
+  shapes = jax.tree.map(one_copy, state.replace(apply_fn=model.apply, negative_queues=None)).replace(
+      negative_queues=jax.tree.map(lambda x: one_device(x) if x.ndim > 1 else one_copy(x), state.negative_queues))
+  lowered = train_step.make_pmapped_train_step(reference, devices=cpu).lower(shapes, jax.tree.map(one_device, batch))
+  return step_flops(lowered)
 
 
 def memory_per_device(compiled) -> dict:
@@ -100,32 +127,45 @@ def main(argv):
         mask_patches=config.mvlm.mvm_weight > 0)
   batch = jax.tree.map(lambda x: x.reshape((devices, per_device) + x.shape[1:]), batch)
   p_step = train_step.make_pmapped_train_step(config)
+  start = time.perf_counter()
   lowered = p_step.lower(state, batch)
-  flops = step_flops(lowered) * devices
-  memory = memory_per_device(lowered.compile())
+  compiled = lowered.compile()  # Called below: jit's own cache would compile it a second time.
+  memory = memory_per_device(compiled)
+  compile_s = time.perf_counter() - start
+  flops = model_flops(config, state, batch)
   levers = dict(remat=config.model.remat, scan_layers=config.model.scan_layers,
                 accumulation_steps=config.accumulation_steps)
   described = ' '.join(f'{k}={v}' for k, v in levers.items())
   mib = ', '.join(f'{kind.removesuffix("_bytes")} {value / 2**20:,.1f} MiB' for kind, value in memory.items())
+  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')  # None on CPU.
+  needed = memory and memory['argument_bytes'] + memory['output_bytes'] - memory['alias_bytes'] + memory['temp_bytes']
+  if not FLAGS.memory_only and limit and needed > limit:
+    # Exit before running so a launcher can try more accumulation or remat at the cost of a compile, not an OOM.
+    print(f'{described}: does not fit: needs {needed / 2**30:,.1f} GiB per device, has {limit / 2**30:,.1f} GiB')
+    sys.exit(3)
   if FLAGS.memory_only:
     result = dict(config=os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
                   backend=jax.default_backend(), devices=devices, global_batch=config.batch_size,
-                  dtype=config.model.dtype, **levers, step_gflops=flops / 1e9, memory_per_device=memory)
+                  dtype=config.model.dtype, **levers, step_gflops=flops / 1e9, compile_s=compile_s,
+                  memory_per_device=memory)
     print(f'{described}: per device: {mib or "no memory analysis"}')
     _append(result)
     return
-  for _ in range(3):
-    state, metrics = p_step(state, batch)
+  for _ in range(FLAGS.warmup_steps):
+    state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
-    state, metrics = p_step(state, batch)
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
   # Accelerators need a bigger matmul than a CPU core to reach their peak.
-  peak = measured_matmul_peak(config.model.dtype, 2048 if jax.default_backend() == 'cpu' else 8192)
+  if FLAGS.peak_tflops:
+    peak = FLAGS.peak_tflops * 1e12 * devices
+  else:
+    peak = measured_matmul_peak(config.model.dtype, 2048 if jax.default_backend() == 'cpu' else 8192)
   contrastive = config.contrastive
   result = {
       'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
@@ -139,7 +179,7 @@ def main(argv):
       'p10_step_s': float(np.percentile(times, 10)), 'p90_step_s': float(np.percentile(times, 90)),
       'examples_per_s': config.batch_size / median, 'step_gflops': flops / 1e9,
       'achieved_gflops_per_s': flops / median / 1e9, 'matmul_peak_gflops_per_s': peak / 1e9,
-      'fraction_of_peak': flops / median / peak,
+      'fraction_of_peak': flops / median / peak, 'compile_s': compile_s,
       'memory_per_device': memory,
   }
   print(json.dumps(result, indent=2))

@@ -39,7 +39,11 @@ def dot_product_attention(query, key, value, mask=None):
   mask = None if mask is None else mask.astype(jnp.bool_)
   if jax.default_backend() == 'gpu':
     reason = 'it needs bfloat16 or float16'
-    if query.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if query.shape[1] % 2 or key.shape[1] % 2:
+      # jax 0.11's cuDNN backward refuses odd lengths (a ViT's 197 tokens), and under remat that check runs
+      # after this function returned, where the except below cannot fall back: decide here.
+      reason = 'its backward pass needs even sequence lengths'
+    elif query.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       try:  # cuDNN's shape and version checks run here, at trace time.
         # cuDNN adds the mask as a bias, which must have the full [.., T, S] shape.
         full_mask = None if mask is None else jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
