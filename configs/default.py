@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.contrastive.filter_stats_momentum = 0.99
   # Steps before the filter drops anything (the momentum towers start random); its statistics still accumulate.
   config.contrastive.filter_warmup_steps = 100
+  # Image-id positives (ALBEF's retrieval fine-tuning): every pair of the batch and the queue that shows the
+  # same image is a positive, not only the pair itself, so the other captions of an image are never pushed
+  # away from it. Needs data with image ids (Flickr30K, COCO, the embedded scenes); off for web pairs.
+  config.contrastive.image_id_positives = False
 
   # Token-level interaction (COTS masked vision-language modeling). Each weight 0: that loss is off.
   config.mvlm = ml_collections.ConfigDict()

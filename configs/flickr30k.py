@@ -49,6 +49,10 @@ def get_config():
   config.optimizer.warmup_steps = 300
   config.checkpoint_every_steps = 500
   config.log_every_steps = 50
+  # ALBEF: the other captions of an image are positives, not negatives. With the in-batch loss they meet
+  # only at epoch boundaries (one caption per image per epoch); with a queue (ALBEF: 65,536, momentum
+  # distillation 0.4) in most steps.
+  config.contrastive.image_id_positives = True
   config.eval.split = 'test'  # 1,000 images x 5 captions.
   config.eval.batch_size = 500
   return config

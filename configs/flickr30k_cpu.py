@@ -23,5 +23,6 @@ def get_config():
   config.batch_size = 128
   config.num_train_steps = 1500  # About 7 epochs of the 29K training images' captions (one per image a step).
   config.optimizer.warmup_fraction = 0.1
+  config.contrastive.image_id_positives = True  # As configs/flickr30k.py.
   config.eval.split = 'test'  # 1,000 images x 5 captions.
   return config

@@ -42,8 +42,8 @@ def task_kl(p_i2t: queues.Logits, p_t2i: queues.Logits, direction: str, stop_gra
 def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature: jnp.ndarray,
                      nested_dims: Sequence[int], dim_weights: Sequence[float], *, axis_name: Optional[str] = None,
                      queue: Optional[queues.QueueState] = None, options: Optional[settings.QueueSettings] = None,
-                     keep: Optional[jnp.ndarray] = None, distill_weight: Optional[jnp.ndarray] = None
-                     ) -> tuple[jnp.ndarray, dict]:
+                     keep: Optional[jnp.ndarray] = None, distill_weight: Optional[jnp.ndarray] = None,
+                     image_ids: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, dict]:
   """(i2t + t2i) / 2 InfoNCE of this device's pairs at every nested dim, weighted by `dim_weights`.
 
   Image i is contrasted with [the keys' texts, the text queue], text i with [the keys' images, the image
@@ -55,6 +55,9 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
     (1 - alpha) * hard + alpha * soft, alpha = `distill_weight` (None: off);
   - task-level alignment (COTS): + kl_weight * KL between p_i2t of image i over [text i, text queue] and
     p_t2i of text i over [image i, image queue].
+  With `image_ids` (ALBEF's retrieval fine-tuning), every column of the same image, in the batch or the
+  queue, is a positive: the hard target is uniform over them (so no other caption of the image is scored as
+  a negative), and the accuracy counts a row right when its best column is one of them.
 
   Args:
     online: [b, D] online embeddings of this device's pairs (unnormalised, full dim).
@@ -64,6 +67,8 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
     axis_name: the pmap axis (None: one device, no queue).
     queue: this device's queue shard (S slots); needs `axis_name` and `options`.
     keep: [b] bool, pairs to train on (None: all); dropped pairs still serve as negatives.
+    image_ids: [b] int32, the image id of this device's pairs (None: each pair is its own only positive);
+      with a queue, the queue must hold its pairs' ids.
   Returns:
     This device's loss, scaled so that its mean over devices is the mean over every kept pair of the
     global batch, and a dict of diagnostics (also to be averaged over devices).
@@ -79,6 +84,12 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
     num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
     row_mean = lambda per_row: jnp.sum(kept * num_devices / jnp.maximum(count, 1.0) * per_row)
 
+  same_image = None
+  if image_ids is not None:
+    ids_global = image_ids if axis_name is None else jax.lax.all_gather(image_ids, axis_name, tiled=True)  # [B]
+    same_image = queues.Logits(batch=image_ids[:, None] == ids_global[None, :],  # [b, B]
+                               queue=None if queue is None else  # [B, S]
+                               (ids_global[:, None] == queue.image_ids[None, :]) & queue.filled[None, :])
   metrics, itc_total, kl_total = {}, 0.0, 0.0
   for dim, weight in zip(nested_dims, dim_weights):
     prefix = lambda x: matryoshka.normalized_prefix(x, dim)  # pylint: disable=cell-var-from-loop
@@ -101,7 +112,12 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
       else:
         logsumexp = queues.logsumexp(logits[name], axis_name)
         row_max = queues.row_max(logits[name], axis_name)
-      per_pair[name] = logsumexp - positives[name]
+      if same_image is None:
+        per_pair[name] = logsumexp - positives[name]
+      else:  # The hard target spreads evenly over the image's columns: minus their mean logit.
+        per_pair[name] = logsumexp - _mean_over(same_image, logits[name], axis_name)
+        # The accuracy below then asks for the best column to be one of them.
+        positives[name] = _max_over(same_image, logits[name], axis_name)
       if distill_weight is not None:
         # The keys' own distribution over the same support is the soft target.
         own_keys = jax.lax.dynamic_slice_in_dim(query_keys, offset, local_batch)
@@ -112,6 +128,8 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
         soft = logsumexp - queues.expectation(soft_targets, logits[name], axis_name)
         per_pair[name] = (1.0 - distill_weight) * per_pair[name] + distill_weight * soft
       metrics[f'accuracy_{name}_dim{dim}'] = jnp.mean(positives[name] >= row_max)
+      if same_image is not None:  # The KL below pairs each row with its own pair's column.
+        positives[name] = jnp.take_along_axis(logits[name].batch, labels[:, None], axis=1)[:, 0]
     metrics[f'loss_dim{dim}'] = row_mean(per_pair['i2t'] + per_pair['t2i']) / 2
     itc_total = itc_total + weight * metrics[f'loss_dim{dim}']
     if options is not None and options.kl_weight:
@@ -132,6 +150,26 @@ def contrastive_loss(online: Pair, online_global: Pair, keys: Pair, temperature:
     return itc_total, metrics
   metrics['loss_kl'] = kl_total
   return itc_total + options.kl_weight * kl_total, metrics
+
+
+def _masked(mask: queues.Logits, logits: queues.Logits, fill: float) -> queues.Logits:
+  return jax.tree.map(lambda m, x: jnp.where(m, x, fill), mask, logits)
+
+
+def _mean_over(mask: queues.Logits, logits: queues.Logits, axis_name: Optional[str]) -> jnp.ndarray:
+  """[b]: each row's mean logit over the columns in `mask` (each row has at least one)."""
+  if logits.queue is None:
+    return jnp.sum(jnp.where(mask.batch, logits.batch, 0.0), axis=1) / jnp.sum(mask.batch, axis=1)
+  # A uniform distribution over the masked columns is the softmax of 0 there and -1e9 elsewhere.
+  uniform = _masked(mask, jax.tree.map(jnp.zeros_like, logits), queues.EMPTY_SLOT_LOGIT)
+  return queues.expectation(uniform, logits, axis_name)
+
+
+def _max_over(mask: queues.Logits, logits: queues.Logits, axis_name: Optional[str]) -> jnp.ndarray:
+  """[b]: each row's largest logit over the columns in `mask` (no gradient)."""
+  if logits.queue is None:
+    return jax.lax.stop_gradient(jnp.max(jnp.where(mask.batch, logits.batch, -jnp.inf), axis=1))
+  return queues.row_max(_masked(mask, logits, queues.EMPTY_SLOT_LOGIT), axis_name)
 
 
 # SigLIP (Zhai et al. 2023): every (image, text) pair of the global batch is its own binary problem.

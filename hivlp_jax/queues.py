@@ -21,7 +21,7 @@ devices), so their values and gradients equal those of one device holding the wh
 """
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -44,14 +44,22 @@ class QueueState:
   # 0-d int32, the ring pointer in global units: pairs written since the ring last wrapped (a multiple of
   # the global batch). Each device writes its b rows at local slot position / n.
   position: jnp.ndarray
+  # [S] int32, the image id of each slot's pair (config.contrastive.image_id_positives); None when off.
+  image_ids: Optional[jnp.ndarray] = None
+
+  def map_slots(self, fn) -> 'QueueState':
+    """`fn` applied to every per-slot array (not the pointer): image, text, filled and image_ids."""
+    return self.replace(image=fn(self.image), text=fn(self.text), filled=fn(self.filled),
+                        image_ids=None if self.image_ids is None else fn(self.image_ids))
 
 
-def init(queue_size: int, embed_dim: int) -> QueueState:
-  """Empty host queues of `queue_size` pairs at the full embedding dim."""
+def init(queue_size: int, embed_dim: int, image_ids: bool = False) -> QueueState:
+  """Empty host queues of `queue_size` pairs at the full embedding dim (and their image ids, if asked)."""
   return QueueState(image=jnp.zeros((queue_size, embed_dim), jnp.float32),
                     text=jnp.zeros((queue_size, embed_dim), jnp.float32),
                     filled=jnp.zeros((queue_size,), jnp.bool_),
-                    position=jnp.zeros((), jnp.int32))
+                    position=jnp.zeros((), jnp.int32),
+                    image_ids=jnp.full((queue_size,), -1, jnp.int32) if image_ids else None)
 
 
 def pmap_device_order(local_devices: Sequence[jax.Device]) -> list[jax.Device]:
@@ -90,8 +98,7 @@ def host_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> Qu
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, _global_sharding(device_order, host.ndim),
                                         lambda index: host[index])
-  return QueueState(image=to_global(queues.image), text=to_global(queues.text),
-                    filled=to_global(queues.filled), position=np.asarray(queues.position, np.int32))
+  return queues.map_slots(to_global).replace(position=np.asarray(queues.position, np.int32))
 
 
 def global_to_shards(queues: QueueState, local_devices: Sequence[jax.Device],
@@ -119,8 +126,7 @@ def global_to_shards(queues: QueueState, local_devices: Sequence[jax.Device],
     size = len(host) // len(device_order)
     return stack([jax.device_put(host[axis_index[d] * size:(axis_index[d] + 1) * size], d) for d in local_devices])
   position = np.asarray(queues.position, np.int32)
-  return QueueState(image=to_shards(queues.image), text=to_shards(queues.text), filled=to_shards(queues.filled),
-                    position=stack([jax.device_put(position, d) for d in local_devices]))
+  return queues.map_slots(to_shards).replace(position=stack([jax.device_put(position, d) for d in local_devices]))
 
 
 def shards_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> QueueState:
@@ -132,12 +138,12 @@ def shards_to_global(queues: QueueState, device_order: Sequence[jax.Device]) -> 
     shards = [shard.data.reshape(shard.data.shape[1:]) for shard in leaf.addressable_shards]
     shape = (len(device_order) * leaf.shape[1],) + leaf.shape[2:]
     return jax.make_array_from_single_device_arrays(shape, _global_sharding(device_order, len(shape)), shards)
-  return QueueState(image=to_global(queues.image), text=to_global(queues.text), filled=to_global(queues.filled),
-                    position=np.asarray(jax.device_get(queues.position.addressable_shards[0].data)).reshape(()))
+  return queues.map_slots(to_global).replace(
+      position=np.asarray(jax.device_get(queues.position.addressable_shards[0].data)).reshape(()))
 
 
 def enqueue(queues: QueueState, image_keys: jnp.ndarray, text_keys: jnp.ndarray, keep: jnp.ndarray,
-            axis_name: str) -> QueueState:
+            axis_name: str, image_ids: Optional[jnp.ndarray] = None) -> QueueState:
   """Writes this device's pairs into its shard at the ring pointer; call under pmap.
 
   Args:
@@ -145,6 +151,7 @@ def enqueue(queues: QueueState, image_keys: jnp.ndarray, text_keys: jnp.ndarray,
     image_keys, text_keys: [b, D] momentum embeddings of this device's pairs (full dim).
     keep: [b] bool. A pair that is not kept (filtered as noisy) is not enqueued: its slot keeps the pair
       it held before (or stays empty), so slot k of both queues still holds one and the same pair.
+    image_ids: [b] int32, the pairs' image ids; needed when the queues keep them.
   Returns the updated shard; the pointer advances by the global batch, wrapping at Q.
   """
   local_batch = image_keys.shape[0]
@@ -161,7 +168,8 @@ def enqueue(queues: QueueState, image_keys: jnp.ndarray, text_keys: jnp.ndarray,
   return QueueState(image=write(queues.image, jax.lax.stop_gradient(image_keys)),
                     text=write(queues.text, jax.lax.stop_gradient(text_keys)),
                     filled=jax.lax.dynamic_update_slice_in_dim(queues.filled, filled, start, 0),
-                    position=(queues.position + num_devices * local_batch) % queue_size)
+                    position=(queues.position + num_devices * local_batch) % queue_size,
+                    image_ids=None if queues.image_ids is None else write(queues.image_ids, image_ids))
 
 
 def queue_logits(queries: jnp.ndarray, queue: jnp.ndarray, filled: jnp.ndarray,

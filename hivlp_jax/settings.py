@@ -23,7 +23,7 @@ KL_STOP_GRADIENTS = ('none', 'target')
 # config.loss.kind: 'softmax' (InfoNCE, in-batch or over the queues) or 'sigmoid' (SigLIP, in-batch only).
 LOSS_KINDS = ('softmax', 'sigmoid')
 # What the sigmoid loss cannot serve: they all come with the momentum queues of the softmax loss.
-SIGMOID_REFUSED = ('queue_size', 'distill_weight', 'kl_weight', 'filter_noisy_pairs')
+SIGMOID_REFUSED = ('queue_size', 'distill_weight', 'kl_weight', 'filter_noisy_pairs', 'image_id_positives')
 
 
 def check_field(condition: bool, field: str, value, requirement: str) -> None:
@@ -118,6 +118,7 @@ class StepSettings:
   log_temperature_range: tuple[float, float]  # The learned log temperature is clamped to it after each update.
   queue: Optional[QueueSettings]
   masked_modeling: Optional[MaskedModelingSettings]
+  image_id_positives: bool = False  # Every pair of the same image is a positive (batch 'image_id', queue ids).
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'StepSettings':
@@ -139,9 +140,11 @@ class StepSettings:
                if kind == 'sigmoid' and config.contrastive[name]]
     if refused:
       raise errors.InputError(f"config.loss.kind='sigmoid' cannot serve {', '.join(refused)}: the sigmoid loss "
-                              'trains on in-batch pairs only (no momentum queues, distillation, KL alignment or '
-                              "noisy-pair filter). Set them to 0 / False, or use config.loss.kind='softmax'.")
+                              'trains on in-batch pairs only (no momentum queues, distillation, KL alignment, '
+                              "noisy-pair filter or image-id positives). Set them to 0 / False, or use "
+                              "config.loss.kind='softmax'.")
     return cls(nested_dims=dims, dim_weights=tuple(float(w) for w in config.loss.dim_weights), loss_kind=kind,
                num_train_steps=int(config.num_train_steps), accumulation_steps=int(config.accumulation_steps),
                log_temperature_range=(math.log(m.temperature_min), math.log(m.temperature_max)),
-               queue=QueueSettings.from_config(config), masked_modeling=MaskedModelingSettings.from_config(config))
+               queue=QueueSettings.from_config(config), masked_modeling=MaskedModelingSettings.from_config(config),
+               image_id_positives=bool(config.contrastive.image_id_positives))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from hivlp_jax import errors
 from hivlp_jax import init_from_run
 from hivlp_jax import losses
 from hivlp_jax import momentum_towers
@@ -85,7 +86,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoT
   if config.contrastive.queue_size:
     # The momentum towers start equal to the online ones.
     momentum_fields = dict(ema_params=params if ema_params is None else ema_params,
-                           negative_queues=queues.init(config.contrastive.queue_size, config.model.embed_dim),
+                           negative_queues=queues.init(config.contrastive.queue_size, config.model.embed_dim,
+                                                       image_ids=config.contrastive.image_id_positives),
                            filter_stats=momentum_towers.init_filter_stats())
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            nonfinite_steps=jnp.zeros((), jnp.int32), **momentum_fields)
@@ -128,22 +130,36 @@ def masked_inputs(batch: dict, settings: settings_lib.StepSettings) -> dict:
   return inputs
 
 
+def image_ids(batch: dict, settings: settings_lib.StepSettings) -> Optional[jnp.ndarray]:
+  """[b] int32 image ids of this device's pairs with config.contrastive.image_id_positives, else None."""
+  if not settings.image_id_positives:
+    return None
+  if 'image_id' not in batch:
+    raise errors.InputError('config.contrastive.image_id_positives=True needs image ids in the batches, and this '
+                            'data source gives none (web pairs have no ids): set it to False.')
+  return batch['image_id']
+
+
 def contrastive_terms(online: losses.Pair, temperature, logit_bias, state: TrainState,
-                      settings: settings_lib.StepSettings, local_keys, keep, distill_weight):
-  """The contrastive loss of this device's online embeddings [b, D] x2 and its metrics (before pmean)."""
+                      settings: settings_lib.StepSettings, local_keys, keep, distill_weight, ids):
+  """The contrastive loss of this device's online embeddings [b, D] x2 and its metrics (before pmean).
+
+  ids: `image_ids` of the batch (None: each pair is its own only positive).
+  """
   if settings.loss_kind == 'sigmoid':  # In-batch only (settings.py refuses the queues): no all-gather.
     total, metrics = losses.sigmoid_loss(online, temperature, logit_bias, settings.nested_dims,
                                          settings.dim_weights, axis_name=AXIS)
   elif settings.queue is None:
     online_global = _gather(online)
     total, metrics = losses.contrastive_loss(online, online_global, online_global, temperature,
-                                             settings.nested_dims, settings.dim_weights, axis_name=AXIS)
+                                             settings.nested_dims, settings.dim_weights, axis_name=AXIS,
+                                             image_ids=ids)
   else:
     online_global = _gather(online)
     total, metrics = losses.contrastive_loss(
         online, online_global, _gather(local_keys), temperature, settings.nested_dims, settings.dim_weights,
         axis_name=AXIS, queue=state.negative_queues, options=settings.queue, keep=keep,
-        distill_weight=distill_weight)
+        distill_weight=distill_weight, image_ids=ids)
   metrics['temperature'] = temperature
   return total, metrics
 
@@ -167,13 +183,14 @@ def loss_fn(params, state: TrainState, batch: dict, settings: settings_lib.StepS
             distill_weight):
   """The step's total loss and its metrics on this device; the one place where the terms are added up.
 
-  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L]; with MLM 'masked_text' int32 [b, L] and
+  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L]; with image-id positives 'image_id' int32 [b]; with MLM 'masked_text' int32 [b, L] and
   'text_mask' bool [b, L]; with MVM 'patch_mask' bool [b, patches] and 'image_codes' int32 [b, patches].
   local_keys: the momentum keys of this device's pairs (None: in-batch negatives).
   """
   outputs = state.apply_fn({'params': params}, batch['image'], batch['text'], **masked_inputs(batch, settings))
   total, metrics = contrastive_terms(losses.Pair(outputs.image, outputs.text), outputs.temperature,
-                                     outputs.logit_bias, state, settings, local_keys, keep, distill_weight)
+                                     outputs.logit_bias, state, settings, local_keys, keep, distill_weight,
+                                     image_ids(batch, settings))
   masked_total, masked_metrics = masked_terms(outputs, batch, settings)
   return total + masked_total, metrics | masked_metrics
 
@@ -213,7 +230,7 @@ def accumulated_loss_and_grads(state: TrainState, batch: dict, settings: setting
   def head_loss(online, params):  # The temperature / bias come from the parameters, as in loss_fn.
     outputs = state.apply_fn({'params': params}, None, None)
     return contrastive_terms(online, outputs.temperature, outputs.logit_bias, state, settings, local_keys, keep,
-                             distill_weight)
+                             distill_weight, image_ids(batch, settings))
   (total, metrics), (online_grads, grads) = jax.value_and_grad(head_loss, argnums=(0, 1), has_aux=True)(
       online, state.params)
   counts = {name: losses.masked_count(batch[masked], AXIS)
@@ -314,7 +331,8 @@ def train_step(state: TrainState, batch: dict, *, settings: settings_lib.StepSet
         ema_params=momentum_towers.ema_update(state.ema_params, updated.params, ema_momentum),
         negative_queues=queues.enqueue(
             state.negative_queues, *momentum.keys,
-            jnp.ones(momentum.keys.image.shape[:1], jnp.bool_) if momentum.keep is None else momentum.keep, AXIS))
+            jnp.ones(momentum.keys.image.shape[:1], jnp.bool_) if momentum.keep is None else momentum.keep, AXIS,
+            image_ids(batch, settings)))
     if momentum.filter_stats is not None:
       updated = updated.replace(filter_stats=momentum.filter_stats)
     metrics['momentum'] = ema_momentum

@@ -58,7 +58,8 @@ def test_config_parses_and_runs_one_step_in_smoke_mode(path, data_dir):
   rng = np.random.default_rng(0)
   size, max_len = 32, config.model.text.max_len  # Stored images are 32 px; the model resizes them.
   batch = {'image': rng.integers(0, 256, (jax.local_device_count(), 1, size, size, 3), dtype=np.uint8),
-           'text': rng.integers(5, 64, (jax.local_device_count(), 1, max_len), dtype=np.int32)}
+           'text': rng.integers(5, 64, (jax.local_device_count(), 1, max_len), dtype=np.int32),
+           'image_id': np.arange(jax.local_device_count(), dtype=np.int32).reshape(-1, 1)}
   state, metrics = train_step.make_pmapped_train_step(config)(state, batch)
   assert np.isfinite(float(metrics['loss'][0]))
   assert int(state.step[0]) == 1

@@ -173,7 +173,7 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
   """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
 
   Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L],
-  with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced),
+  'image_id' int32 [local_devices, per_device] (the image's index in the split), with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced),
   and with `data.image_codes` 'image_codes' int32 [local_devices, per_device, patches].
   transform(rng, host batch) -> host batch runs before the device split (e.g. masking), with a generator
   seeded by (seed, step, host) so that a resumed run repeats it.
@@ -186,7 +186,8 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
     image_idx, caption_idx = order.indices(step)
     mine = slice(host * local_batch, (host + 1) * local_batch)
     image_idx, caption_idx = image_idx[mine], caption_idx[mine]
-    batch = {'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx]}
+    batch = {'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx],
+             'image_id': image_idx.astype(np.int32)}
     if data.replaced is not None:
       batch['noisy'] = data.replaced[image_idx]  # Only measured against, never trained on.
     if data.image_codes is not None:
