@@ -133,3 +133,19 @@ def test_the_cpu_sized_flickr30k_config_trains_and_evaluates_on_a_karpathy_folde
   assert results['exact_dim256']['t2i_r10'] == 1.0  # 6 test images: every one is in a top 10.
   with open(tmp_path / 'run' / 'metrics.json') as f:
     assert json.load(f)['step'] == 2
+
+
+def test_a_trained_vocabulary_is_keyed_by_the_training_data_not_the_name(tmp_path):
+  """Two Flickr30K folders under one data_dir train two vocabularies; the same folder finds its own again."""
+  from hivlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = flickr30k_cpu.get_config()
+  config.data.data_dir = str(tmp_path / 'data')
+  paths = {}
+  for name, splits in (('a', ['train'] * 4 + ['test']), ('b', ['train'] * 5 + ['test'])):
+    _write_flickr_manual_dir(tmp_path / name, splits)
+    config.data.manual_dir = str(tmp_path / name)
+    paths[name] = pipeline.vocab_file(config)
+    assert pipeline.get_tokenizer(config).vocab_file == paths[name]
+  assert paths['a'] != paths['b'] and os.path.exists(paths['a']) and os.path.exists(paths['b'])
+  config.data.manual_dir = str(tmp_path / 'a')
+  assert pipeline.vocab_file(config) == paths['a']

@@ -23,10 +23,17 @@ ImageTextSplit = image_text.ImageTextSplit
 
 
 def vocab_file(config: ml_collections.ConfigDict) -> str:
-  """config.data.vocab_file, or the vocabulary trained here (named by its size, so another size trains anew)."""
+  """config.data.vocab_file, or the vocabulary trained here, named by its size (another size trains anew).
+
+  The embedded splits are fixed by their builder config; a streamed data set's name says nothing of its
+  files, so its trained vocabulary is keyed by a fingerprint of its training data (`sources.fingerprint`):
+  other files under the same name train their own instead of silently reusing a stale one.
+  """
   data = config.data
-  return data.vocab_file or str(
-      files.path(data.data_dir) / f'{data.name}-{data.builder_config}-vocab{data.vocab_size}.txt')
+  if data.vocab_file:
+    return data.vocab_file
+  key = sources.fingerprint(sources.source_from_config(config, 'train')) if is_streamed(config) else data.builder_config
+  return str(files.path(data.data_dir) / f'{data.name}-{key}-vocab{data.vocab_size}.txt')
 
 
 # Captions read to train a vocabulary for a streamed data set that comes without one.

@@ -8,6 +8,7 @@ with the `webdataset.ReadStats` field that counts them, so that positions do not
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -200,6 +201,22 @@ def source_from_config(config: ml_collections.ConfigDict, split: str = 'train',
     return tfds_source(name, data.data_dir, split, data.manual_dir)
   raise errors.InputError(f"config.data.source={data.source!r} must be 'karpathy' (JSON + image folders in "
                           "config.data.manual_dir) or 'tfds' (a prepared TFDS builder in config.data.data_dir).")
+
+
+def fingerprint(source: Source) -> str:
+  """12 hex digits that change when the source's training data does: a vocabulary trained on it is keyed by them.
+
+  Random-access sources hash every example's key and captions (in memory already); shard sources hash their
+  shard names and, for files, their sizes (reading every caption of web shards would take minutes).
+  """
+  digest = hashlib.sha256(source.name.encode())
+  for shard in source.shards:
+    if isinstance(shard, RawExample):
+      digest.update('\0'.join((shard.key,) + shard.captions).encode() + b'\1')
+    else:
+      size = files.path(shard).stat().length if isinstance(shard, str) else ''
+      digest.update(f'{shard!r}:{size}\1'.encode())
+  return digest.hexdigest()[:12]
 
 
 def caption_texts(config: ml_collections.ConfigDict, limit: Optional[int] = None,

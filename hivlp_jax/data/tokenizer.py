@@ -25,8 +25,9 @@ class Tokenizer:
   def __init__(self, vocab_file: str, lowercase: bool = True):
     if not files.path(vocab_file).exists():
       raise errors.MissingInputError(
-          f'Tokenizer vocabulary {vocab_file!r} does not exist. Train one with '
-          '`hivlp_jax.data.tokenizer.train_tokenizer` or point `config.data.vocab_file` at a BERT vocab.txt.')
+          f'Tokenizer vocabulary {vocab_file!r} does not exist. Set config.data.vocab_file=\'\' to train one on '
+          'the training captions (a model trained from scratch), or point it at the vocab.txt of the BERT '
+          'checkpoint you start from.')
     self.vocab_file = vocab_file
     self._tokenizer = BertWordPieceTokenizer(read_vocab(vocab_file), lowercase=lowercase)
     vocab = self._tokenizer.get_vocab()
