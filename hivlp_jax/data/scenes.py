@@ -89,7 +89,8 @@ def generate_scenes(split: str, num_scenes: int) -> list[list[SceneObject]]:
   return scenes
 
 
-def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, radius, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+  """Which pixels `shape` covers, given their offsets (yy, xx) from its centre; radius and offsets broadcast."""
   if shape == 'circle':
     return yy**2 + xx**2 <= radius**2
   if shape == 'square':
@@ -97,7 +98,7 @@ def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np
   if shape == 'triangle':  # Apex up.
     return (yy <= radius * 0.8) & (yy >= -radius) & (np.abs(xx) <= (yy + radius) * 0.6)
   if shape == 'cross':
-    arm = max(radius * 0.35, 0.75)
+    arm = np.maximum(radius * 0.35, 0.75)
     return ((np.abs(yy) <= arm) & (np.abs(xx) <= radius)) | ((np.abs(xx) <= arm) & (np.abs(yy) <= radius))
   raise errors.InputError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
 
@@ -121,7 +122,7 @@ def object_rgb(colour: str, rng: np.random.Generator) -> np.ndarray:
 def paint_shape(image: np.ndarray, shape: str, rgb: np.ndarray, cy: float, cx: float, size: float) -> None:
   """Paints `shape` of radius `size` (pixels) centred at (cy, cx) into `image` [S, S, 3], in place."""
   yy, xx = np.mgrid[:image.shape[0], :image.shape[1]] + 0.5
-  image[_shape_mask(shape, size, yy - cy, xx - cx)] = rgb
+  image[shape_mask(shape, size, yy - cy, xx - cx)] = rgb
 
 
 def draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
