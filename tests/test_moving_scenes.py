@@ -208,3 +208,13 @@ def test_builder_writes_what_the_generator_makes_and_the_loader_reads_it(video_d
     assert builder.info.splits[split].num_examples == embedded_videos.num_examples('tiny', split)
   with pytest.raises(Exception, match="Unknown embedded_videos config 'huge'"):
     embedded_videos.num_examples('huge', 'test')
+
+
+def test_statistics_table_counts_the_tiny_config():
+  """The command docs/data.md's table comes from still runs, and its counts add up."""
+  table = embedded_videos.statistics('tiny')
+  test_row = next(line for line in table.splitlines() if line.startswith('| test | 100 |'))
+  cells = [c.strip() for c in test_row.strip('|').split('|')]
+  clips = moving_scenes.generate_clips('test', 100)
+  assert cells[2].startswith(f'{2 * sum(c.reverse_of >= 0 for c in clips)} (')
+  assert sum(int(n) for n in cells[3].split(' / ')) == 100 and cells[6] == '500'

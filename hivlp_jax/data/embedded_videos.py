@@ -7,6 +7,7 @@ Generated locally from `moving_scenes.py`, no download:
   test = load_split('data', 'test')  # Or builder.as_dataset(split='test').
 """
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -112,3 +113,38 @@ def num_examples(config_name: str, split: str) -> int:
   if split not in sizes:
     raise errors.InputError(f'Unknown split {split!r} of embedded_videos; known: {sorted(sizes)}.')
   return sizes[split]
+
+
+def statistics(config_name: str = 'default') -> str:
+  """Markdown tables of each split of a builder config: clips, objects, motions, changes, captions.
+
+  Counted from the generator (the clips' descriptions and captions; nothing is rendered or built).
+  """
+  splits = ('train', 'validation', 'test')
+  rows, motion_rows = [], []
+  for split in splits:
+    clips = moving_scenes.generate_clips(split, num_examples(config_name, split))
+    objects = [o for clip in clips for o in clip.objects]
+    moving = [o for o in objects if o.direction != moving_scenes.STILL]
+    count = lambda values: collections.Counter(values)
+    num_objects = count(len(c.objects) for c in clips)
+    num_moving = count(sum(o.direction != moving_scenes.STILL for o in c.objects) for c in clips)
+    changes = count('colour' if o.colour != o.end_colour else 'none' if o.size == o.end_size
+                    else 'grow' if o.size == 'small' else 'shrink' for o in objects)
+    captions = [c for i, clip in enumerate(clips) for c in moving_scenes.captions_of(split, i, clip)]
+    words = [len(c.split()) for c in captions]
+    in_pairs = 2 * sum(c.reverse_of >= 0 for c in clips)
+    rows.append(f'| {split} | {len(clips):,} | {in_pairs:,} ({in_pairs / len(clips):.0%}) | '
+                f'{num_objects[1]:,} / {num_objects[2]:,} | {num_moving[1]:,} / {num_moving[2]:,} | '
+                + ' / '.join(f'{changes[k]:,}' for k in ('none', 'grow', 'shrink', 'colour')) +
+                f' | {len(set(captions)):,} | {np.mean(words):.1f} / {max(words)} |')
+    directions, speeds = count(o.direction for o in moving), count(o.speed for o in moving)
+    motion_rows.append(f'| {split} | {len(moving):,} | '
+                       + ' / '.join(f'{directions[d]:,}' for d in moving_scenes.DIRECTIONS) + ' | '
+                       + ' / '.join(f'{speeds[s]:,}' for s in moving_scenes.SPEEDS) + ' |')
+  return '\n'.join([
+      '| split | clips | in reversed pairs | objects per clip (1 / 2) | moving objects per clip (1 / 2) | '
+      'objects that change (none / grow / shrink / colour) | unique captions | words per caption (mean / max) |',
+      '|---|---|---|---|---|---|---|---|', *rows, '',
+      '| split | moving objects | direction (' + ' / '.join(moving_scenes.DIRECTIONS) + ') | speed (slow / fast) |',
+      '|---|---|---|---|', *motion_rows])

@@ -235,6 +235,11 @@ def make_captions(objects: Sequence[MovingObject], rng: np.random.Generator) -> 
   return captions
 
 
+def captions_of(split: str, index: int, clip: Clip) -> list[str]:
+  """The captions of clip `index` of `split` (those of `make_example`, without rendering the clip)."""
+  return make_captions(clip.objects, np.random.default_rng([SPLIT_SEEDS[split], index, 1]))
+
+
 def make_example(split: str, index: int, clip: Clip, num_frames: int, image_size: int) -> dict:
   """The video, captions and metadata of clip `index` of `split`, deterministic in (split, index).
 
@@ -248,7 +253,7 @@ def make_example(split: str, index: int, clip: Clip, num_frames: int, image_size
     video = render(clip.objects, num_frames, image_size, np.random.default_rng([seed, index, 0]))
   return {
       'video': np.ascontiguousarray(video),
-      'captions': make_captions(clip.objects, np.random.default_rng([seed, index, 1])),
+      'captions': captions_of(split, index, clip),
       'objects': object_features(clip.objects, image_size),
       'reverse_of': clip.reverse_of,
   }
