@@ -39,6 +39,8 @@ CELL_WORDS = {
     'bottom left': ('bottom left', 'lower left'), 'bottom': ('bottom', 'bottom middle'),
     'bottom right': ('bottom right', 'lower right'),
 }
+# Radius of each size, in grid cells: small enough that objects in neighbouring cells never overlap.
+RADIUS_IN_CELLS = {'small': 0.25, 'large': 0.41}
 SPLIT_SEEDS = {'train': 0, 'validation': 1, 'test': 2}
 # Share of the scene space each split may draw from, by a hash of the scene: splits never share a scene.
 SPLIT_BUCKETS = {'train': range(0, 80), 'validation': range(80, 90), 'test': range(90, 100)}
@@ -87,7 +89,8 @@ def generate_scenes(split: str, num_scenes: int) -> list[list[SceneObject]]:
   return scenes
 
 
-def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def shape_mask(shape: str, radius, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+  """Which pixels `shape` covers, given their offsets (yy, xx) from its centre; radius and offsets broadcast."""
   if shape == 'circle':
     return yy**2 + xx**2 <= radius**2
   if shape == 'square':
@@ -95,7 +98,7 @@ def _shape_mask(shape: str, radius: float, yy: np.ndarray, xx: np.ndarray) -> np
   if shape == 'triangle':  # Apex up.
     return (yy <= radius * 0.8) & (yy >= -radius) & (np.abs(xx) <= (yy + radius) * 0.6)
   if shape == 'cross':
-    arm = max(radius * 0.35, 0.75)
+    arm = np.maximum(radius * 0.35, 0.75)
     return ((np.abs(yy) <= arm) & (np.abs(xx) <= radius)) | ((np.abs(xx) <= arm) & (np.abs(yy) <= radius))
   raise errors.InputError(f'Unknown shape {shape!r}; expected one of {SHAPES}.')
 
@@ -106,6 +109,22 @@ def background(image_size: int, rng: np.random.Generator) -> np.ndarray:
   return np.clip(background_rgb + rng.normal(0, 6, size=(image_size, image_size, 3)), 0, 255)
 
 
+def radius(size: str, image_size: int) -> float:
+  """An object's radius in pixels: a share of a grid cell (image_size / 3)."""
+  return image_size / 3 * RADIUS_IN_CELLS[size]
+
+
+def object_rgb(colour: str, rng: np.random.Generator) -> np.ndarray:
+  """The colour's RGB with a little noise, so no two objects of a colour are the same. float64 [3]."""
+  return np.clip(np.array(RGB[colour]) + rng.normal(0, 8, size=3), 0, 255)
+
+
+def paint_shape(image: np.ndarray, shape: str, rgb: np.ndarray, cy: float, cx: float, size: float) -> None:
+  """Paints `shape` of radius `size` (pixels) centred at (cy, cx) into `image` [S, S, 3], in place."""
+  yy, xx = np.mgrid[:image.shape[0], :image.shape[1]] + 0.5
+  image[shape_mask(shape, size, yy - cy, xx - cx)] = rgb
+
+
 def draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
   """Paints `obj` into its cell of the 3x3 grid of `image` [S, S, 3], in place."""
   image_size = image.shape[0]
@@ -114,11 +133,7 @@ def draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) -
   # Small enough jitter and radius that objects in neighbouring cells never overlap.
   jitter = rng.uniform(-0.08, 0.08, size=2) * cell_size
   cy, cx = (row + 0.5) * cell_size + jitter[0], (col + 0.5) * cell_size + jitter[1]
-  radius = cell_size * (0.25 if obj.size == 'small' else 0.41)
-  yy, xx = np.mgrid[:image_size, :image_size] + 0.5
-  mask = _shape_mask(obj.shape, radius, yy - cy, xx - cx)
-  colour = np.clip(np.array(RGB[obj.colour]) + rng.normal(0, 8, size=3), 0, 255)
-  image[mask] = colour
+  paint_shape(image, obj.shape, object_rgb(obj.colour, rng), cy, cx, radius(obj.size, image_size))
 
 
 def render(objects: Sequence[SceneObject], image_size: int, rng: np.random.Generator) -> np.ndarray:
