@@ -27,7 +27,8 @@ def names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   datasets = tuple(config.eval.get('datasets', ()))
   for i, name in enumerate(datasets):
     if not isinstance(name, str) or not name.strip():
-      raise errors.InputError(f'config.eval.datasets[{i}]={name!r} is empty: name an evaluation set (one of '
+      what = 'is empty' if isinstance(name, str) else 'is not a name'
+      raise errors.InputError(f'config.eval.datasets[{i}]={name!r} {what}: name an evaluation set (one of '
                               f'{NAMES}) or leave the element out.')
     if name not in NAMES:
       raise errors.InputError(f'config.eval.datasets[{i}]={name!r} is not a known evaluation set; known: {NAMES} '
