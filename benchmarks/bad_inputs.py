@@ -452,7 +452,7 @@ def finish(case: Case, case_dir: pathlib.Path, how: str, out: Optional[Output], 
 def format_value(value) -> str:
   if isinstance(value, (tuple, list)):
     return '(' + ','.join(format_value(v) for v in value) + (',)' if len(value) == 1 else ')')
-  return str(value)
+  return str(value) if value != '' else "''"  # An empty string shows as one.
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -753,6 +753,8 @@ def config_cases() -> list[Case]:
         ('loss.kind', 'queue_size')),
       v(75, 'accumulation_not_dividing', {'accumulation_steps': 3}, ('accumulation_steps',)),
       v(76, 'accumulation_0', {'accumulation_steps': 0}, ('accumulation_steps',)),
+      v(77, 'eval_dataset_unknown', {'eval.datasets': ('flickr',)}, ('eval.datasets', "'flickr'")),
+      v(78, 'eval_dataset_empty', {'eval.datasets': ('embedded_scenes', '')}, ('eval.datasets[1]',)),
   ]
   cases.append(Case('c71_string_in_float_field', 'config',
                     "a config file sets `config.optimizer.learning_rate = '1e-3'` (a string)", ('learning_rate',),
@@ -922,6 +924,10 @@ def workdir_cases() -> list[Case]:
         ('--step=5',), ['--mode=evaluate', '--step=5']),
       w('w18_evaluate_untrained', 'workdir', '`--mode=evaluate` on a workdir without checkpoints/',
         ('checkpoint',), ['--mode=evaluate'], remove('run/checkpoints')),
+      w('w19_evaluate_set_not_on_disk', 'workdir', '`--mode=evaluate` with `config.eval.datasets=(flickr30k,)` and no '
+        'files at `config.eval.locations.flickr30k.manual_dir`', ('eval.locations.flickr30k', 'dataset_flickr30k.json'),
+        ['--mode=evaluate', "--config.eval.datasets=('flickr30k',)",
+         '--config.eval.locations.flickr30k.manual_dir=CASE/nowhere']),
   ]
 
 

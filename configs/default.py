@@ -134,6 +134,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'
+  # The sets --mode=evaluate runs, each on eval.split with every mode below, into
+  # WORKDIR/metrics/<set>/<split>/step_<N>.json: names from 'embedded_scenes', 'flickr30k', 'coco'.
+  # (): the run's own set (data.eval_name, else data.name), the one training evaluates at its end.
+  config.eval.datasets = ()
+  # Where each set other than the run's own is read (the run's own is read where config.data says).
+  # embedded_scenes is generated there on first use; flickr30k and coco as config.data's fields of the
+  # same names say (configs/flickr30k.py).
+  config.eval.locations = ml_collections.ConfigDict(dict(
+      embedded_scenes=dict(builder_config='default', data_dir='data'),
+      flickr30k=dict(source='karpathy', manual_dir='data/manual/flickr30k', data_dir='data'),
+      coco=dict(source='karpathy', manual_dir='data/manual/coco', data_dir='data')))
   config.eval.batch_size = 500
   config.eval.ks = (1, 5, 10)
   # Coarse-to-fine modes besides exact search at every nested dim: ScaNN over the coarse prefix gives a

@@ -16,6 +16,7 @@ from hivlp_jax import evaluate
 from hivlp_jax import files
 from hivlp_jax import settings
 from hivlp_jax.data import embedded_scenes
+from hivlp_jax.data import eval_sets
 from hivlp_jax.models import dvae
 from hivlp_jax.models import encoders
 from hivlp_jax.models import pretrained
@@ -170,6 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   settings.check_field(config.model.remat in remat_choices, 'model.remat', config.model.remat,
                        f'is not one of {remat_choices}')
   evaluate.validate_config(config)
+  eval_sets.names(config)  # Names and empty elements of config.eval.datasets; their data is checked later.
   settings.StepSettings.from_config(config)
   if config.mvlm.mvm_weight:
     validate_visual_tokenizer(config)

@@ -2,12 +2,13 @@
 
 The trainer builds them (checking their split with `pipeline.check_split`) before training starts, so a
 missing or malformed evaluation split fails at start-up rather than after hours of training, and runs them on
-the final parameters. The data is loaded only then, so it does not sit in memory during training.
-`evaluate_workdir` runs them on a trained workdir's checkpoint, without training.
+the final parameters (on the run's own evaluation set). The data is loaded only then, so it does not sit in
+memory during training. `evaluate_workdir` runs them on a trained workdir's checkpoint, without training, on
+every set of config.eval.datasets.
 """
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 import flax
@@ -20,11 +21,12 @@ from hivlp_jax import evaluate
 from hivlp_jax import files
 from hivlp_jax import gallery_shards
 from hivlp_jax import train_step
+from hivlp_jax.data import eval_sets
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import two_towers
 
 METRICS_FILE = 'metrics.json'  # The training run's final evaluation.
-METRICS_DIR = 'metrics'  # Evaluations of a checkpoint without training: <evaluator>/step_<N>.json.
+METRICS_DIR = 'metrics'  # Evaluations of a checkpoint without training: <dataset>/<split>/step_<N>.json.
 
 
 def make_pmapped_embedders(model: two_towers.TwoTowers):
@@ -35,12 +37,18 @@ def make_pmapped_embedders(model: two_towers.TwoTowers):
 
 
 class RetrievalEvaluator:
-  """Image-text retrieval on one split: recall (and speed) of every retrieval mode of config.eval."""
+  """Image-text retrieval on one split of one evaluation set: recall (and speed) of every mode of config.eval.
 
-  def __init__(self, config: ml_collections.ConfigDict, split: str, tokenizer):
-    self.config, self.split, self.tokenizer = config, split, tokenizer
-    self.name = split
-    pipeline.check_split(config, split, tokenizer)
+  `dataset`: a name of `eval_sets.NAMES` ('': the run's own set); it is read as `eval_sets.dataset_config`
+  says, and its split is checked here (a missing file raises errors.MissingInputError naming where the set
+  is configured)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str, tokenizer, dataset: str = ''):
+    self.name = dataset or eval_sets.own_name(config)
+    self.split, self.tokenizer, self.run_config = split, tokenizer, config
+    with eval_sets.naming(config, self.name):
+      self.config = eval_sets.dataset_config(config, self.name)
+      pipeline.check_split(self.config, split, tokenizer)
 
   def run(self, model: two_towers.TwoTowers, params_replicated, step: int) -> dict[str, dict[str, float]]:
     """{mode name: metrics} for the replicated parameters of `step`.
@@ -48,7 +56,8 @@ class RetrievalEvaluator:
     In a multi-process job each process embeds its share of the images and captions, the embeddings are
     all-gathered (every process needs every query), and each process indexes its share of each gallery
     (`gallery_shards`): the split's embedding and indexing work is divided, not repeated."""
-    data = pipeline.load_split(self.config, self.split, self.tokenizer)
+    with eval_sets.naming(self.run_config, self.name):  # E.g. an unreadable image of another set.
+      data = pipeline.load_split(self.config, self.split, self.tokenizer)
     shard = gallery_shards.for_this_process() if jax.process_count() > 1 else None
     embed_images, embed_texts = make_pmapped_embedders(model)
     image_emb, text_emb, text_image_ids = evaluate.embed_split(
@@ -58,32 +67,37 @@ class RetrievalEvaluator:
                              self.config.eval.ks, self.config.eval.latency_queries, step=step, shard=shard)
 
 
-def from_config(config: ml_collections.ConfigDict, tokenizer) -> list[RetrievalEvaluator]:
-  """The evaluators of config.eval, their splits checked (a bad one fails here, naming it)."""
-  return [RetrievalEvaluator(config, config.eval.split, tokenizer)]
+def from_config(config: ml_collections.ConfigDict, tokenizer, datasets: Sequence[str] = ()
+                ) -> list[RetrievalEvaluator]:
+  """An evaluator of config.eval.split per evaluation set of `datasets` (default: the run's own set, which
+  training evaluates), their splits checked (a bad one fails here, naming it)."""
+  return [RetrievalEvaluator(config, config.eval.split, tokenizer, name)
+          for name in datasets or (eval_sets.own_name(config),)]
 
 
 def run_all(evaluator_list, model, params_replicated, step: int) -> dict[str, dict[str, float]]:
   """Runs every evaluator; the results of all of them in one {mode: metrics} dict."""
   results = {}
   for evaluator in evaluator_list:
-    logging.info('Evaluating on the %s split.', evaluator.name)
+    logging.info('Evaluating on the %s split of %s.', evaluator.split, evaluator.name)
     results.update(evaluator.run(model, params_replicated, step))
   return results
 
 
 def write_results(workdir: str, results: Mapping[str, Mapping[str, float]], step: int,
-                  config: ml_collections.ConfigDict, path: Optional[files.PathLike] = None) -> None:
-  """`path` (default WORKDIR/metrics.json; written by process 0) and the recall table in the log."""
+                  config: ml_collections.ConfigDict, path: Optional[files.PathLike] = None, on: str = '') -> None:
+  """`path` (default WORKDIR/metrics.json; written by process 0) and the recall table in the log, titled
+  with `on` (the evaluation set) when given."""
   if jax.process_index() == 0:
     evaluate.write_metrics_json(path or files.path(workdir) / METRICS_FILE, results, step)
-  logging.info('Results at step %d:\n%s', step, evaluate.format_table(results, config.eval.ks))
+  logging.info('Results at step %d%s:\n%s', step, f' on {on}' if on else '',
+               evaluate.format_table(results, config.eval.ks))
 
 
-def metrics_path(workdir: str, evaluator_name: str, step: int) -> files.Path:
-  """WORKDIR/metrics/<evaluator>/step_<N>.json: one file per evaluation set and checkpoint, so evaluating
-  another step or set never overwrites a result (nor the training run's WORKDIR/metrics.json)."""
-  return files.path(workdir) / METRICS_DIR / evaluator_name / f'step_{step}.json'
+def metrics_path(workdir: str, dataset: str, split: str, step: int) -> files.Path:
+  """WORKDIR/metrics/<dataset>/<split>/step_<N>.json: one file per evaluation set, split and checkpoint, so
+  evaluating another step or set never overwrites a result (nor the training run's WORKDIR/metrics.json)."""
+  return files.path(workdir) / METRICS_DIR / dataset / split / f'step_{step}.json'
 
 
 def restore_params(workdir: str, config: ml_collections.ConfigDict, model: two_towers.TwoTowers,
@@ -101,27 +115,32 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict, model: two_t
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: Optional[int] = None
                      ) -> dict[str, dict[str, dict[str, float]]]:
-  """Evaluates a trained workdir's checkpoint without training, and writes the metrics under it.
+  """Evaluates a trained workdir's checkpoint on every set of config.eval.datasets, without training.
 
-  Restores only the parameters of checkpoint `step` (None: the newest that restores; not the optimizer,
-  EMA or queues: `checkpointing.restore_params`), runs the evaluators of config.eval on them, and writes
-  each one's {mode: metrics} with the step to `metrics_path` (WORKDIR/metrics/<evaluator>/step_<N>.json).
-  `config` is the run's (its model must be the checkpoint's); only eval fields should differ.
+  Checks every set's split first, then restores only the parameters of checkpoint `step` (None: the newest
+  that restores; not the optimizer, EMA or queues: `checkpointing.restore_params`), runs every retrieval
+  mode of config.eval on each set (`eval_sets.names`: () is the run's own set) and writes each set's
+  {mode: metrics} with the step to `metrics_path` (WORKDIR/metrics/<dataset>/<split>/step_<N>.json), in
+  the layout of the training run's metrics.json. `config` is the run's (its model must be the
+  checkpoint's); only eval fields should differ.
 
-  Returns {evaluator name: {mode: metrics}}. Raises errors.MissingInputError when the workdir, its
-  checkpoints or the run's vocabulary are missing, errors.InputError naming `step` when the workdir holds
-  no such checkpoint.
+  Returns {dataset: {mode: metrics}}. Raises errors.MissingInputError when the workdir, its checkpoints,
+  the run's vocabulary or a set's files are missing, errors.InputError naming the field for an unknown
+  or empty set name, or naming `step` when the workdir holds no such checkpoint.
   """
   if not files.path(workdir).exists():
     raise errors.MissingInputError(f'--workdir={workdir} does not exist: nothing to evaluate.')
+  datasets = eval_sets.names(config)
   tokenizer = pipeline.trained_run_tokenizer(config)
-  evaluator_list = from_config(config, tokenizer)  # Checks the splits before the (slower) restore.
+  evaluator_list = from_config(config, tokenizer, datasets)  # Checks the splits before the (slower) restore.
   model = train_step.create_model(config, tokenizer.vocab_size)
   params, step = restore_params(workdir, config, model, step)
   params_replicated = flax.jax_utils.replicate(params)
   results = {}
   for evaluator in evaluator_list:
-    logging.info('Evaluating checkpoint step %d of %s on the %s split.', step, workdir, evaluator.name)
+    logging.info('Evaluating checkpoint step %d of %s on the %s split of %s.', step, workdir, evaluator.split,
+                 evaluator.name)
     results[evaluator.name] = evaluator.run(model, params_replicated, step)
-    write_results(workdir, results[evaluator.name], step, config, metrics_path(workdir, evaluator.name, step))
+    write_results(workdir, results[evaluator.name], step, config,
+                  metrics_path(workdir, evaluator.name, evaluator.split, step), on=evaluator.name)
   return results

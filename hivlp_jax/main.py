@@ -4,8 +4,8 @@ r"""Runs a training + evaluation job from a config file.
   python -m hivlp_jax.main --mode=tokenizer --config=configs/default.py --workdir=runs/tokenizer_default
   python -m hivlp_jax.main --mode=evaluate --workdir=runs/default [--step=N] [--config=FILE --config.eval.x=...]
 The second trains the visual tokenizer (discrete VAE) whose codes masked vision modeling predicts. The third
-evaluates a trained workdir's checkpoint without training (its own config unless --config is given), writing
-WORKDIR/metrics/<split>/step_<N>.json.
+evaluates a trained workdir's checkpoint without training (its own config unless --config is given) on each
+set of config.eval.datasets (default: the run's own), writing WORKDIR/metrics/<set>/<split>/step_<N>.json.
 
 On CPU, simulate several devices with XLA_FLAGS=--xla_force_host_platform_device_count=N (see
 launch/local.sh). Multi-host runs call jax.distributed.initialize() through --distributed.

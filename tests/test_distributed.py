@@ -109,7 +109,7 @@ def test_two_processes_train_like_one_process_with_four_devices(data_dir, tmp_pa
   # and indexes half of each gallery) equals one process with 2 devices (the same per-device batches).
   sharded = _run_two_processes(multi, data_dir, dict(env, XLA_FLAGS=xla_flags(2)), '--mode=evaluate')
   assert 'Galleries sharded over 2 processes' in sharded[0]
-  path = os.path.join(multi, 'metrics', 'test', 'step_6.json')
+  path = os.path.join(multi, 'metrics', 'embedded_scenes', 'test', 'step_6.json')
   sharded_metrics = json.loads(open(path).read())
   env['XLA_FLAGS'] = xla_flags(2)
   one = subprocess.run(_command(multi, data_dir, '--mode=evaluate'), env=env, capture_output=True, text=True,

@@ -230,16 +230,16 @@ def test_evaluate_workdir_reproduces_the_training_metrics_without_training(data_
   workdir = tmp_path / 'run'
   shutil.copytree(straight, workdir)
   trained = files.read_json(workdir / 'metrics.json')
-  assert evaluators.evaluate_workdir(_config(data_dir), str(workdir)) == {'test': results}
-  assert files.read_json(workdir / 'metrics' / 'test' / 'step_6.json') == trained
+  assert evaluators.evaluate_workdir(_config(data_dir), str(workdir)) == {'embedded_scenes': results}
+  assert files.read_json(workdir / 'metrics' / 'embedded_scenes' / 'test' / 'step_6.json') == trained
   assert files.read_json(workdir / 'metrics.json') == trained  # The training run's own file is left alone.
   assert checkpointing.Checkpoints(str(workdir), 2).all_steps() == [3, 6]  # Nothing trained or saved.
   # From the command line, with the run's own config (WORKDIR/config.json): the same metrics as in-process.
   completed = subprocess.run([sys.executable, '-m', 'hivlp_jax.main', '--mode=evaluate', f'--workdir={workdir}',
                               '--step=3'], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert completed.returncode == 0, completed.stderr[-3000:]
-  from_cli = files.read_json(workdir / 'metrics' / 'test' / 'step_3.json')
-  older = evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=3)['test']
+  from_cli = files.read_json(workdir / 'metrics' / 'embedded_scenes' / 'test' / 'step_3.json')
+  older = evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=3)['embedded_scenes']
   assert from_cli == {'step': 3, **older} and older != results
   with pytest.raises(errors.InputError, match=r'--step=5: .*checkpoints holds steps \[3, 6\]'):
     evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=5)

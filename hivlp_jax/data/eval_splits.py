@@ -12,14 +12,11 @@ import numpy as np
 
 from hivlp_jax import errors
 from hivlp_jax import files
+from hivlp_jax.data import eval_sets
 from hivlp_jax.data import image_text
 from hivlp_jax.data import images as images_lib
 from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
-
-
-def _eval_name(config: ml_collections.ConfigDict) -> str:
-  return config.data.get('eval_name') or config.data.name
 
 
 def _check_captions(name: str, split: str, examples: list[sources.RawExample], per_image: int) -> None:
@@ -46,7 +43,7 @@ def load_eval_split(config: ml_collections.ConfigDict, split: str,
   [N, config.data.captions_per_image, L] (each image's first captions, as in the 1K / 5K test protocols),
   in the order of the split file. Any unreadable image is an error: a test split must be complete.
   """
-  name = _eval_name(config)
+  name = eval_sets.own_name(config)
   source = sources.source_from_config(config, split, name=name)
   examples = [e for shard in source.shards for e in source.read(shard)]
   per_image, size = config.data.captions_per_image, config.model.image_size
@@ -70,7 +67,7 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
   the build is prepared and the split has examples (a TFDS file holds its images). Web shards have no
   evaluation split: ValueError.
   """
-  name, data = _eval_name(config), config.data
+  name, data = eval_sets.own_name(config), config.data
   if name != 'webdataset' and data.get('source') == 'tfds':
     builder = sources.tfds_builder(name, data.data_dir, data.manual_dir)
     if split not in sources.TFDS_SPLITS[name]:
