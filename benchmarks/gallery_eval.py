@@ -1,0 +1,84 @@
+r"""A gallery-scale evaluation: caption queries over a million image embeddings, through the evaluator's ranking.
+
+  python benchmarks/gallery_eval.py --images=1000000 --queries=5000 --dim=256 \
+      --out=benchmarks/results/gallery_eval.json
+
+Synthetic embeddings as benchmarks/eval_memory.py makes them (coordinate i has std 1 / (1 + i / 16)): a
+gallery of --images image embeddings [N, D] and --queries captions, noisy copies of the first --queries
+images (noise std --caption_noise times each coordinate's std), each with its image as the one positive.
+Each mode (exact search at the full dim, and each --two_stage coarse:shortlist) builds its index over the
+whole gallery and ranks the captions with `ranking.rank_queries` (query blocks, top-K, best-positive
+ranks: what `evaluate.retrieval_metrics` does per direction), then R@1/5/10 and the median rank. Text-to-
+image only: image-to-text would make every gallery image a query. Prints a table and the whole run's
+wall time and peak resident memory (`ru_maxrss`), and writes them as JSON to --out.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo root.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import numpy as np
+
+from configs import default
+from hivlp_jax import coarse_to_fine
+from hivlp_jax import ranking
+from hivlp_jax import retrieval
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('images', 1_000_000, 'Gallery size (image embeddings).')
+flags.DEFINE_integer('queries', 5000, 'Caption queries, one per image of the gallery\'s first ones.')
+flags.DEFINE_integer('dim', 256, 'Embedding dim (the full one; the two-stage coarse dims are prefixes).')
+flags.DEFINE_float('caption_noise', 1.5, 'Caption noise std, in units of each coordinate\'s std.')
+flags.DEFINE_list('two_stage', ['64:200'], 'Two-stage modes, each coarse_dim:shortlist (empty: exact only).')
+flags.DEFINE_string('out', 'benchmarks/results/gallery_eval.json', 'JSON results (empty: none).')
+
+KS = (1, 5, 10)
+
+
+def main(argv):
+  del argv
+  start = time.perf_counter()
+  rng = np.random.default_rng(0)
+  std = (1.0 / (1.0 + np.arange(FLAGS.dim) / 16.0)).astype(np.float32)
+  images = rng.standard_normal((FLAGS.images, FLAGS.dim), np.float32) * std
+  queries = images[:FLAGS.queries] + FLAGS.caption_noise * rng.standard_normal(
+      (FLAGS.queries, FLAGS.dim), np.float32) * std
+  positives = np.arange(FLAGS.queries)[:, None]
+  settings = retrieval.ScannSettings.from_config(default.get_config().eval.scann)
+  modes = [retrieval.ExactSearch(FLAGS.dim)] + [
+      coarse_to_fine.TwoStageSearch(int(d), int(k), settings) for d, k in (s.split(':') for s in FLAGS.two_stage)]
+  rows = {}
+  for mode in modes:
+    began = time.perf_counter()
+    index = mode.build(images)
+    built = time.perf_counter()
+    ranked = ranking.rank_queries(index, queries, positives, max(KS))
+    rows[mode.name] = dict(build_s=built - began, rank_s=time.perf_counter() - built,
+                           **{f't2i_r{k}': v for k, v in ranking.recall_at_k(ranked.ranks, KS).items()},
+                           t2i_medr=ranking.median_rank(ranked.ranks))
+    del index
+  result = dict(images=FLAGS.images, queries=FLAGS.queries, dim=FLAGS.dim, caption_noise=FLAGS.caption_noise,
+                modes=rows, wall_s=time.perf_counter() - start,
+                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  print(f'{"mode":<24}{"build s":>9}{"rank s":>9}{"R@1":>7}{"R@5":>7}{"R@10":>7}{"MedR":>7}')
+  for name, r in rows.items():
+    print(f'{name:<24}{r["build_s"]:>9.1f}{r["rank_s"]:>9.1f}{r["t2i_r1"]:>7.3f}{r["t2i_r5"]:>7.3f}'
+          f'{r["t2i_r10"]:>7.3f}{r["t2i_medr"]:>7.0f}')
+  print(f'G={FLAGS.images:,} Q={FLAGS.queries:,} D={FLAGS.dim}: whole run {result["wall_s"]:.0f} s, '
+        f'peak RSS {result["peak_rss_mib"]:,.0f} MiB')
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or '.', exist_ok=True)
+    with open(FLAGS.out, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
