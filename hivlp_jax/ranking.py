@@ -109,11 +109,25 @@ def rank_queries(index: retrieval.Index, queries: np.ndarray, positive_ids: np.n
   out = Ranking(np.empty(len(queries), np.int64), np.empty((len(queries), k), np.float32),
                 np.empty((len(queries), k), np.int64))
   for rows, scores, ids in scored_blocks(index, queries, block or retrieval.block_rows(index.num_items)):
-    xp = jnp if isinstance(scores, jax.Array) else np
-    positives = positive_mask(ids, positive_ids[rows], scores.shape[1], xp)
-    out.ranks[rows] = np.asarray(best_positive_ranks(scores, positives, index.num_items))
+    if ids is None and not isinstance(scores, jax.Array):  # The whole gallery on the host: no [n, G] mask.
+      out.ranks[rows] = _ranks_of_gallery_scores(scores, positive_ids[rows], index.num_items)
+    else:
+      xp = jnp if isinstance(scores, jax.Array) else np
+      positives = positive_mask(ids, positive_ids[rows], scores.shape[1], xp)
+      out.ranks[rows] = np.asarray(best_positive_ranks(scores, positives, index.num_items))
     out.scores[rows], out.ids[rows] = retrieval.top_k(scores, k, ids)
   return out
+
+
+def _ranks_of_gallery_scores(scores: np.ndarray, positive_ids: np.ndarray, num_items: int) -> np.ndarray:
+  """`best_positive_ranks` of host scores [n, G] over the whole gallery, with positives given by id [n, P]
+  (distinct in a row, -1 padding): one pass over the scores instead of building a [n, G] mask."""
+  valid = positive_ids >= 0
+  positive_scores = np.where(valid, np.take_along_axis(scores, np.maximum(positive_ids, 0), axis=1), np.nan)
+  best = np.max(np.where(np.isfinite(positive_scores), positive_scores, -np.inf), axis=1)  # [n]
+  # Every item at least `best`, less the positives among them (NaN compares False: never counted).
+  counts = np.sum(scores >= best[:, None], axis=1) - np.sum(positive_scores >= best[:, None], axis=1)
+  return ranks_from_counts(counts, best, num_items)
 
 
 def scored_blocks(index: retrieval.Index, queries: np.ndarray, block: int):

@@ -91,12 +91,18 @@ def top_k(scores: Scores, k: int, ids: Optional[np.ndarray] = None) -> tuple[np.
   columns = np.broadcast_to(np.arange(width), scores.shape)
   if found < width:  # Only the k best are sorted. np.partition: a float32 copy, not int64 indices.
     kth = np.partition(key, width - found, axis=1)[:, width - found:width - found + 1]  # The k-th best.
-    # Items tied at the k-th place: the lowest columns among them.
-    above, tied = key > kth, key == kth
-    need = found - above.sum(axis=1, keepdims=True)
-    chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= need))
-    columns = np.nonzero(chosen)[1].reshape(-1, found)  # Exactly `found` a row, in column order.
-  order = np.argsort(-np.take_along_axis(key, columns, axis=1), axis=1, kind='stable')
+    rows, candidates = np.nonzero(key >= kth)  # At least `found` a row: usually exactly that many.
+    if len(rows) <= 4 * found * len(key):
+      # By row, then score descending, then column ascending (ties to the lower column); `found` a row.
+      order = np.lexsort((candidates, -key[rows, candidates], rows))
+      starts = np.searchsorted(rows[order], np.arange(len(key)))
+      columns = candidates[order][starts[:, None] + np.arange(found)[None, :]]
+    else:  # Many ties at the k-th place (e.g. rows of -inf): the lowest columns among them.
+      above, tied = key > kth, key == kth
+      need = found - above.sum(axis=1, keepdims=True)
+      chosen = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= need))
+      columns = np.nonzero(chosen)[1].reshape(-1, found)  # Exactly `found` a row, in column order.
+  order = np.argsort(-np.take_along_axis(key, columns, axis=1), axis=1, kind='stable')  # [Q, k]: cheap.
   columns = np.take_along_axis(columns, order, axis=1)
   top_scores = np.take_along_axis(scores, columns, axis=1)
   top_ids = columns if ids is None else np.take_along_axis(np.asarray(ids), columns, axis=1)

@@ -156,6 +156,8 @@ def test_blockwise_top_k_ranking_equals_the_dense_recall(seed):
     for ranked in (whole, shortlist):
       assert ranking.recall_at_k(ranked.ranks, ks) == recall
       assert ranking.median_rank(ranked.ranks) == medr
+      # Rank by rank too: the whole gallery takes the by-id path, a shortlist the mask path.
+      np.testing.assert_array_equal(ranked.ranks, ranking.best_positive_ranks(similarity, positives))
     assert recall[10] > 0 and recall[1] < 1  # Not a trivial case.
     # The top-K of the whole gallery is the one top-k of each row.
     expected_scores, expected_ids = retrieval.top_k(similarity, max(ks))
