@@ -131,7 +131,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, step: Opti
   if not files.path(workdir).exists():
     raise errors.MissingInputError(f'--workdir={workdir} does not exist: nothing to evaluate.')
   datasets = eval_sets.names(config)
-  tokenizer = pipeline.trained_run_tokenizer(config)
+  tokenizer = pipeline.trained_run_tokenizer(config, workdir)
   evaluator_list = from_config(config, tokenizer, datasets)  # Checks the splits before the (slower) restore.
   model = train_step.create_model(config, tokenizer.vocab_size)
   params, step = restore_params(workdir, config, model, step)

@@ -149,7 +149,7 @@ class Run:
 def load_run(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """Restores the parameters of the latest checkpoint of the run in `workdir` (config: see `load_config`)."""
   config = load_config(workdir, config)
-  tokenizer = pipeline.trained_run_tokenizer(config)
+  tokenizer = pipeline.trained_run_tokenizer(config, workdir)
   model = train_step.create_model(config, tokenizer.vocab_size)
   params, step = evaluators.restore_params(workdir, config, model)
   return Run(workdir=workdir, config=config, tokenizer=tokenizer, model=model, step=step,

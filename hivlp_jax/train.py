@@ -158,6 +158,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
 
   tokenizer = pipeline.get_tokenizer(config)
+  pipeline.record_vocabulary(workdir, config, tokenizer)
   evaluator_list = evaluators.from_config(config, tokenizer)  # Checks their splits now, before training.
   model = train_step.create_model(config, tokenizer.vocab_size)
   checkpoints = checkpointing.Checkpoints(workdir, config.max_checkpoints_to_keep)

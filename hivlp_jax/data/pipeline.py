@@ -7,6 +7,7 @@ went straight to s or was resumed from a checkpoint, so resuming never restarts 
 import dataclasses
 from typing import Callable, Iterator, Optional
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -58,9 +59,29 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.train_tokenizer(texts, path, vocab_size=config.data.vocab_size)
 
 
-def trained_run_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
-  """The tokenizer a trained run used; never trains one (its ids would not be the ones the model saw)."""
-  vocab = vocab_file(config)
+# WORKDIR/vocabulary.json: the vocabulary a run trains with, its file and real size. config.json keeps what
+# was asked, and data.vocab_size is only a target for a trained vocabulary (a small corpus gives fewer).
+VOCABULARY_RECORD = 'vocabulary.json'
+
+
+def record_vocabulary(workdir: str, config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer) -> None:
+  """Logs the vocabulary a run trains with and writes it to WORKDIR/vocabulary.json (process 0)."""
+  asked = None if config.data.vocab_file else int(config.data.vocab_size)
+  logging.info('Vocabulary: %d tokens from %s%s.', tokenizer.vocab_size, tokenizer.vocab_file,
+               '' if asked is None else f' (trained here; config.data.vocab_size={asked} asked)')
+  if jax.process_index() == 0:
+    files.write_json(files.path(workdir) / VOCABULARY_RECORD,
+                     {'file': tokenizer.vocab_file, 'tokens': tokenizer.vocab_size, 'asked': asked})
+
+
+def trained_run_tokenizer(config: ml_collections.ConfigDict,
+                          workdir: Optional[str] = None) -> tokenizer_lib.Tokenizer:
+  """The tokenizer a trained run used; never trains one (its ids would not be the ones the model saw).
+
+  The file the run recorded in WORKDIR/vocabulary.json when there is one, else the config's (`vocab_file`).
+  """
+  record = None if workdir is None else files.path(workdir) / VOCABULARY_RECORD
+  vocab = files.read_json(record)['file'] if record is not None and record.exists() else vocab_file(config)
   if not files.path(vocab).exists():
     raise errors.MissingInputError(f'The run\'s vocabulary {vocab} is missing (config.data.data_dir / vocab_file).')
   return tokenizer_lib.Tokenizer(vocab)
