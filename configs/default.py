@@ -37,6 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
       dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512,
            architecture='pre_ln',  # Or 'bert': post-LN blocks that a BERT checkpoint fits (models/bert.py).
            init_checkpoint=''))  # BERT to start from: TF bert_model.ckpt or a Hugging Face folder; needs 'bert'.
+  # Clips [B, T, H, W, 3] in place of images: the image tower embeds every frame, then a temporal aggregator
+  # pools the frames before the image head (models/video.py). Unused by image data.
+  config.model.video = ml_collections.ConfigDict(dict(
+      temporal='mean',  # Mean of the frames (CLIP4Clip meanP), or 'transformer' (seqTransf: sees frame order).
+      depth=2,  # Blocks of the temporal Transformer.
+      num_heads=0,  # Its attention heads; 0: the image tower's.
+      num_frames=8))  # Frames per clip: the temporal Transformer learns this many frame positions.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.

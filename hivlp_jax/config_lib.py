@@ -20,6 +20,7 @@ from hivlp_jax.data import eval_sets
 from hivlp_jax.models import dvae
 from hivlp_jax.models import encoders
 from hivlp_jax.models import pretrained
+from hivlp_jax.models import video
 
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
 RESUMABLE_FIELDS = ('num_train_steps', 'train_minutes', 'init.', 'log_every_steps', 'checkpoint_every_steps',
@@ -170,6 +171,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   remat_choices = tuple(encoders.REMAT_POLICIES)
   settings.check_field(config.model.remat in remat_choices, 'model.remat', config.model.remat,
                        f'is not one of {remat_choices}')
+  video.validate_config(config.model)
   evaluate.validate_config(config)
   eval_sets.names(config)  # Names and empty elements of config.eval.datasets; their data is checked later.
   settings.StepSettings.from_config(config)

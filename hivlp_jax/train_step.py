@@ -62,7 +62,10 @@ def init_params(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, 
   num_patches = (size // config.model.image.patch_size)**2
   masked = dict(masked_texts=texts if model.mlm else None,
                 patch_mask=jnp.zeros((1, num_patches), jnp.bool_) if model.mvm_codebook_size else None)
-  return model.init(rng, jnp.zeros((1, size, size, 3), jnp.uint8), texts, **masked)['params']
+  images = jnp.zeros((1, size, size, 3), jnp.uint8)
+  if config.model.video.temporal == 'transformer':  # Only a clip creates the temporal Transformer's params.
+    images = jnp.zeros((1, config.model.video.num_frames, size, size, 3), jnp.uint8)
+  return model.init(rng, images, texts, **masked)['params']
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: two_towers.TwoTowers, rng,
@@ -183,7 +186,7 @@ def loss_fn(params, state: TrainState, batch: dict, settings: settings_lib.StepS
             distill_weight):
   """The step's total loss and its metrics on this device; the one place where the terms are added up.
 
-  batch: 'image' uint8 [b, H, W, 3], 'text' int32 [b, L]; with image-id positives 'image_id' int32 [b]; with MLM 'masked_text' int32 [b, L] and
+  batch: 'image' uint8 [b, H, W, 3] (or clips [b, T, H, W, 3]), 'text' int32 [b, L]; with image-id positives 'image_id' int32 [b]; with MLM 'masked_text' int32 [b, L] and
   'text_mask' bool [b, L]; with MVM 'patch_mask' bool [b, patches] and 'image_codes' int32 [b, patches].
   local_keys: the momentum keys of this device's pairs (None: in-batch negatives).
   """

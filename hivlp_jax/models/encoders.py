@@ -214,8 +214,9 @@ class TextTransformer(nn.Module):
 
 
 def preprocess_images(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
-  """uint8 [B, H, W, 3] -> float32 [B, image_size, image_size, 3] in [-1, 1]."""
+  """uint8 [..., H, W, 3] (images [B, H, W, 3], clips [B, T, H, W, 3]) -> float32 [..., image_size, image_size, 3]
+  in [-1, 1]."""
   x = images.astype(jnp.float32) / 127.5 - 1.0
-  if x.shape[1:3] != (image_size, image_size):
-    x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), 'bilinear')
+  if x.shape[-3:-1] != (image_size, image_size):
+    x = jax.image.resize(x, x.shape[:-3] + (image_size, image_size, 3), 'bilinear')
   return x

@@ -1,5 +1,8 @@
 """Two-tower image-text model: a ViT image tower and a Transformer text tower, no fusion.
 
+The image tower also embeds videos: a clip [B, T, H, W, 3] runs its frames through the ViT with the same
+weights, `video.aggregate` pools the frames, and the image head projects the result (models/video.py).
+
 `TwoTowers(images, texts)` returns `TowerOutputs` (image and text embeddings, the learned temperature, with
 the sigmoid loss its logit bias, and the masked-token logits when asked for). The embeddings are the full
 nested-head projections [B, embed_dim], unnormalised; `matryoshka.normalized_prefix` reads them at any
@@ -13,16 +16,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hivlp_jax import errors
 from hivlp_jax.models import bert
 from hivlp_jax.models import encoders
 from hivlp_jax.models import matryoshka
+from hivlp_jax.models import video
 
 Dtype = Any
 
 
 class TowerOutputs(NamedTuple):
   """What `TwoTowers.__call__` returns; a field is None where its input was not given."""
-  image: Optional[jnp.ndarray]  # [B, embed_dim] float32, unnormalised.
+  image: Optional[jnp.ndarray]  # [B, embed_dim] float32, unnormalised (of images or of clips).
   text: Optional[jnp.ndarray]  # [B, embed_dim] float32, unnormalised.
   temperature: jnp.ndarray  # Scalar.
   mlm_logits: Optional[jnp.ndarray] = None  # [B, L, vocab], with `masked_texts`.
@@ -70,6 +75,11 @@ class TwoTowers(nn.Module):
     text_tower = {'pre_ln': encoders.TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
     self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
                                  cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype, **levers)
+    video.validate_config(cfg)  # Also for models built without config_lib.validate (tests, benchmarks).
+    self.temporal = None  # 'mean': no parameters, so an image model's tree is what it was before videos.
+    if cfg.video.temporal == 'transformer':
+      self.temporal = video.TemporalTransformer(cfg.video.num_frames, cfg.video.depth, video.temporal_heads(cfg),
+                                                cfg.image.mlp_dim, dtype=dtype, **levers)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     if self.sigmoid_loss:
@@ -95,8 +105,14 @@ class TwoTowers(nn.Module):
     return jnp.exp(self.log_temperature)
 
   def _encode_images(self, pixels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Preprocessed float32 [B, S, S, 3] -> pooled [B, width] and embedding float32 [B, embed_dim]."""
-    pooled, _ = self.image_tower(pixels)
+    """Preprocessed float32 images [B, S, S, 3] or clips [B, T, S, S, 3] -> pooled [B, width] (a clip's
+    aggregated over its frames) and embedding float32 [B, embed_dim]."""
+    if pixels.ndim == 5:  # The frames as one batch of images through the shared tower, then aggregated.
+      batch, num_frames = pixels.shape[:2]
+      frames, _ = self.image_tower(pixels.reshape((batch * num_frames,) + pixels.shape[2:]))
+      pooled = video.aggregate(frames.reshape(batch, num_frames, -1), self.temporal)
+    else:
+      pooled, _ = self.image_tower(pixels)
     return pooled, self.image_head(pooled).astype(jnp.float32)
 
   def _encode_texts(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -105,7 +121,7 @@ class TwoTowers(nn.Module):
     return pooled, self.text_head(pooled).astype(jnp.float32)
 
   def embed_images(self, images: jnp.ndarray) -> jnp.ndarray:
-    """uint8 [B, H, W, 3] -> float32 [B, embed_dim]."""
+    """uint8 images [B, H, W, 3] or clips [B, T, H, W, 3] -> float32 [B, embed_dim]."""
     return self._encode_images(encoders.preprocess_images(images, self.config.image_size))[1]
 
   def embed_texts(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -114,7 +130,7 @@ class TwoTowers(nn.Module):
 
   def __call__(self, images: Optional[jnp.ndarray] = None, texts: Optional[jnp.ndarray] = None, *,
                masked_texts: Optional[jnp.ndarray] = None, patch_mask: Optional[jnp.ndarray] = None):
-    """Embeds images [B, H, W, 3] uint8 and texts [B, L] int32 (either may be None).
+    """Embeds images [B, H, W, 3] (or clips [B, T, H, W, 3]) uint8 and texts [B, L] int32 (either may be None).
 
     For masked vision-language modeling pass both, and `masked_texts` int32 [B, L] (with `mlm`) and/or
     `patch_mask` bool [B, patches] (with `mvm_codebook_size`): the outputs then hold `mlm_logits`
@@ -123,6 +139,9 @@ class TwoTowers(nn.Module):
     """
     mlm_logits = mvm_logits = None
     image_embedding = text_embedding = image_pooled = text_pooled = None
+    if patch_mask is not None and images is not None and images.ndim == 5:
+      raise errors.InputError('config.mvlm.mvm_weight > 0 with video inputs: masked vision modeling of clips is '
+                              'not built (its visual tokens are per image); set config.mvlm.mvm_weight=0.')
     if images is not None:
       pixels = encoders.preprocess_images(images, self.config.image_size)  # Once, for the unmasked and masked passes.
       image_pooled, image_embedding = self._encode_images(pixels)

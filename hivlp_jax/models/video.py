@@ -1,0 +1,75 @@
+"""Videos through the image tower: its weights embed every frame, a temporal aggregator pools the frames.
+
+`TwoTowers` runs a clip uint8 [B, T, H, W, 3] as B*T images through the ViT, aggregates the T pooled frame
+features [B, T, width] into one [B, width] here, and projects that with the image tower's nested head, so a
+video embedding is read and trained exactly like an image embedding. config.model.video.temporal chooses:
+- 'mean': the mean of the frames (CLIP4Clip meanP). No parameters, blind to frame order.
+- 'transformer': CLIP4Clip seqTransf. `TemporalTransformer`, a small pre-LN Transformer over the T frame
+  tokens with learned frame-position embeddings, residual to the mean:
+  mean_t(x_t) + mean_t(Encoder(x + pos)_t). Its params (`temporal` in the model) exist only with this choice.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from hivlp_jax import errors
+from hivlp_jax.models import encoders
+
+Dtype = Any
+TEMPORAL = ('mean', 'transformer')  # config.model.video.temporal.
+
+
+def validate_config(model_config: ml_collections.ConfigDict) -> None:
+  """Raises errors.InputError naming the config.model.video field that cannot build a video tower."""
+  video, width = model_config.video, model_config.image.width
+  if video.temporal not in TEMPORAL:
+    raise errors.InputError(f'config.model.video.temporal={video.temporal!r} is not one of {TEMPORAL}.')
+  for name in ('depth', 'num_frames'):
+    if video[name] < 1:
+      raise errors.InputError(f'config.model.video.{name}={video[name]!r} must be >= 1.')
+  heads = temporal_heads(model_config)
+  if video.num_heads < 0 or width % heads:
+    raise errors.InputError(f'config.model.video.num_heads={video.num_heads!r} must be >= 0 (0: the image '
+                            f"tower's {model_config.image.num_heads}) and divide config.model.image.width={width}.")
+
+
+def temporal_heads(model_config: ml_collections.ConfigDict) -> int:
+  """The temporal Transformer's attention heads: config.model.video.num_heads, 0 meaning the image tower's."""
+  return model_config.video.num_heads or model_config.image.num_heads
+
+
+class TemporalTransformer(nn.Module):
+  """Frame features [B, T, W] (T <= max_frames) -> clip features [B, W]: the mean plus the averaged output
+  of an `encoders.Encoder` over the frames with learned frame-position embeddings.
+
+  The Encoder's final LayerNorm keeps the residual branch at the scale of the frame features (the ViT's
+  pooled [CLS] is LayerNorm-ed too), so neither term swamps the other at the start.
+  """
+  max_frames: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  remat: str = 'none'  # Encoder.remat.
+  scan_layers: bool = False  # Encoder.scan_layers.
+
+  @nn.compact
+  def __call__(self, frames):
+    num_frames, width = frames.shape[1:]
+    if num_frames > self.max_frames:
+      raise errors.InputError(f'A clip of {num_frames} frames is longer than config.model.video.num_frames='
+                              f'{self.max_frames}, the frame positions the temporal Transformer learns.')
+    # Named like the towers' position embeddings, so weight decay leaves it alone (train_step.NO_DECAY).
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, self.max_frames, width))
+    x = frames + pos[:, :num_frames].astype(frames.dtype)
+    x = encoders.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat,
+                         scan_layers=self.scan_layers, name='encoder')(x)
+    return jnp.mean(frames, axis=1) + jnp.mean(x, axis=1)
+
+
+def aggregate(frames: jnp.ndarray, transformer: TemporalTransformer = None) -> jnp.ndarray:
+  """Frame features [B, T, W] -> clip features [B, W]: the mean, or `transformer`'s output when given."""
+  return jnp.mean(frames, axis=1) if transformer is None else transformer(frames)

@@ -1,0 +1,143 @@
+"""The video tower: the image tower over a clip's frames, a temporal aggregator, the image head (issue 16)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hivlp_jax import config_lib
+from hivlp_jax import errors
+from hivlp_jax import train_step
+from hivlp_jax.models import encoders
+from hivlp_jax.models import matryoshka
+from tests.conftest import tiny_config
+from tests.test_momentum_training import _train
+from tests.test_train import _random_batch
+
+NUM_FRAMES = 3
+
+
+def _video_config(temporal='mean'):
+  config = tiny_config('unused')  # No data is read.
+  config.model.nested_dims, config.loss.dim_weights = (8, 64), (1.0, 1.0)
+  config.model.video.update(dict(temporal=temporal, depth=1, num_frames=NUM_FRAMES))
+  config.batch_size = 16
+  config.optimizer.warmup_steps = 1
+  return config
+
+
+def _model_and_params(config, seed=0):
+  model = train_step.create_model(config, vocab_size=50)
+  return model, train_step.init_params(config, model, jax.random.key(seed))
+
+
+def _clips(batch, num_frames, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (batch, num_frames, 32, 32, 3), dtype=np.uint8)
+
+
+def _embed(model, params, images):
+  return np.asarray(model.apply({'params': params}, images, method=model.embed_images))
+
+
+def test_mean_of_one_frame_is_the_image_embedding():
+  model, params = _model_and_params(_video_config('mean'))
+  clips = _clips(4, 1)
+  np.testing.assert_allclose(_embed(model, params, clips), _embed(model, params, clips[:, 0]), rtol=1e-6, atol=1e-6)
+  # Through __call__ too, with 48 px frames resized as images are.
+  frames = np.random.default_rng(1).integers(0, 256, (4, 1, 48, 48, 3), dtype=np.uint8)
+  outputs = model.apply({'params': params}, frames, None)
+  np.testing.assert_allclose(outputs.image, _embed(model, params, frames[:, 0]), rtol=1e-6, atol=1e-6)
+
+
+def test_mean_ignores_frame_order_and_the_transformer_does_not():
+  clips = _clips(4, NUM_FRAMES)
+  reversed_clips = clips[:, ::-1]
+  model, params = _model_and_params(_video_config('mean'))
+  np.testing.assert_allclose(_embed(model, params, clips), _embed(model, params, reversed_clips), rtol=1e-5,
+                             atol=1e-5)
+  model, params = _model_and_params(_video_config('transformer'))
+  forward, backward = _embed(model, params, clips), _embed(model, params, reversed_clips)
+  # Only the learned frame positions (normal(0.02) at init) tell the orders apart: a small but clear gap.
+  assert np.abs(forward - backward).max() > 1e-3 * np.abs(forward).max()
+
+
+def test_image_model_parameter_tree_is_unchanged():
+  """The image model's params are the towers, heads and temperature alone, as before videos existed: the
+  reference is built from the parts, without the model class. The temporal Transformer adds `temporal` only."""
+  config = _video_config('mean')
+  m, key = config.model, jax.random.key(0)
+  reference = dict(
+      image_tower=encoders.ViT(m.image.patch_size, m.image.width, m.image.depth, m.image.num_heads,
+                               m.image.mlp_dim).init(key, jnp.zeros((1, 32, 32, 3)))['params'],
+      text_tower=encoders.TextTransformer(50, m.text.max_len, m.text.width, m.text.depth, m.text.num_heads,
+                                          m.text.mlp_dim).init(key, jnp.ones((1, 8), jnp.int32))['params'],
+      image_head=matryoshka.NestedProjection(m.embed_dim).init(key, jnp.zeros((1, m.image.width)))['params'],
+      text_head=matryoshka.NestedProjection(m.embed_dim).init(key, jnp.zeros((1, m.text.width)))['params'],
+      log_temperature=jnp.zeros(()))
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+  model, image_params = _model_and_params(config)
+  assert shapes(image_params) == shapes(reference)
+  _, video_params = _model_and_params(_video_config('transformer'))
+  temporal = video_params.pop('temporal')
+  assert shapes(video_params) == shapes(reference)
+  assert temporal['pos_embedding'].shape == (1, NUM_FRAMES, m.image.width)
+  assert sorted(temporal['encoder']) == ['block0', 'norm']
+  # Images still take the image path in a model with the temporal Transformer, with the same function.
+  model_t = train_step.create_model(_video_config('transformer'), vocab_size=50)
+  images = _clips(4, 1)[:, 0]
+  np.testing.assert_array_equal(_embed(model_t, dict(video_params, temporal=temporal), images),
+                                _embed(model, video_params, images))
+
+
+def _video_batch(config, seed):
+  batch = _random_batch(config, 16, 50, seed=seed)
+  batch['image'] = _clips(16, NUM_FRAMES, seed)
+  return batch
+
+
+@pytest.mark.parametrize('variant', ['in_batch', 'queue_kl'])
+def test_video_train_steps_on_4_devices_match_1_device(variant):
+  """The step sees embeddings only: clips [devices, b, T, H, W, 3] train through the same losses."""
+  config = _video_config('transformer')
+  if variant == 'in_batch':
+    config.accumulation_steps = 2  # Micro-batches of clips as well.
+  else:
+    config.contrastive.update(dict(queue_size=32, kl_weight=0.5, distill_weight=0.4, filter_noisy_pairs=True,
+                                   filter_k=1.0, filter_warmup_steps=0))
+  config_lib.validate(config)
+  model = train_step.create_model(config, vocab_size=50)
+  initial = train_step.create_train_state(config, model, jax.random.key(0))
+  batches = [_video_batch(config, seed) for seed in range(2)]
+  _, history4 = _train(config, initial, batches, 4)
+  hosts1, history1 = _train(config, initial, batches, 1)
+  keys = ['loss', 'loss_dim8', 'loss_dim64', 'grad_norm'] + (['loss_kl'] if variant == 'queue_kl' else [])
+  for m4, m1 in zip(history4, history1):
+    for key in keys:
+      np.testing.assert_allclose(m4[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  assert all(np.isfinite(m['loss']) and m['nonfinite'] == 0 for m in history1)
+  # The temporal Transformer trains with the towers.
+  assert not np.allclose(hosts1[-1].params['temporal']['pos_embedding'], initial.params['temporal']['pos_embedding'])
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('temporal', 'lstm', r"config.model.video.temporal='lstm' is not one of \('mean', 'transformer'\)"),
+    ('depth', 0, r'config.model.video.depth=0 must be >= 1'),
+    ('num_frames', 0, r'config.model.video.num_frames=0 must be >= 1'),
+    ('num_heads', 3, r'config.model.video.num_heads=3 must be >= 0 .* divide config.model.image.width=64'),
+])
+def test_bad_video_fields_are_named(field, value, message):
+  config = _video_config()
+  config.model.video[field] = value
+  with pytest.raises(errors.InputError, match=message):
+    config_lib.validate(config)
+
+
+def test_masked_vision_modeling_and_long_clips_are_refused():
+  config = _video_config('transformer')
+  model, params = _model_and_params(config)
+  with pytest.raises(errors.InputError, match=r'A clip of 4 frames is longer than config.model.video.num_frames=3'):
+    _embed(model, params, _clips(2, NUM_FRAMES + 1))
+  config.mvlm.mvm_weight = 1.0
+  mvm_model = train_step.create_model(config, vocab_size=50)
+  with pytest.raises(errors.InputError, match=r'mvm_weight > 0 with video inputs'):
+    jax.eval_shape(lambda: train_step.init_params(config, mvm_model, jax.random.key(0)))
