@@ -90,23 +90,33 @@ def load_split(data_dir: str, split: str, config_name: str = 'default') -> dict[
   Returns, in scene order:
     'image': uint8 [N, H, W, 3]; 'captions': list of N lists of 5 str (decoded).
   """
-  builder = EmbeddedScenes(data_dir=data_dir, config=config_name)
+  return read_in_order(EmbeddedScenes(data_dir=data_dir, config=config_name), split, ('image',))
+
+
+def read_in_order(builder: tfds.core.DatasetBuilder, split: str, arrays: tuple[str, ...]) -> dict:
+  """Prepares `builder` if needed and reads a whole split in 'id' order (TFDS stores examples in hashed-key
+  order): the features named in `arrays` as numpy arrays, and 'captions' as lists of str. Shared by the
+  embedded builders."""
   builder.download_and_prepare()
   data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  order = np.argsort(data['id'])  # TFDS stores examples in hashed-key order.
-  return {
-      'image': data['image'][order],
-      'captions': [[c.decode('utf-8') for c in data['captions'][i]] for i in order],
-  }
+  order = np.argsort(data['id'])
+  ordered = {k: data[k][order] for k in arrays}
+  ordered['captions'] = [[c.decode('utf-8') for c in data['captions'][i]] for i in order]
+  return ordered
 
 
 def num_examples(config_name: str, split: str) -> int:
   """The number of images of a split of a builder config, without building it."""
-  configs = {c.name: c for c in EmbeddedScenes.BUILDER_CONFIGS}
+  return split_size(EmbeddedScenes, config_name, split)
+
+
+def split_size(builder_class, config_name: str, split: str) -> int:
+  """The examples of a split of one of `builder_class`'s configs (num_train / num_validation / num_test)."""
+  configs = {c.name: c for c in builder_class.BUILDER_CONFIGS}
   if config_name not in configs:
-    raise errors.InputError(f'Unknown embedded_scenes config {config_name!r}; known: {sorted(configs)}.')
-  sizes = {'train': configs[config_name].num_train, 'validation': configs[config_name].num_validation,
-           'test': configs[config_name].num_test}
+    raise errors.InputError(f'Unknown {builder_class.name} config {config_name!r}; known: {sorted(configs)}.')
+  config = configs[config_name]
+  sizes = {'train': config.num_train, 'validation': config.num_validation, 'test': config.num_test}
   if split not in sizes:
-    raise errors.InputError(f'Unknown split {split!r} of embedded_scenes; known: {sorted(sizes)}.')
+    raise errors.InputError(f'Unknown split {split!r} of {builder_class.name}; known: {sorted(sizes)}.')
   return sizes[split]

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hivlp_jax import errors
+from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import moving_scenes
 from hivlp_jax.data import scenes
 
@@ -92,27 +92,13 @@ def load_split(data_dir: str, split: str, config_name: str = 'default') -> dict[
     'video': uint8 [N, T, H, W, 3]; 'captions': list of N lists of 5 str (decoded);
     'reverse_of': int64 [N], the index of the clip a clip plays backwards, -1 for none.
   """
-  builder = EmbeddedVideos(data_dir=data_dir, config=config_name)
-  builder.download_and_prepare()
-  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  order = np.argsort(data['id'])  # TFDS stores examples in hashed-key order.
-  return {
-      'video': data['video'][order],
-      'captions': [[c.decode('utf-8') for c in data['captions'][i]] for i in order],
-      'reverse_of': data['reverse_of'][order],
-  }
+  return embedded_scenes.read_in_order(EmbeddedVideos(data_dir=data_dir, config=config_name), split,
+                                      ('video', 'reverse_of'))
 
 
 def num_examples(config_name: str, split: str) -> int:
   """The number of clips of a split of a builder config, without building it."""
-  configs = {c.name: c for c in EmbeddedVideos.BUILDER_CONFIGS}
-  if config_name not in configs:
-    raise errors.InputError(f'Unknown embedded_videos config {config_name!r}; known: {sorted(configs)}.')
-  sizes = {'train': configs[config_name].num_train, 'validation': configs[config_name].num_validation,
-           'test': configs[config_name].num_test}
-  if split not in sizes:
-    raise errors.InputError(f'Unknown split {split!r} of embedded_videos; known: {sorted(sizes)}.')
-  return sizes[split]
+  return embedded_scenes.split_size(EmbeddedVideos, config_name, split)
 
 
 def statistics(config_name: str = 'default') -> str:
