@@ -1,7 +1,9 @@
 #!/bin/bash
 # One prepared run on a machine with one accelerator (GPU or TPU host). PARTS (comma-separated):
-#   steps      the train step at ViT-B/16 + BERT-base size (configs/base_b16.py) at a global batch of 1024 and
-#              4096 per chip: in-batch and full COTS with remat, accumulation 16, and batch 256 as before
+#   steps      the train step at ViT-B/16 + BERT-base size (configs/base_b16.py): inbatch (1024, remat), cots
+#              (1024, remat, queue + KL + filter + MLM + MVM), accum (4096 in 16 micro-batches), b256; each
+#              also a part of its own
+#   video      the video step: 128 clips of 12 frames at 224 px (MSR-VTT's shape), remat, temporal Transformer
 #   retrieval  the retrieval benchmark at 1M x 768: exact search on the accelerator, then the CPU methods
 #              pinned to 2 cores (the issue's target machine)
 # Each part has its own time limit inside DEADLINE_S, so one that hangs or fails leaves the others' numbers.
@@ -38,17 +40,27 @@ step() {  # step LIMIT_S FLAGS...: one variant of benchmarks/train_step.py; fail
   return $status
 }
 
-if [[ ,$parts, == *,steps,* ]]; then
-  cots=(--config.contrastive.queue_size=65536 --config.contrastive.kl_weight=1.0
-        --config.contrastive.filter_noisy_pairs=True --config.mvlm.mlm_weight=1.0 --config.mvlm.mvm_weight=1.0
-        --config.visual_tokenizer.codes_file=unused.npy)
-  # Where a batch does not fit (exit 3, after its compile), the same global batch in more micro-batches.
+want() {  # want PART: whether PARTS names it ('steps' names every image step).
+  [[ ,$parts, == *,$1,* ]] || { [[ $1 =~ ^(inbatch|cots|accum|b256)$ ]] && [[ ,$parts, == *,steps,* ]]; }
+}
+
+cots=(--config.contrastive.queue_size=65536 --config.contrastive.kl_weight=1.0
+      --config.contrastive.filter_noisy_pairs=True --config.mvlm.mlm_weight=1.0 --config.mvlm.mvm_weight=1.0
+      --config.visual_tokenizer.codes_file=unused.npy)
+# Where a batch does not fit (exit 3, after its compile), the same global batch in more micro-batches.
+if want inbatch; then
   step 170 --config.batch_size=1024 --config.model.remat=block
   [[ $? == 3 ]] && step 150 --config.batch_size=1024 --config.model.remat=block --config.accumulation_steps=4
+fi
+if want cots; then
   step 210 --config.batch_size=1024 --config.model.remat=block "${cots[@]}"
   [[ $? == 3 ]] && step 180 --config.batch_size=1024 --config.model.remat=block --config.accumulation_steps=4 "${cots[@]}"
-  step 160 --config.batch_size=4096 --config.accumulation_steps=16
-  step 110 --config.batch_size=256
+fi
+want accum && step 160 --config.batch_size=4096 --config.accumulation_steps=16
+want b256 && step 110 --config.batch_size=256
+if want video; then  # configs/msrvtt.py's step: 12 frames of 224 px per clip, temporal Transformer.
+  step 200 --config.batch_size=128 --config.model.remat=block --frames=12 --config.model.video.num_frames=12 \
+    --config.model.video.temporal=transformer
 fi
 
 if [[ ,$parts, == *,retrieval,* ]]; then

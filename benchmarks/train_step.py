@@ -4,7 +4,8 @@ r"""Benchmark of the pmapped train step: median step time, examples/s, FLOP util
       --config=configs/default.py --steps=20 --out=benchmarks/results/train_step.json
 The memory levers are config fields: add --config.model.remat=block (or block_full),
 --config.model.scan_layers=True and/or --config.accumulation_steps=K to make a table of memory against step
-time; --memory_only compiles without running (the accumulation table of docs/results.md).
+time; --memory_only compiles without running (the accumulation table of docs/results.md). --frames=T times
+the video step: clips of T frames through the image tower (with --config.model.video.num_frames=T).
 
 Synthetic batches of the config's shapes, so the number is the step alone (no input pipeline); with
 masked vision-language modeling on, masked inputs and random visual-token ids. FLOPs are the model's (MFU):
@@ -42,6 +43,8 @@ flags.DEFINE_string('out', '', 'Append the result as one JSON line to this file.
 flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps first (the first one compiles).')
 flags.DEFINE_float('peak_tflops', 0, 'Per-device peak in TFLOP/s for fraction_of_peak (e.g. 989 for an H100/H200 in '
                    'dense bf16); 0 measures a matmul in the model dtype instead.')
+flags.DEFINE_integer('frames', 0, 'Clips of this many frames per example in place of images (the video step; set '
+                     '--config.model.video.num_frames to match for the temporal Transformer).')
 flags.DEFINE_bool('memory_only', False, 'Compile and report the memory analysis only, no timed steps (for steps '
                   'too big to run on the machine at hand, e.g. base_b16 at batch 4096 on a CPU).')
 
@@ -112,8 +115,9 @@ def main(argv):
   per_device = config.batch_size // devices
   rng = np.random.default_rng(0)
   size, max_len = config.model.image_size, config.model.text.max_len
+  visual = (config.batch_size,) + ((FLAGS.frames,) if FLAGS.frames else ()) + (size, size, 3)
   batch = {
-      'image': rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8),
+      'image': rng.integers(0, 256, visual, dtype=np.uint8),
       'text': rng.integers(5, FLAGS.vocab_size, (config.batch_size, max_len), dtype=np.int32),
   }
   if config.mvlm.mlm_weight or config.mvlm.mvm_weight:  # Masked inputs, and random visual-token ids.
@@ -171,7 +175,7 @@ def main(argv):
       'config': os.path.basename(config_flags.get_config_filename(FLAGS['config'])),
       'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind, 'jax': jax.__version__,
       'devices': devices, 'global_batch': config.batch_size, 'dtype': config.model.dtype,
-      **levers,
+      **levers, 'frames': FLAGS.frames, 'temporal': config.model.video.temporal if FLAGS.frames else '',
       'queue_size': contrastive.queue_size, 'kl_weight': contrastive.kl_weight,
       'filter_noisy_pairs': contrastive.filter_noisy_pairs, 'mlm_weight': config.mvlm.mlm_weight,
       'mvm_weight': config.mvlm.mvm_weight,

@@ -15,8 +15,8 @@ from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import files
 from hivlp_jax import settings
-from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import eval_sets
+from hivlp_jax.data import pipeline
 from hivlp_jax.models import dvae
 from hivlp_jax.models import encoders
 from hivlp_jax.models import pretrained
@@ -28,7 +28,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'train_minutes', 'init.', 'log_every_step
                     'data.shards', 'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch',
                     'eval.')
 CONFIG_FILE = 'config.json'
-DATA_SETS = ('embedded_scenes', 'webdataset', 'flickr30k', 'coco')
+DATA_SETS = ('embedded_scenes', 'embedded_videos', 'webdataset', 'flickr30k', 'coco')
 DTYPES = ('float32', 'bfloat16', 'float16')  # The towers' compute dtype; parameters stay float32.
 TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # encoders.TextTransformer, bert.BertTextTransformer.
 TOKENIZER_SPLITS = ('train', 'validation', 'test')
@@ -124,10 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from configs import default  # pylint: disable=g-import-not-at-top  (the reference for every field's type)
   _check_types(config, default.get_config())
   settings.check_field(config.data.name in DATA_SETS, 'data.name', config.data.name, f'is not one of {DATA_SETS}')
-  if config.data.name == 'embedded_scenes':
-    known = [c.name for c in embedded_scenes.EmbeddedScenes.BUILDER_CONFIGS]
-    settings.check_field(config.data.builder_config in known, 'data.builder_config', config.data.builder_config,
-                         f'is not one of the embedded scenes\' configs {known}')
+  if config.data.name in pipeline.EMBEDDED:
+    pipeline.check_embedded_config(config)
   settings.check_field(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'is not one of {DTYPES}')
   image_init = config.model.image.init_checkpoint
   settings.check_field(not image_init or files.path(image_init).exists(), 'model.image.init_checkpoint', image_init,

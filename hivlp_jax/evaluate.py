@@ -2,7 +2,8 @@
 
 Protocol (Flickr30K/COCO): image-to-text is a hit when any of the image's captions is in the top K;
 text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways; the median rank
-(MedR, 1-based) is that of each query's best positive. Ranks come a block of queries at a time
+(MedR, 1-based) is that of each query's best positive, MnR its mean. Clips are evaluated as images are, their
+directions named as video retrieval names them: 'v2t' (clip queries) and 't2v' (caption queries). Ranks come a block of queries at a time
 (`ranking.rank_queries`): no [queries, gallery] matrix is held.
 """
 
@@ -34,21 +35,27 @@ def check_finite(embeddings: Mapping[str, np.ndarray], step: Optional[int] = Non
                               'damaged.')
 
 
-def _directions(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray):
-  """(name, queries, gallery, positive ids int [Q, P]) for image-to-text, then text-to-image."""
+IMAGE_DIRECTIONS = ('i2t', 't2i')  # (visual queries over the captions, caption queries over the visuals).
+VIDEO_DIRECTIONS = ('v2t', 't2v')
+
+
+def _directions(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
+                names: Sequence[str] = IMAGE_DIRECTIONS):
+  """(name, queries, gallery, positive ids int [Q, P]) for image-to-text, then text-to-image, named `names`."""
   i2t, t2i = ranking.positives_per_query(text_image_ids, image_embeddings.shape[0])
-  return (('i2t', image_embeddings, text_embeddings, i2t), ('t2i', text_embeddings, image_embeddings, t2i))
+  return ((names[0], image_embeddings, text_embeddings, i2t), (names[1], text_embeddings, image_embeddings, t2i))
 
 
 def _rank_metrics(rankings: Mapping[str, ranking.Ranking], ks: Sequence[int]) -> dict[str, float]:
   """'{direction}_r{k}' for each direction and k (rankings: direction -> its `ranking.Ranking`), 'rsum',
-  'mean_recall' and '{direction}_medr'."""
+  'mean_recall', '{direction}_medr' and '{direction}_mnr'."""
   metrics = {}
   for name, ranked in rankings.items():
     metrics.update({f'{name}_r{k}': v for k, v in ranking.recall_at_k(ranked.ranks, ks).items()})
   metrics['rsum'] = 100.0 * sum(metrics.values())  # The recalls only, in the order they have always been summed.
   metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
   metrics.update({f'{name}_medr': ranking.median_rank(ranked.ranks) for name, ranked in rankings.items()})
+  metrics.update({f'{name}_mnr': ranking.mean_rank(ranked.ranks) for name, ranked in rankings.items()})
   return metrics
 
 
@@ -69,15 +76,17 @@ def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int,
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
-                      mode: retrieval.RetrievalMode, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                      mode: retrieval.RetrievalMode, ks: Sequence[int] = (1, 5, 10),
+                      directions: Sequence[str] = IMAGE_DIRECTIONS) -> dict[str, float]:
   """Recall both ways for one retrieval mode.
 
   Args:
     image_embeddings: [N, D]; text_embeddings: [T, D]; text_image_ids: int [T], the image of each caption.
   Returns:
-    'i2t_r{k}', 't2i_r{k}' for each k, 'rsum', 'mean_recall', 'i2t_medr' and 't2i_medr'.
+    'i2t_r{k}', 't2i_r{k}' for each k, 'rsum', 'mean_recall', 'i2t_medr', 't2i_medr', 'i2t_mnr' and
+    't2i_mnr', the directions named `directions` (VIDEO_DIRECTIONS for clips).
   """
-  directions = _directions(image_embeddings, text_embeddings, text_image_ids)
+  directions = _directions(image_embeddings, text_embeddings, text_image_ids, directions)
   return _rank_metrics(_rank_directions(mode, directions, max(ks))[1], ks)
 
 
@@ -210,10 +219,11 @@ def speed_metrics(queries: np.ndarray, index: retrieval.Index, exact_top: np.nda
 
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
              modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0,
-             step: Optional[int] = None, shard: Optional[gallery_shards.Shard] = None
-             ) -> dict[str, dict[str, float]]:
+             step: Optional[int] = None, shard: Optional[gallery_shards.Shard] = None,
+             directions: Sequence[str] = IMAGE_DIRECTIONS) -> dict[str, dict[str, float]]:
   """Recall of every mode; with `latency_queries` > 0 also its speed both ways (see `speed_metrics`), as
-  't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions).
+  't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions), or as named by
+  `directions` (VIDEO_DIRECTIONS: 'v2t_*', 't2v_*').
 
   Each mode indexes each direction's gallery once, for its recall and its speed. Non-finite embeddings
   raise ValueError naming `step`, the checkpoint step they come from (`check_finite`). With `shard`
@@ -222,7 +232,7 @@ def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_ima
   time the collective, not a deployment).
   """
   check_finite({'image': image_embeddings, 'text': text_embeddings}, step)
-  directions = _directions(image_embeddings, text_embeddings, text_image_ids)
+  directions = _directions(image_embeddings, text_embeddings, text_image_ids, directions)
   k = max(ks)
   exact_tops = {}  # The exact full-dim top-k of each query, for shortlist recall.
   results = {}
@@ -250,16 +260,21 @@ def write_metrics_json(path: files.PathLike, results: Mapping, step: int) -> Non
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:
   """Recall per mode; then, when measured, text-to-image speed (p50 ms, queries/s, shortlist recall)."""
-  columns = [f'i2t_r{k}' for k in ks] + [f't2i_r{k}' for k in ks] + ['rsum']
+  first = next(iter(results.values()), {})
+  to_visual, to_text = next((names for names in (IMAGE_DIRECTIONS, VIDEO_DIRECTIONS)
+                             if f'{names[1]}_r{ks[0]}' in first), IMAGE_DIRECTIONS)
+  columns = [f'{to_visual}_r{k}' for k in ks] + [f'{to_text}_r{k}' for k in ks] + ['rsum']
   width = max(len(name) for name in list(results) + ['mode']) + 2
   lines = [f'{"mode":<{width}}' + ''.join(f'{c:>9}' for c in columns)]
   for name, metrics in results.items():
     lines.append(f'{name:<{width}}' + ''.join(
         f'{metrics[c]:>9.1f}' if c == 'rsum' else f'{metrics[c]:>9.3f}' for c in columns))
-  speed = {name: m for name, m in results.items() if 't2i_p50_ms' in m}
+  speed = {name: m for name, m in results.items() if f'{to_text}_p50_ms' in m}
   if speed:
-    lines.append(f'{"text-to-image speed":<{width}}{"p50_ms":>9}{"p99_ms":>9}{"q/s":>9}{"shortlist":>10}')
+    title = 'text-to-video speed' if to_text == VIDEO_DIRECTIONS[1] else 'text-to-image speed'
+    lines.append(f'{title:<{width}}{"p50_ms":>9}{"p99_ms":>9}{"q/s":>9}{"shortlist":>10}')
     for name, m in speed.items():
+      m = {key.replace(to_text, 't2i', 1): value for key, value in m.items()}
       recall = f'{m["t2i_shortlist_recall"]:>10.3f}' if 't2i_shortlist_recall' in m else f'{"-":>10}'
       lines.append(f'{name:<{width}}{m["t2i_p50_ms"]:>9.3f}{m["t2i_p99_ms"]:>9.3f}{m["t2i_queries_per_s"]:>9.0f}'
                    + recall)

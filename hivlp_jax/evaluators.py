@@ -63,8 +63,10 @@ class RetrievalEvaluator:
     image_emb, text_emb, text_image_ids = evaluate.embed_split(
         functools.partial(embed_images, params_replicated), functools.partial(embed_texts, params_replicated),
         data, self.config.eval.batch_size, shard)
+    clips = data.images.ndim == 5
     return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(self.config),
-                             self.config.eval.ks, self.config.eval.latency_queries, step=step, shard=shard)
+                             self.config.eval.ks, self.config.eval.latency_queries, step=step, shard=shard,
+                             directions=evaluate.VIDEO_DIRECTIONS if clips else evaluate.IMAGE_DIRECTIONS)
 
 
 def from_config(config: ml_collections.ConfigDict, tokenizer, datasets: Sequence[str] = ()

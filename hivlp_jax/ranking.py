@@ -155,3 +155,8 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 def median_rank(ranks: np.ndarray) -> float:
   """MedR: the median 1-based rank of the best positive (a positive never retrieved ranks G + 1)."""
   return float(np.median(ranks + 1))
+
+
+def mean_rank(ranks: np.ndarray) -> float:
+  """MnR (video retrieval's convention): the mean 1-based rank of the best positive, G + 1 when never retrieved."""
+  return float(np.mean(ranks + 1))

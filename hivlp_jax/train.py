@@ -108,12 +108,14 @@ def training_batches(config: ml_collections.ConfigDict, workdir: str, tokenizer,
     stream = streaming.create_train_stream(config, tokenizer, state=data_state, transform=transform)
     return stream, stream
   train_data = pipeline.load_split(config, 'train', tokenizer)
-  logging.info('Training data: %d images, %d captions each; vocabulary of %d.', train_data.num_images,
-               train_data.captions_per_image, tokenizer.vocab_size)
+  logging.info('Training data: %d %s, %d captions each; vocabulary of %d.', train_data.num_images,
+               'clips' if train_data.images.ndim == 5 else 'images', train_data.captions_per_image,
+               tokenizer.vocab_size)
   if config.mvlm.mvm_weight:
     from hivlp_jax import visual_tokenizer  # pylint: disable=g-import-not-at-top  (the MVM stage only)
     train_data = dataclasses.replace(train_data, image_codes=visual_tokenizer.load_codes(config, 'train'))
-  batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step, transform=transform)
+  batches = pipeline.train_batches(train_data, config.batch_size, config.seed, start_step, transform=transform,
+                                   num_frames=config.model.video.num_frames)
   return batches, None
 
 

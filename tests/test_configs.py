@@ -90,7 +90,7 @@ def test_unknown_override_keys():
 
 @pytest.mark.parametrize('override, message', [
     ('--config.model.dtype=float8', "model.dtype='float8' is not one of"),
-    ('--config.data.builder_config=huge', "data.builder_config='huge' is not one of the embedded scenes' configs"),
+    ('--config.data.builder_config=huge', "data.builder_config='huge' is not one of the embedded_scenes configs"),
     ('--config.model.image.init_checkpoint=nowhere/ViT.npz', "init_checkpoint='nowhere/ViT.npz' does not exist"),
     ('--config.model.temperature_min=0.0', r'model.temperature_min=0.0 must be > 0'),
 ])

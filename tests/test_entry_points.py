@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     'benchmarks/bad_inputs.py': ['--out_dir', '--only'],
     'benchmarks/eval_memory.py': ['--images', '--captions_per_image', '--dim', '--cases', '--out'],
     'benchmarks/gallery_eval.py': ['--images', '--queries', '--dim', '--two_stage', '--out'],
+    'benchmarks/video_order.py': ['--workdirs', '--dims', '--out'],
 }
 # Documented shell scripts: checked for syntax (`bash -n`; running them trains or needs a cluster), and
 # every Python tool they start must be one of ENTRY_POINTS.

@@ -5,7 +5,7 @@ went straight to s or was resumed from a checkpoint, so resuming never restarts 
 """
 
 import dataclasses
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -15,12 +15,27 @@ import numpy as np
 from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import embedded_scenes
+from hivlp_jax.data import embedded_videos
 from hivlp_jax.data import eval_splits
+from hivlp_jax.data import frames
 from hivlp_jax.data import image_text
 from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
 
 ImageTextSplit = image_text.ImageTextSplit
+
+
+
+class Embedded(NamedTuple):
+  """A data set generated here and held in memory: the module of its TFDS builder (`load_split`,
+  `num_examples`), the builder, and the key of its visual array: images [N, H, W, 3] or clips [N, T, H, W, 3]."""
+  module: Any
+  builder: type
+  visual_key: str
+
+
+EMBEDDED = {'embedded_scenes': Embedded(embedded_scenes, embedded_scenes.EmbeddedScenes, 'image'),
+            'embedded_videos': Embedded(embedded_videos, embedded_videos.EmbeddedVideos, 'video')}
 
 
 def vocab_file(config: ml_collections.ConfigDict) -> str:
@@ -42,8 +57,8 @@ VOCAB_TRAINING_CAPTIONS = 1_000_000
 
 
 def is_streamed(config: ml_collections.ConfigDict) -> bool:
-  """Real data sets (web shards, Flickr30K, COCO) stream through data/streaming.py; the embedded one is in memory."""
-  return config.data.name != 'embedded_scenes'
+  """Real data sets (web shards, Flickr30K, COCO) stream through data/streaming.py; the embedded ones are in memory."""
+  return config.data.name not in EMBEDDED
 
 
 def get_tokenizer(config: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
@@ -87,15 +102,28 @@ def trained_run_tokenizer(config: ml_collections.ConfigDict,
   return tokenizer_lib.Tokenizer(vocab)
 
 
-def _check_embedded(config: ml_collections.ConfigDict) -> None:
-  if config.data.name != 'embedded_scenes':
-    raise errors.InputError(f'Unknown data set {config.data.name!r}; this build knows: embedded_scenes, '
+def _embedded(config: ml_collections.ConfigDict) -> Embedded:
+  """config.data.name, an embedded data set (InputError naming the known ones when it is none)."""
+  if config.data.name not in EMBEDDED:
+    raise errors.InputError(f'Unknown data set {config.data.name!r}; this build knows: {", ".join(EMBEDDED)}, '
                             'webdataset, flickr30k, coco.')
+  return EMBEDDED[config.data.name]
+
+
+def check_embedded_config(config: ml_collections.ConfigDict) -> None:
+  """Raises InputError naming config.data.builder_config when the embedded set has no such builder config."""
+  known = [c.name for c in _embedded(config).builder.BUILDER_CONFIGS]
+  if config.data.builder_config not in known:
+    raise errors.InputError(f'config.data.builder_config={config.data.builder_config!r} is not one of the '
+                            f'{config.data.name} configs {known}.')
 
 
 def _load_raw(config: ml_collections.ConfigDict, split: str) -> dict:
-  _check_embedded(config)
-  return embedded_scenes.load_split(config.data.data_dir, split, config.data.builder_config)
+  """The split as its builder reads it, its images or clips under 'image'."""
+  embedded = _embedded(config)
+  raw = embedded.module.load_split(config.data.data_dir, split, config.data.builder_config)
+  raw['image'] = raw.pop(embedded.visual_key)
+  return raw
 
 
 def load_split(config: ml_collections.ConfigDict, split: str,
@@ -104,10 +132,13 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   if is_streamed(config):
     return eval_splits.load_eval_split(config, split, tokenizer)
   raw = _load_raw(config, split)
+  images = raw['image']
+  if images.ndim == 5 and split != 'train':  # Evaluation sees the segment centres; training draws per step.
+    images = frames.sample_clips(images, config.model.video.num_frames)
   captions = raw['captions']
   per_image = len(captions[0])
   flat = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
-  data = ImageTextSplit(images=raw['image'], tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
+  data = ImageTextSplit(images=images, tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
   if split == 'train' and config.data.noisy_caption_fraction:
     data = with_replaced_captions(data, config.data.noisy_caption_fraction, config.seed)
   return data
@@ -122,8 +153,7 @@ def check_split(config: ml_collections.ConfigDict, split: str, tokenizer: tokeni
   """
   if is_streamed(config):
     return eval_splits.check_eval_split(config, split, tokenizer)
-  _check_embedded(config)
-  return embedded_scenes.num_examples(config.data.builder_config, split)
+  return _embedded(config).module.num_examples(config.data.builder_config, split)
 
 
 def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> ImageTextSplit:
@@ -196,8 +226,8 @@ class TrainOrder:
 
 
 def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step: int,
-                  transform: Optional[Callable[[np.random.Generator, dict], dict]] = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  transform: Optional[Callable[[np.random.Generator, dict], dict]] = None,
+                  num_frames: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
 
   Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L],
@@ -205,6 +235,9 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
   and with `data.image_codes` 'image_codes' int32 [local_devices, per_device, patches].
   transform(rng, host batch) -> host batch runs before the device split (e.g. masking), with a generator
   seeded by (seed, step, host) so that a resumed run repeats it.
+  Clips (`data.images` uint8 [N, T, H, W, 3]) give 'image' [local_devices, per_device, num_frames, H, W, 3]:
+  a random frame of each of `num_frames` segments per clip and step (`frames.sample_clips`), seeded likewise
+  (0: every stored frame).
   """
   num_hosts, host = jax.process_count(), jax.process_index()
   local_batch = global_batch // num_hosts
@@ -214,7 +247,10 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
     image_idx, caption_idx = order.indices(step)
     mine = slice(host * local_batch, (host + 1) * local_batch)
     image_idx, caption_idx = image_idx[mine], caption_idx[mine]
-    batch = {'image': data.images[image_idx], 'text': data.tokens[image_idx, caption_idx],
+    images = data.images[image_idx]
+    if images.ndim == 5 and num_frames:
+      images = frames.sample_clips(images, num_frames, np.random.default_rng([seed, step, host, 2]))
+    batch = {'image': images, 'text': data.tokens[image_idx, caption_idx],
              'image_id': image_idx.astype(np.int32)}
     if data.replaced is not None:
       batch['noisy'] = data.replaced[image_idx]  # Only measured against, never trained on.

@@ -1,0 +1,128 @@
+"""The embedded clips as training and evaluation data: frame sampling, batches, t2v/v2t metrics, the job."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import video_default
+from hivlp_jax import config_lib
+from hivlp_jax import errors
+from hivlp_jax import evaluate
+from hivlp_jax import retrieval
+from hivlp_jax import train
+from hivlp_jax.data import embedded_videos
+from hivlp_jax.data import frames
+from hivlp_jax.data import pipeline
+from hivlp_jax.data import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope='module')
+def video_dir(tmp_path_factory):
+  """A data dir holding the 'tiny' embedded video data set (200 / 50 / 100 clips of 8 frames)."""
+  path = str(tmp_path_factory.mktemp('videos'))
+  embedded_videos.EmbeddedVideos(data_dir=path, config='tiny').download_and_prepare()
+  return path
+
+
+def _config(video_dir, num_frames=8):
+  """configs/video_default.py on the tiny clips with a tiny model (configs/tiny.py's sizes)."""
+  config = video_default.get_config()
+  config.data.update(dict(builder_config='tiny', data_dir=video_dir))
+  config.model.embed_dim = 64
+  config.model.nested_dims = (8, 16, 32, 64)
+  config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0)
+  config.model.image.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
+  config.model.text.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
+  config.model.video.update(dict(depth=1, num_frames=num_frames))
+  config.batch_size = 16
+  config.num_train_steps = 4
+  config.optimizer.warmup_steps = 2
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 4
+  config.eval.batch_size = 40
+  config.eval.latency_queries = 5
+  return config
+
+
+def _tokenizer(config):
+  return pipeline.get_tokenizer(config)
+
+
+def test_frame_indices_of_train_and_eval():
+  np.testing.assert_array_equal(frames.sample_frame_indices(8, 4), [1, 3, 5, 7])  # Segment centres.
+  np.testing.assert_array_equal(frames.sample_frame_indices(16, 4), [2, 6, 10, 14])
+  np.testing.assert_array_equal(frames.sample_frame_indices(8, 8), np.arange(8))
+  np.testing.assert_array_equal(frames.sample_frame_indices(3, 8), [0, 0, 0, 1, 1, 2, 2, 2])  # Repeats, in order.
+  rng = np.random.default_rng(0)
+  draws = np.stack([frames.sample_frame_indices(20, 4, rng) for _ in range(500)])
+  for i in range(4):  # Each training index lies in its segment [5i, 5i + 5) and every frame of it is drawn.
+    assert set(draws[:, i]) == set(range(5 * i, 5 * i + 5))
+  with pytest.raises(errors.InputError, match='0 frames'):
+    frames.sample_frame_indices(0, 4)
+
+
+def test_eval_split_holds_the_segment_centres_and_train_batches_draw_within_segments(video_dir):
+  config = _config(video_dir, num_frames=4)
+  tokenizer = _tokenizer(config)
+  raw = embedded_videos.load_split(video_dir, 'test', 'tiny')['video']
+  test = pipeline.load_split(config, 'test', tokenizer)
+  assert test.images.shape == (100, 4, 32, 32, 3) and test.tokens.shape[:2] == (100, 5)
+  np.testing.assert_array_equal(test.images, raw[:, [1, 3, 5, 7]])
+
+  train_data = pipeline.load_split(config, 'train', tokenizer)
+  assert train_data.images.shape == (200, 8, 32, 32, 3)  # Whole clips: training draws frames per step.
+  batches = pipeline.train_batches(train_data, 16, seed=0, start_step=0, num_frames=4)
+  first, second = next(batches), next(batches)
+  assert first['image'].shape == (4, 4, 4, 32, 32, 3)  # [devices, per device, frames, H, W, 3].
+  clips, ids = first['image'].reshape(16, 4, 32, 32, 3), first['image_id'].reshape(16)
+  for clip, clip_id in zip(clips, ids):
+    stored = train_data.images[clip_id]
+    chosen = [[t for t in range(8) if np.array_equal(stored[t], frame)] for frame in clip]
+    assert all(any(t // 2 == i for t in ts) for i, ts in enumerate(chosen))  # Frame i from segment i.
+  resumed = next(pipeline.train_batches(train_data, 16, seed=0, start_step=1, num_frames=4))
+  np.testing.assert_array_equal(resumed['image'], second['image'])  # A resumed run draws the same frames.
+
+
+def test_clip_metrics_are_named_v2t_and_t2v_with_mean_rank():
+  rng = np.random.default_rng(1)
+  clips = rng.normal(size=(30, 8)).astype(np.float32)
+  texts = np.repeat(clips, 2, axis=0) + rng.normal(scale=1.0, size=(60, 8)).astype(np.float32)
+  ids = np.repeat(np.arange(30), 2)
+  images = evaluate.retrieval_metrics(clips, texts, ids, retrieval.ExactSearch(8))
+  videos = evaluate.retrieval_metrics(clips, texts, ids, retrieval.ExactSearch(8),
+                                      directions=evaluate.VIDEO_DIRECTIONS)
+  assert videos == {k.replace('i2t', 'v2t').replace('t2i', 't2v'): v for k, v in images.items()}
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # The evaluator scores cosine similarity.
+  scores = unit(texts) @ unit(clips).T  # Dense reference: 1-based rank of each caption's clip, ties against it.
+  ranks = np.sum(scores >= scores[np.arange(60), ids][:, None], axis=1)
+  assert videos['t2v_mnr'] == pytest.approx(ranks.mean())
+  assert videos['t2v_medr'] == pytest.approx(np.median(ranks))
+  assert 1 < videos['t2v_mnr'] < 15  # Not a trivial case.
+  assert 'v2t_r10' in evaluate.format_table({'exact_dim8': videos}, (1, 5, 10))
+
+
+def test_video_job_trains_and_writes_t2v_metrics(video_dir, tmp_path):
+  config = _config(video_dir)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  full = results['exact_dim64']
+  for key in ('t2v_r1', 't2v_r10', 'v2t_r10', 't2v_medr', 'v2t_mnr'):
+    assert np.isfinite(full[key])
+  assert 'i2t_r1' not in full
+  with open(os.path.join(tmp_path, 'run', 'metrics.json')) as f:
+    assert json.load(f)['exact_dim64']['t2v_r10'] == full['t2v_r10']
+
+
+def test_an_unknown_builder_config_is_named(video_dir):
+  config = _config(video_dir)
+  config.data.builder_config = 'huge'
+  with pytest.raises(errors.InputError, match="builder_config='huge' is not one of the embedded_videos configs"):
+    config_lib.validate(config)
+
+
+def test_tokenizer_trains_on_the_clip_captions(video_dir):
+  tokenizer = _tokenizer(_config(video_dir))
+  assert isinstance(tokenizer, tokenizer_lib.Tokenizer)
+  ids = tokenizer.encode(['a small red circle slides to the left'], 32)[0]
+  assert tokenizer.special_ids['[UNK]'] not in ids  # Words of the clips' captions are in the vocabulary.
