@@ -28,7 +28,7 @@ RESUMABLE_FIELDS = ('num_train_steps', 'train_minutes', 'init.', 'log_every_step
                     'data.shards', 'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch',
                     'eval.')
 CONFIG_FILE = 'config.json'
-DATA_SETS = ('embedded_scenes', 'embedded_videos', 'webdataset', 'flickr30k', 'coco')
+DATA_SETS = ('embedded_scenes', 'embedded_videos', 'webdataset', 'flickr30k', 'coco', 'msrvtt')
 DTYPES = ('float32', 'bfloat16', 'float16')  # The towers' compute dtype; parameters stay float32.
 TEXT_ARCHITECTURES = ('pre_ln', 'bert')  # encoders.TextTransformer, bert.BertTextTransformer.
 TOKENIZER_SPLITS = ('train', 'validation', 'test')

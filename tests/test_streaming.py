@@ -224,7 +224,7 @@ def test_coco_karpathy_stream_is_a_permutation_of_train_and_restval(tmp_path, to
   assert state == {'epoch': 1, 'group': 0, 'offset': 8, 'seed': 0, 'process_index': 0, 'process_count': 1,
                    'num_shards': 8, 'source': 'coco',
                    'stats': {'samples': 16, 'corrupt_images': 0, 'empty_captions': 0, 'missing_parts': 0,
-                             'malformed_json': 0, 'corrupt_shards': 0}}
+                             'malformed_json': 0, 'corrupt_shards': 0, 'corrupt_videos': 0}}
 
   test = eval_splits.load_eval_split(config, 'test', tokenizer)
   assert test.images.shape == (3, SIZE, SIZE, 3) and test.tokens.shape == (3, 5, 8)

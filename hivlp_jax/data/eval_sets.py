@@ -14,7 +14,7 @@ from hivlp_jax import errors
 from hivlp_jax.data import embedded_scenes
 
 # The data sets with evaluation splits (web shards have none).
-NAMES = ('embedded_scenes', 'flickr30k', 'coco')
+NAMES = ('embedded_scenes', 'flickr30k', 'coco', 'msrvtt')
 
 
 def own_name(config: ml_collections.ConfigDict) -> str:
@@ -45,6 +45,10 @@ def dataset_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
   the run lacks, e.g. captions_per_image in an embedded run, get configs/flickr30k.py's defaults)."""
   if name == own_name(config):
     return config
+  if name not in config.eval.locations:  # E.g. msrvtt, which configs/default.py does not place.
+    raise errors.InputError(f'config.eval.datasets names {name!r}, but config.eval.locations has no {name!r} entry '
+                            f"saying where it is: add one in the config file (config.eval.locations.{name} = "
+                            "dict(manual_dir=..., data_dir=...)), or evaluate it from a run whose own set it is.")
   derived = ml_collections.ConfigDict(config.to_dict())
   data = derived.data
   if name != 'embedded_scenes':

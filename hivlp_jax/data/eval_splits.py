@@ -1,7 +1,8 @@
-"""Whole evaluation splits of Flickr30K and COCO: read into memory, or checked before training starts.
+"""Whole evaluation splits of Flickr30K, COCO and MSR-VTT: read into memory, or checked before training starts.
 
 The evaluation data set is config.data.eval_name when set (web pre-training evaluates on Flickr30K or
-COCO), else config.data.name; its images are resized on the shorter side and centre-cropped.
+COCO), else config.data.name; its images are resized on the shorter side and centre-cropped. MSR-VTT's
+videos become clips of config.model.video.num_frames frames at the segment centres (data/videos.py).
 """
 
 import concurrent.futures
@@ -17,6 +18,7 @@ from hivlp_jax.data import image_text
 from hivlp_jax.data import images as images_lib
 from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
+from hivlp_jax.data import videos
 
 
 def _check_captions(name: str, split: str, examples: list[sources.RawExample], per_image: int) -> None:
@@ -28,8 +30,10 @@ def _check_captions(name: str, split: str, examples: list[sources.RawExample], p
                             f'(config.data.captions_per_image), e.g. {short[:5]}.')
 
 
-def _decode(example: sources.RawExample, size: int):
+def _decode(example: sources.RawExample, size: int, num_frames: int):
   data = example.image
+  if example.kind == 'video':
+    return videos.read_clip(data, size, num_frames)[0]
   if isinstance(data, str):
     data, _ = sources.read_image_file(data)
   return None if data is None else images_lib.decode_for_eval(data, size)
@@ -37,11 +41,12 @@ def _decode(example: sources.RawExample, size: int):
 
 def load_eval_split(config: ml_collections.ConfigDict, split: str,
                     tokenizer: tokenizer_lib.Tokenizer) -> image_text.ImageTextSplit:
-  """A whole evaluation split of Flickr30K or COCO in memory, for `evaluate.embed_split`.
+  """A whole evaluation split of Flickr30K, COCO or MSR-VTT in memory, for `evaluate.embed_split`.
 
-  Returns images uint8 [N, S, S, 3] (shorter side resized, centre-cropped), tokens int32
-  [N, config.data.captions_per_image, L] (each image's first captions, as in the 1K / 5K test protocols),
-  in the order of the split file. Any unreadable image is an error: a test split must be complete.
+  Returns images uint8 [N, S, S, 3] (shorter side resized, centre-cropped; MSR-VTT: clips [N, T, S, S, 3],
+  T = config.model.video.num_frames, at the segment centres), tokens int32 [N, config.data.captions_per_image,
+  L] (each image's first captions, as in the 1K / 5K test protocols), in the order of the split file. Any
+  unreadable image is an error: a test split must be complete.
   """
   name = eval_sets.own_name(config)
   source = sources.source_from_config(config, split, name=name)
@@ -49,7 +54,7 @@ def load_eval_split(config: ml_collections.ConfigDict, split: str,
   per_image, size = config.data.captions_per_image, config.model.image_size
   _check_captions(name, split, examples, per_image)
   with concurrent.futures.ThreadPoolExecutor(max(config.data.num_workers, 1)) as executor:
-    images = list(executor.map(lambda e: _decode(e, size), examples))
+    images = list(executor.map(lambda e: _decode(e, size, config.model.video.num_frames), examples))
   bad = [e.key for e, image in zip(examples, images) if image is None]
   if bad:
     raise errors.InputError(f'{len(bad)} {name} {split} images are missing or unreadable, e.g. {bad[:5]}.')
@@ -81,7 +86,7 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
   _check_captions(name, split, examples, per_image)
   tokenizer.encode([c for e in examples for c in e.captions[:per_image]], config.model.text.max_len)
   with concurrent.futures.ThreadPoolExecutor(max(data.num_workers, 1)) as executor:
-    problems = list(executor.map(lambda e: _image_file_problem(e.image), examples))
+    problems = list(executor.map(lambda e: _image_file_problem(e.image, e.kind), examples))
   missing = [e.image for e, problem in zip(examples, problems) if problem == 'missing']
   if missing:
     raise errors.MissingInputError(f'{len(missing)} of the {len(examples)} {name} {split} images are missing, '
@@ -93,11 +98,13 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
   return len(examples)
 
 
-def _image_file_problem(path: str) -> Optional[str]:
-  """'missing', 'unreadable' (its header is not an image's) or None; reads the header only."""
+def _image_file_problem(path: str, kind: str = 'image') -> Optional[str]:
+  """'missing', 'unreadable' (its header is not an image's, or a video's) or None; reads the header only."""
   target = files.path(path)
   if not target.exists():
     return 'missing'
+  if kind == 'video':
+    return None if videos.is_readable(path) else 'unreadable'
   with target.open('rb') as f:
     head = f.read(1 << 20)  # Enough for any header; the pixels are decoded after training.
   return None if images_lib.header_size(head) else 'unreadable'

@@ -18,6 +18,7 @@ import ml_collections
 from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import karpathy
+from hivlp_jax.data import msrvtt
 from hivlp_jax.data import webdataset
 
 TFDS_NAMES = {'coco': 'coco_captions/2014', 'flickr30k': 'flickr30k'}
@@ -28,7 +29,8 @@ TFDS_SPLITS = {'coco': {'train': ('train', 'restval'), 'validation': ('val',), '
 
 @dataclasses.dataclass(frozen=True)
 class RawExample:
-  """An undecoded example. image: encoded bytes, or the path of an image file (read by the worker).
+  """An undecoded example. image: encoded bytes, or the path of an image file (read by the worker), or
+  with kind 'video' the path of a video file (decoded by the worker into a clip, data/videos.py).
 
   problem: '' for a usable example, else the `webdataset.ReadStats` field that counts it when skipped.
   origin: the file it comes from (its shard, or its image file), to name it when it is skipped.
@@ -39,6 +41,7 @@ class RawExample:
   problem: str = ''
   origin: str = ''
   detail: str = ''  # Why it is unusable, when the reader knows more than `problem` (a tar or JSON error).
+  kind: str = 'image'  # Or 'video' (MSR-VTT).
 
   def describe(self) -> str:
     if not self.origin:
@@ -127,6 +130,13 @@ def karpathy_source(name: str, manual_dir: str, split: str = 'train') -> Source:
                 random_access=True)
 
 
+def msrvtt_source(manual_dir: str, split: str = 'train') -> Source:
+  """MSR-VTT's clips (data/msrvtt.py), one random-access shard each; the workers decode the video files."""
+  examples = [RawExample(e['video_id'], e['path'], tuple(e['captions']), '' if e['captions'] else 'empty_captions',
+                         origin=e['path'], kind='video') for e in msrvtt.read_split(manual_dir, split)]
+  return Source('msrvtt', examples, lambda example: iter((example,)), random_access=True)
+
+
 def tfds_example(example: dict) -> RawExample:
   """A TFDS example read with the image undecoded -> RawExample.
 
@@ -185,15 +195,17 @@ def tfds_source(name: str, data_dir: str, split: str = 'train', manual_dir: str 
 
 def source_from_config(config: ml_collections.ConfigDict, split: str = 'train',
                        name: Optional[str] = None) -> Source:
-  """The source that config.data names: 'webdataset', or 'flickr30k' / 'coco' read as config.data.source."""
+  """The source that config.data names: 'webdataset', 'msrvtt', or 'flickr30k' / 'coco' read as config.data.source."""
   data = config.data
   name = name or data.name
   if name == 'webdataset':
     if split != 'train':
       raise errors.InputError('Web shards have no evaluation split: set config.data.eval_name to flickr30k or coco.')
     return webdataset_source(data.shards)
+  if name == 'msrvtt':
+    return msrvtt_source(data.manual_dir, split)
   if name not in karpathy.LAYOUTS:
-    raise errors.InputError(f'config.data.name={name!r} has no streaming reader; known: webdataset, '
+    raise errors.InputError(f'config.data.name={name!r} has no streaming reader; known: webdataset, msrvtt, '
                             f'{", ".join(sorted(karpathy.LAYOUTS))}.')
   if data.source == 'karpathy':
     return karpathy_source(name, data.manual_dir, split)

@@ -7,9 +7,10 @@ per image and yields batches in the pmap layout:
   {'image': uint8 [local_devices, per_device, S, S, 3], 'text': int32 [local_devices, per_device, L],
    'image_id': int32 [local_devices, per_device]}  (`image_id`: of the example's key, for image-id positives)
 
-with a local batch of global_batch / jax.process_count(). The order is a pure function of the seed and a
-position (epoch, group, offset), so `stream.get_state()` after batch k-1 restores a stream whose batches
-are batches k, k+1, ... of the uninterrupted one:
+with a local batch of global_batch / jax.process_count(). Video examples (MSR-VTT) decode to clips of
+`num_frames` frames (data/videos.py): their 'image' is uint8 [local_devices, per_device, T, S, S, 3]. The
+order is a pure function of the seed and a position (epoch, group, offset), so `stream.get_state()` after
+batch k-1 restores a stream whose batches are batches k, k+1, ... of the uninterrupted one:
 
 - Each host reads its own shards (`webdataset.shards_for_host`).
 - Each example's augmentation and caption choice draw from a generator seeded with its position, so they
@@ -40,6 +41,7 @@ from hivlp_jax.data import images as images_lib
 from hivlp_jax.data import order as order_lib
 from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
+from hivlp_jax.data import videos
 from hivlp_jax.data import webdataset
 
 Position = order_lib.Position
@@ -55,14 +57,21 @@ def image_id(key: str) -> int:
 
 
 def _prepare(chunk: Sequence[tuple[sources.RawExample, tuple[int, ...]]], image_size: int,
-             augment: images_lib.Augment) -> list[tuple[Optional[np.ndarray], Optional[str], str]]:
-  """Worker task: [(image uint8 [S, S, 3] or None, caption or None, problem)] for (example, seed) pairs."""
+             augment: images_lib.Augment, num_frames: int = 1) -> list[tuple[Optional[np.ndarray], Optional[str], str]]:
+  """Worker task: [(image uint8 [S, S, 3] (a video's clip [num_frames, S, S, 3]) or None, caption or None,
+  problem)] for (example, seed) pairs."""
   results = []
   for example, seed in chunk:
     if example.problem:
       results.append((None, None, example.problem))
       continue
     data = example.image
+    if example.kind == 'video':  # A video file (MSR-VTT), decoded here in the worker.
+      rng = np.random.default_rng(seed)
+      caption = example.captions[int(rng.integers(len(example.captions)))]
+      clip, problem = videos.read_clip(data, image_size, num_frames, rng, augment)
+      results.append((clip, caption, problem))
+      continue
     if isinstance(data, str):  # An image file (Karpathy layout), read here in the worker.
       data, problem = sources.read_image_file(data)
       if problem:
@@ -92,7 +101,7 @@ class TrainStream:
 
   def __init__(self, source: sources.Source, tokenizer: tokenizer_lib.Tokenizer, *, global_batch: int,
                image_size: int, max_len: int, seed: int, augment: images_lib.Augment = images_lib.Augment(),
-               shards_per_group: int = 4, shuffle_buffer: int = 1000, num_workers: int = 4,
+               num_frames: int = 1, shards_per_group: int = 4, shuffle_buffer: int = 1000, num_workers: int = 4,
                worker_processes: bool = False, prefetch: int = 2, device_prefetch: int = 0,
                transform: Optional[Callable[[np.random.Generator, dict], dict]] = None,
                state: Optional[dict] = None, process_index: Optional[int] = None,
@@ -107,6 +116,7 @@ class TrainStream:
     self.source, self.tokenizer, self.seed = source, tokenizer, seed
     self.shards = webdataset.shards_for_host(source.shards, self.process_index, self.process_count)
     self.image_size, self.max_len, self.augment = image_size, max_len, augment
+    self.num_frames = num_frames  # Frames per clip of video examples.
     self.shards_per_group, self.shuffle_buffer = shards_per_group, shuffle_buffer
     self.transform = transform
     self._position = self._check_state(state) if state else Position()
@@ -178,7 +188,8 @@ class TrainStream:
         # Each example's generator is seeded with its position: the same draws whichever worker runs it.
         yield [(e, (self.seed, self.process_index, p.epoch, p.group, p.offset)) for e, p in chunk], chunk
 
-    prepare = functools.partial(_prepare, image_size=self.image_size, augment=self.augment)
+    prepare = functools.partial(_prepare, image_size=self.image_size, augment=self.augment,
+                                num_frames=self.num_frames)
     chunks = make_chunks()
     if self._executor is None:
       for tasks, chunk in chunks:
@@ -284,6 +295,7 @@ def create_train_stream(config: ml_collections.ConfigDict, tokenizer: tokenizer_
       sources.source_from_config(config, 'train'), tokenizer, global_batch=config.batch_size,
       image_size=config.model.image_size, max_len=config.model.text.max_len, seed=config.seed,
       augment=images_lib.Augment(tuple(data.crop_scale), tuple(data.crop_ratio), data.flip),
+      num_frames=config.model.video.num_frames,
       shards_per_group=data.shards_per_group,
       shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, worker_processes=data.worker_processes,
       prefetch=data.prefetch, device_prefetch=data.device_prefetch, transform=transform, state=state)

@@ -35,6 +35,7 @@ class ReadStats:
   missing_parts: int = 0
   malformed_json: int = 0
   corrupt_shards: int = 0
+  corrupt_videos: int = 0  # Video files (MSR-VTT) that do not decode.
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
