@@ -21,6 +21,7 @@ def get_config():
   config.data.name = 'msrvtt'
   config.data.manual_dir = 'data/manual/msrvtt'
   config.data.captions_per_image = 1  # The JSFusion test pairs: one caption per clip.
+  config.data.flip = False  # A mirrored clip moves the other way: captions say "walks to the left".
   config.data.num_workers = 16  # A clip decodes in ~0.3 s on one core (docs/data.md): more threads than for images.
   config.model.video.update(dict(temporal='transformer', num_frames=12, depth=4))  # CLIP4Clip seqTransf: 4 blocks.
   # CLIP4Clip: batch 128, lr 1e-4 for the new parts and 1e-7 for CLIP, 5 epochs of 180K captions when every
