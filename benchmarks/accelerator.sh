@@ -56,12 +56,12 @@ if want cots; then
   step 210 --config.batch_size=1024 --config.model.remat=block "${cots[@]}"
   [[ $? == 3 ]] && step 180 --config.batch_size=1024 --config.model.remat=block --config.accumulation_steps=4 "${cots[@]}"
 fi
-want accum && step 160 --config.batch_size=4096 --config.accumulation_steps=16
-want b256 && step 110 --config.batch_size=256
 if want video; then  # configs/msrvtt.py's step: 12 frames of 224 px per clip, temporal Transformer.
   step 200 --config.batch_size=128 --config.model.remat=block --frames=12 --config.model.video.num_frames=12 \
-    --config.model.video.temporal=transformer
+    --config.model.video.temporal=transformer --config.model.video.depth=4
 fi
+want accum && step 160 --config.batch_size=4096 --config.accumulation_steps=16
+want b256 && step 110 --config.batch_size=256
 
 if [[ ,$parts, == *,retrieval,* ]]; then
   echo "== retrieval 1M x 768: exact search on $(python3 -c 'import jax; print(jax.default_backend())')"

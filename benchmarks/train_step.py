@@ -34,6 +34,7 @@ from hivlp_jax import config_lib
 from hivlp_jax import masking
 from hivlp_jax import replication
 from hivlp_jax import train_step
+from hivlp_jax.models import encoders
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config to benchmark.')
@@ -89,7 +90,8 @@ def model_flops(config, state, batch) -> float:
   one_device = lambda x: jax.ShapeDtypeStruct((1, x.shape[0] * x.shape[1]) + x.shape[2:], x.dtype)
   shapes = jax.tree.map(one_copy, state.replace(apply_fn=model.apply, negative_queues=None)).replace(
       negative_queues=jax.tree.map(lambda x: one_device(x) if x.ndim > 1 else one_copy(x), state.negative_queues))
-  lowered = train_step.make_pmapped_train_step(reference, devices=cpu).lower(shapes, jax.tree.map(one_device, batch))
+  with encoders.xla_attention():  # Lowered for the CPU: cuDNN attention has no CPU rule.
+    lowered = train_step.make_pmapped_train_step(reference, devices=cpu).lower(shapes, jax.tree.map(one_device, batch))
   return step_flops(lowered)
 
 

@@ -7,6 +7,7 @@ under `blocks` with a leading [depth] axis (`stack_layers` / `unstack_layers` co
 """
 
 from collections.abc import Mapping
+import contextlib
 import re
 from typing import Any, Optional
 
@@ -27,6 +28,18 @@ REMAT_POLICIES = {
 SCANNED = 'blocks'  # The params of scanned blocks, stacked [depth, ...]; unscanned they are block0, block1, ...
 _BLOCK_NAME = re.compile(r'block(\d+)')
 _fallbacks_logged = set()
+_xla_only = []  # Non-empty inside `xla_attention()`.
+
+
+@contextlib.contextmanager
+def xla_attention():
+  """Traces in the block use XLA attention on any backend: for lowering to another platform than the
+  default one (the CPU FLOP count of benchmarks/train_step.py on a GPU host), where cuDNN has no rule."""
+  _xla_only.append(True)
+  try:
+    yield
+  finally:
+    _xla_only.pop()
 
 
 def dot_product_attention(query, key, value, mask=None):
@@ -37,7 +50,7 @@ def dot_product_attention(query, key, value, mask=None):
   cuDNN flash attention where it takes the shapes; otherwise XLA's implementation, with one log line saying why.
   """
   mask = None if mask is None else mask.astype(jnp.bool_)
-  if jax.default_backend() == 'gpu':
+  if jax.default_backend() == 'gpu' and not _xla_only:
     reason = 'it needs bfloat16 or float16'
     if query.shape[1] % 2 or key.shape[1] % 2:
       # jax 0.11's cuDNN backward refuses odd lengths (a ViT's 197 tokens), and under remat that check runs
