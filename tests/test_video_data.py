@@ -126,3 +126,21 @@ def test_tokenizer_trains_on_the_clip_captions(video_dir):
   assert isinstance(tokenizer, tokenizer_lib.Tokenizer)
   ids = tokenizer.encode(['a small red circle slides to the left'], 32)[0]
   assert tokenizer.special_ids['[UNK]'] not in ids  # Words of the clips' captions are in the vocabulary.
+
+
+def test_order_metrics_read_chance_for_an_order_blind_model_and_one_for_a_perfect_one():
+  from benchmarks import video_order  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  reverse_of = np.array([-1, 0, -1, 2, -1])  # Clips 1 and 3 play clips 0 and 2 backwards; clip 4 alone.
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  perfect = unit(rng.normal(size=(5, 16)))
+  texts = np.repeat(perfect, 3, axis=0)  # 3 captions per clip, each exactly its clip.
+  ids = np.repeat(np.arange(5), 3)
+  best = video_order.order_metrics(perfect, texts, ids, reverse_of)
+  assert best == {'t2v_r1': 1.0, 'v2t_r1': 1.0, 't2v_order': 1.0, 'v2t_order': 1.0, 'pairs': 2}
+  blind = perfect.copy()
+  blind[[1, 3]] = blind[[0, 2]]  # A reversed clip embeds as its forward clip: 'mean' over frames.
+  texts = unit(np.repeat(perfect, 3, axis=0) + 0.1 * rng.normal(size=(15, 16)))
+  chance = video_order.order_metrics(blind, texts, ids, reverse_of)
+  assert chance['t2v_order'] == 0.5 and chance['v2t_order'] == 0.5  # Every comparison a tie: half credit.
+  assert chance['t2v_r1'] == 0.0  # Each caption ties its clip with the reverse: a tie counts against it.
