@@ -59,6 +59,8 @@ flags.DEFINE_list('only', [], 'Run only these cases: kinds (config, command line
                   'signals, query tool) or case ids, with * wildcards (e.g. w*,q01_*).')
 flags.DEFINE_integer('workers', 2, 'Subprocesses at a time.')
 flags.DEFINE_bool('keep_scratch', False, 'Keep the temporary directory (its path is printed).')
+flags.DEFINE_bool('merge', False, 'With --only: replace (or add) the rows run now in OUT_DIR/bad_inputs.json and keep '
+                  'the others, so a few new or changed cases do not need the whole 10-minute run.')
 
 ABSL_LOG = re.compile(r'^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w.<>-]+:\d+\] ?(.*)$')
 ACCEPTED_INFO = re.compile(r'Resumed from the checkpoint|Training from step|Stopped after step|Results at step')
@@ -755,6 +757,8 @@ def config_cases() -> list[Case]:
       v(76, 'accumulation_0', {'accumulation_steps': 0}, ('accumulation_steps',)),
       v(77, 'eval_dataset_unknown', {'eval.datasets': ('flickr',)}, ('eval.datasets', "'flickr'")),
       v(78, 'eval_dataset_empty', {'eval.datasets': ('embedded_scenes', '')}, ('eval.datasets[1]',)),
+      v(79, 'video_temporal', {'model.video.temporal': 'lstm'}, ('video.temporal',)),
+      v(80, 'video_frames_0', {'model.video.num_frames': 0}, ('video.num_frames',)),
   ]
   cases.append(Case('c71_string_in_float_field', 'config',
                     "a config file sets `config.optimizer.learning_rate = '1e-3'` (a string)", ('learning_rate',),
@@ -837,6 +841,9 @@ def data_cases() -> list[Case]:
         ['--config.data.vocab_file=CASE/vocab.txt']),
       d('d24_all_shards_unusable', 'every web shard is damaged (no usable sample)', ('shards', '.tar'), WEB_ARGS,
         lambda case_dir: [write_file(f'shards/{i:05d}.tar', 'not a tar\n')(case_dir) for i in range(4)]),
+      d('d25_msrvtt_missing', '`--config.data.name=msrvtt` with no MSR-VTT files at `config.data.manual_dir`',
+        ('manual_dir', 'MSRVTT'), ['--config.data.name=msrvtt', '--config.data.manual_dir=CASE/nowhere',
+                                   '--config.data.captions_per_image=1']),
   ]
 
 
@@ -1107,6 +1114,18 @@ def user_sees_cell(row: Row) -> str:
   return f'{prefix}{row.form}: {row.response}' + (f' (exit {row.exit_status})' if row.exit_status else '')
 
 
+def merged_rows(rows: list[Row], command: str, seconds: float) -> tuple[list[Row], str, float]:
+  """The rows of OUT_DIR/bad_inputs.json with `rows` in place of (or added to) theirs, in the cases' order;
+  the command that made them (the recorded one, then this one) and the seconds of both."""
+  from hivlp_jax import files  # pylint: disable=g-import-not-at-top
+  recorded = files.read_json(files.path(FLAGS.out_dir) / 'bad_inputs.json')
+  by_id = {r['id']: Row(**{**r, 'names': tuple(r['names'])}) for r in recorded['rows']}
+  by_id.update({r.id: r for r in rows})
+  order = [c.id for c in all_cases()]
+  ordered = sorted(by_id.values(), key=lambda r: order.index(r.id) if r.id in order else len(order))
+  return ordered, f'{recorded["command"]} ({recorded["date"]}), then {command}', recorded['seconds'] + seconds
+
+
 def write_page(rows: list[Row], out_dir: str, command: str, seconds: float) -> None:
   from hivlp_jax import files  # pylint: disable=g-import-not-at-top
   date = time.strftime('%Y-%m-%d')
@@ -1204,7 +1223,10 @@ def main(argv):
       rows.append(task.row)
     command = 'python benchmarks/bad_inputs.py' + (f' --only={",".join(FLAGS.only)}' if FLAGS.only else '') + (
         f' --out_dir={FLAGS.out_dir}' if FLAGS.out_dir != 'docs' else '')
-    write_page(rows, FLAGS.out_dir, command, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if FLAGS.merge:
+      rows, command, seconds = merged_rows(rows, command + ' --merge', seconds)
+    write_page(rows, FLAGS.out_dir, command, seconds)
     print(f'Wrote {FLAGS.out_dir}/bad_inputs.md and bad_inputs.json: {len(rows)} rows in '
           f'{(time.perf_counter() - start) / 60:.1f} minutes.')
   finally:
