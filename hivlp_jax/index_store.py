@@ -26,6 +26,8 @@ gallery again.
 
 ScaNN reads and writes its own files (`serialize`, `load_searcher`) on a local disk only: its files are staged
 through a local temporary directory and copied with `files`, so the index may live in a bucket like the workdir.
+
+A gallery saved in shards (one such directory per shard, one top-level manifest) is `sharded_index`'s.
 """
 
 import dataclasses

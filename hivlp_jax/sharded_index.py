@@ -59,6 +59,8 @@ def layout(num_items: int, num_shards: int) -> dict:
 
 def stale_reasons(found: Optional[dict], wanted: dict) -> list[str]:
   """Why a sharded index with top-level manifest `found` cannot serve the `layout` `wanted` (empty: it can)."""
+  if found is not None and found.get('kind') != KIND:
+    return [f'kind: saved {found.get("kind", "a single index")!r}, wanted {wanted["num_shards"]} shards']
   reasons = index_store.stale_reasons(found, {key: wanted[key] for key in LAYOUT_KEYS})
   if found is not None and not reasons:
     ranges = [[s.get('name'), s.get('start'), s.get('stop')] for s in found.get('shards', [])]
@@ -269,15 +271,12 @@ def load(directory: files.PathLike, process_index: Optional[int] = None,
   return ShardedStoredIndex(str(directory), manifest, shards, starts, rebuilt=False)
 
 
-def cached_embeddings(directory: files.PathLike, step: int, source: dict, num_shards: int = 1
-                      ) -> Optional[np.ndarray]:
-  """`index_store.cached_embeddings` of a gallery saved in `num_shards` shards: every shard's, joined in
-  gallery order, or None when a shard's are not cached (or the saved layout has another shard count)."""
-  if num_shards == 1:
-    return index_store.cached_embeddings(directory, step, source)
+def cached_embeddings(directory: files.PathLike, step: int, source: dict) -> Optional[np.ndarray]:
+  """`index_store.cached_embeddings` of whatever layout `directory` holds: a single index's, or every
+  shard's joined in gallery order (None when a shard's are not cached). They serve any shard count."""
   manifest = index_store.read_manifest(directory)
-  if manifest is None or manifest.get('kind') != KIND or manifest.get('num_shards') != num_shards:
-    return None
+  if manifest is None or manifest.get('kind') != KIND:
+    return index_store.cached_embeddings(directory, step, source)
   parts = [index_store.cached_embeddings(files.path(directory) / s['name'], step, source) for s in manifest['shards']]
   if any(p is None or len(p) != s['stop'] - s['start'] for p, s in zip(parts, manifest['shards'])):
     return None

@@ -73,7 +73,8 @@ def test_a_gallery_saved_in_three_shards_matches_one_index_and_reloads(tmp_path)
   assert [(s['start'], s['stop']) for s in manifest['shards']] == sharded_index.shard_bounds(NUM_ITEMS, 3)
   for i, record in enumerate(manifest['shards']):
     shard = index_store.read_manifest(os.path.join(directory, record['name']))
-    assert record['fingerprint'] == shard['fingerprint'] == index_store.fingerprint(gallery[record['start']:record['stop']])
+    rows = gallery[record['start']:record['stop']]
+    assert record['fingerprint'] == shard['fingerprint'] == index_store.fingerprint(rows)
     assert shard['shape'] == [record['stop'] - record['start'], DIM] and stored.shards[i].manifest == shard
 
   scores, ids = _search(stored, queries)
@@ -176,7 +177,7 @@ def test_another_shard_count_or_other_ranges_are_stale(tmp_path, caplog):
   three = sharded_index.load_or_build(directory, gallery, step=1, num_shards=3, **KWARGS)
   assert three.rebuilt and 'shard_00000-of-00003' in os.listdir(directory)
   assert index_store.EMBEDDINGS not in os.listdir(directory)  # The single index's files are gone.
-  assert sharded_index.cached_embeddings(directory, 1, None, num_shards=2) is None
+  np.testing.assert_array_equal(sharded_index.cached_embeddings(directory, 1, None), gallery)  # Any layout's.
 
 
 def test_a_shard_count_that_is_not_the_process_count_is_named(tmp_path):
