@@ -24,6 +24,7 @@ top-level manifest and names a missing or damaged one.
 """
 
 import dataclasses
+import re
 from typing import Callable, Optional, Sequence
 
 from absl import logging
@@ -39,6 +40,7 @@ from hivlp_jax import retrieval
 FORMAT = 1
 KIND = 'sharded'
 LAYOUT_KEYS = ('format', 'kind', 'num_items', 'num_shards')
+SHARD_NAME = re.compile(r'shard_\d{5}-of-\d{5}')
 
 
 def shard_name(index: int, count: int) -> str:
@@ -166,8 +168,8 @@ def _shard_record(directory: files.Path, shard: dict) -> dict:
 
 def _remove_other_layouts(directory: files.Path, names: set[str]) -> None:
   """Drops shard directories of another layout and the files of a single index saved here before."""
-  for path in directory.iterdir():
-    if (path.name.startswith('shard_') and path.name not in names) or path.name in (
+  for path in directory.iterdir():  # Not another process's shard being written (its name has a suffix).
+    if (SHARD_NAME.fullmatch(path.name) and path.name not in names) or path.name in (
         index_store.EMBEDDINGS, index_store.SCANN_DIR):
       logging.info('Removing %s: not part of the %d-shard index.', path, len(names))
       path.rmtree() if path.is_dir() else path.unlink()  # pylint: disable=expression-not-assigned

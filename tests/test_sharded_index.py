@@ -174,7 +174,9 @@ def test_another_shard_count_or_other_ranges_are_stale(tmp_path, caplog):
   one = sharded_index.load_or_build(directory, gallery, step=1, num_shards=1, **KWARGS)
   assert isinstance(one, index_store.StoredIndex) and one.rebuilt
   assert isinstance(one.index(), coarse_to_fine.CoarseToFineIndex)
+  os.mkdir(os.path.join(directory, 'shard_00001-of-00002.tmp-99'))  # Another process's shard being written.
   three = sharded_index.load_or_build(directory, gallery, step=1, num_shards=3, **KWARGS)
+  assert 'shard_00001-of-00002.tmp-99' in os.listdir(directory)
   assert three.rebuilt and 'shard_00000-of-00003' in os.listdir(directory)
   assert index_store.EMBEDDINGS not in os.listdir(directory)  # The single index's files are gone.
   np.testing.assert_array_equal(sharded_index.cached_embeddings(directory, 1, None), gallery)  # Any layout's.
