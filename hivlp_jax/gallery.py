@@ -30,6 +30,7 @@ from hivlp_jax import evaluators
 from hivlp_jax import files
 from hivlp_jax import index_store
 from hivlp_jax import retrieval
+from hivlp_jax import sharded_index
 from hivlp_jax import train_step
 from hivlp_jax import tuning
 from hivlp_jax.data import pipeline
@@ -242,7 +243,7 @@ def folder_gallery(directory: str, size: int) -> Gallery:
 
 @dataclasses.dataclass
 class GalleryIndex:
-  index: retrieval.Index  # coarse_to_fine.CoarseToFineIndex ('rerank') or ScannPrefixIndex ('truncate').
+  index: retrieval.Index  # CoarseToFineIndex ('rerank'), ScannPrefixIndex ('truncate'), or a ShardedIndex of them.
   backend: str  # 'rerank' or 'truncate'.
   directory: str
   rebuilt: bool  # The ScaNN index was built (not loaded).
@@ -253,8 +254,10 @@ class GalleryIndex:
 
 def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, backend: str = 'auto',
                   settings: Optional[retrieval.ScannSettings] = None, target_recall: float = 0.0,
-                  queries_from: Optional[Gallery] = None, min_shortlist: int = tuning.RECALL_K) -> GalleryIndex:
-  """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid.
+                  queries_from: Optional[Gallery] = None, min_shortlist: int = tuning.RECALL_K,
+                  num_shards: int = 1) -> GalleryIndex:
+  """The two-stage index of `gallery`, from WORKDIR/indexes/<key>-dim<coarse_dim> when still valid (saved
+  in `num_shards` shards when more than one, `sharded_index`: another count is stale).
 
   Saved embeddings are reused when the checkpoint step and the `source` (the gallery's inputs and the
   parameters, by fingerprint) match and their file is intact; the ScaNN index when, in addition, the
@@ -266,21 +269,21 @@ def gallery_index(run: Run, gallery: Gallery, coarse_dim: int, shortlist: int, b
   directory = str(files.path(run.workdir) / INDEX_DIR / f'{gallery.key}-dim{coarse_dim}')
   source = {'gallery': gallery.key, 'side': gallery.side, 'inputs': index_store.fingerprint(gallery.inputs),
             'params': run.params_fingerprint}
-  embeddings = index_store.cached_embeddings(directory, run.step, source)
+  embeddings = sharded_index.cached_embeddings(directory, run.step, source)
   embedded = embeddings is None
   if embedded:
     logging.info('Embedding the %d %s.', gallery.size, gallery.name)
     embeddings = run.embed(gallery.side, gallery.inputs)
   evaluate.check_finite({gallery.name: embeddings}, run.step)
-  stored = index_store.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, settings,
-                                     source=source, backend=backend)
+  stored = sharded_index.load_or_build(directory, embeddings, run.step, coarse_dim, shortlist, settings,
+                                       source=source, backend=backend, num_shards=num_shards)
   index, point = stored.index(), None
   if target_recall and stored.embeddings.shape[0] > tuning.RECALL_K:
     index, point = tuned(run, stored, index, directory, queries_from or gallery, target_recall, min_shortlist)
   return GalleryIndex(index, stored.backend, directory, stored.rebuilt, embedded, stored.stale_reasons, point)
 
 
-def tuned(run: Run, stored: index_store.StoredIndex, index: retrieval.Index, directory: str,
+def tuned(run: Run, stored: Any, index: retrieval.Index, directory: str,
           queries_from: Gallery, target_recall: float, min_shortlist: int) -> tuple[retrieval.Index, dict]:
   """`index` at the cheapest leaves and shortlist (>= `min_shortlist`) reaching `target_recall`
   (`tuning.tune_index`).

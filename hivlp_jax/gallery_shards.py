@@ -17,7 +17,7 @@ multi-process job; tests pass a thread-barrier gather to run P shards in one pro
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -97,10 +97,17 @@ def rank_queries(index: retrieval.Index, shard: Shard, num_items: int, queries: 
     gathered_ids = shard.gather(top_ids.astype(np.int32)).astype(np.int64)
     count = shard.gather(ranking.negatives_at_least(scores, positives, best).astype(np.int32)).sum(axis=0)
     out.ranks[rows] = ranking.ranks_from_counts(count.astype(np.int64), best, num_items)
-    merged_scores = np.concatenate(list(gathered_scores), axis=1)
-    merged_ids = np.concatenate(list(gathered_ids), axis=1)
-    # Columns in id order (empty slots last), so that top_k's tie rule (the lower column) is the lower id's.
-    by_id = np.argsort(np.where(merged_ids < 0, np.iinfo(np.int64).max, merged_ids), axis=1, kind='stable')
-    out.scores[rows], out.ids[rows] = retrieval.top_k(np.take_along_axis(merged_scores, by_id, axis=1), k,
-                                                      np.take_along_axis(merged_ids, by_id, axis=1))
+    out.scores[rows], out.ids[rows] = merge_top_k(list(gathered_scores), list(gathered_ids), k)
   return out
+
+
+def merge_top_k(scores: Sequence[np.ndarray], ids: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The global top-k of per-shard top-k lists: scores / global ids [q, k_i] per shard -> float32 [q, k],
+  int64 [q, k] (`retrieval.top_k`; ties go to the lower global id, as one index over the whole gallery
+  breaks them; -1 ids are empty slots)."""
+  merged_scores = np.concatenate([np.asarray(s, np.float32) for s in scores], axis=1)
+  merged_ids = np.concatenate([np.asarray(i, np.int64) for i in ids], axis=1)
+  # Columns in id order (empty slots last), so that top_k's tie rule (the lower column) is the lower id's.
+  by_id = np.argsort(np.where(merged_ids < 0, np.iinfo(np.int64).max, merged_ids), axis=1, kind='stable')
+  return retrieval.top_k(np.take_along_axis(merged_scores, by_id, axis=1), k,
+                         np.take_along_axis(merged_ids, by_id, axis=1))

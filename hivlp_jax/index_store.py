@@ -26,6 +26,8 @@ gallery again.
 
 ScaNN reads and writes its own files (`serialize`, `load_searcher`) on a local disk only: its files are staged
 through a local temporary directory and copied with `files`, so the index may live in a bucket like the workdir.
+
+A gallery saved in shards (one such directory per shard, one top-level manifest) is `sharded_index`'s.
 """
 
 import dataclasses
@@ -62,7 +64,9 @@ def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: files.Path) -> str:
+def file_sha256(path: files.PathLike) -> str:
+  """sha256 of a file's bytes, read in blocks."""
+  path = files.path(path)
   digest = hashlib.sha256()
   with path.open('rb') as f:
     for block in iter(lambda: f.read(1 << 24), b''):
@@ -76,7 +80,7 @@ def file_records(directory: files.PathLike) -> dict[str, dict]:
   # walk, not rglob: epath refuses recursive globs.
   paths = [directory / EMBEDDINGS] + sorted(root / name for root, _, names in (directory / SCANN_DIR).walk()
                                             for name in names)
-  return {str(p.relative_to(directory)): {'bytes': p.stat().length, 'sha256': _file_sha256(p)} for p in paths}
+  return {str(p.relative_to(directory)): {'bytes': p.stat().length, 'sha256': file_sha256(p)} for p in paths}
 
 
 def damaged_files(directory: files.PathLike, manifest: dict) -> list[str]:
@@ -91,7 +95,7 @@ def damaged_files(directory: files.PathLike, manifest: dict) -> list[str]:
       problems.append(f'{name}: zero bytes')
     elif size != record['bytes']:
       problems.append(f'{name}: {size} bytes, {record["bytes"]} saved')
-    elif _file_sha256(path) != record['sha256']:
+    elif file_sha256(path) != record['sha256']:
       problems.append(f'{name}: sha256 differs from the manifest')
   return problems
 

@@ -1,7 +1,7 @@
 r"""Queries a trained run: a caption or an image in, the top-k of a gallery out.
 
   python -m hivlp_jax.query --workdir=runs/default --text="a small red circle in the top left" \
-      [--image=scene.png] [--split=test] [--k=5] [--contact_sheet=out.png] [--html=out.html]
+      [--image=scene.png] [--split=test] [--k=5] [--num_shards=1] [--contact_sheet=out.png] [--html=out.html]
 
 --text searches the images of the data set's --split (or of a folder, --image_dir) and prints each hit's
 index, score and first caption (its file name for a folder). --image searches the split's captions
@@ -22,7 +22,10 @@ WORKDIR/indexes/<gallery>-dim<coarse_dim>/ (`index_store`), where <gallery> is t
 searcher in truncate mode) or 'auto' (the default: truncate from ScaNN's brute-force threshold, 20,000
 items, up). The next query reuses both when the checkpoint step, the parameters, the gallery's inputs
 and the backend are unchanged and the saved files match their sha256; otherwise it says why and
-rebuilds (the embeddings are reused when only the backend changed).
+rebuilds (the embeddings are reused when only the backend changed). --num_shards=N (N > 1) saves the
+gallery in N contiguous shards in that directory (one index per shard, one top-level manifest:
+`sharded_index`), as a job of N processes would, and answers each query from every shard, their top-k
+merged; the default, 1, is the single index. Another shard count than the saved one rebuilds.
 
 --contact_sheet writes a PNG with one row per query (the query image first, for image queries) of the
 retrieved images upscaled to --tile pixels, each titled with its rank and score (a caption's image for
@@ -74,9 +77,10 @@ def format_result(result: gallery_lib.QueryResult) -> str:
   point = found.operating_point
   tuned = (f'; tuned to recall@10 {point["target_recall"]:g}: {point["setting"]}, '
            f'{point["recall_at_10"]:.3f} on {point["source"]["count"]} queries' if point else '')
+  shards = f' in {len(found.index.shards)} shards' if hasattr(found.index, 'shards') else ''
   lines = [f'{result.kind} query: {result.query!r}',
            f'  top {len(result.hits)} of {result.gallery.size} {result.gallery.name} at step {result.step} '
-           f'(index {found.directory}, {found.backend}: {status}{tuned}; '
+           f'(index {found.directory}{shards}, {found.backend}: {status}{tuned}; '
            f'embeddings {"computed" if found.embedded else "reused"}{skipped})']
   folder = result.gallery.key.startswith('dir-')
   for hit in result.hits:
@@ -188,17 +192,19 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
           image_dir: Optional[str] = None,
           k: int = 5, coarse_dim: Optional[int] = None, shortlist: Optional[int] = None,
           backend: Optional[str] = None, contact_sheet_path: Optional[str] = None,
-          html_path: Optional[str] = None, tile: int = 128, out: Optional[TextIO] = None
+          html_path: Optional[str] = None, tile: int = 128, out: Optional[TextIO] = None, num_shards: int = 1
           ) -> list[gallery_lib.QueryResult]:
   """Runs text and image queries against a run's gallery, prints the hits to `out` (stdout) and writes
   the contact sheet and HTML page when asked. Returns one QueryResult per query, texts first.
 
   `backend`: 'auto', 'rerank' or 'truncate' (`coarse_to_fine.TwoStageSearch`); None: the config's
-  eval.two_stage_backend."""
+  eval.two_stage_backend. `num_shards`: shards the saved index is split into (1: one index)."""
   if not texts and not images:
     raise errors.InputError('Give at least one query: a text or an image.')
   if k < 1:
     raise errors.InputError(f'k={k} must be at least 1.')
+  if num_shards < 1:
+    raise errors.InputError(f'num_shards={num_shards} must be at least 1.')
   if backend is not None and backend not in retrieval.BACKENDS:
     raise errors.InputError(f'backend={backend!r} is not one of {retrieval.BACKENDS}.')
   missing = [path for path in images if not files.path(path).is_file()]
@@ -230,7 +236,7 @@ def query(workdir: str, texts: Sequence[str] = (), images: Sequence[str] = (),
       indexes[gallery.key] = gallery_lib.gallery_index(
           run, gallery, coarse_dim, max(shortlist, k), backend, settings,
           target_recall=run.config.eval.scann.target_recall, queries_from=queries_from[gallery.key],
-          min_shortlist=k)
+          min_shortlist=k, num_shards=num_shards)
     return indexes[gallery.key]
 
   for gallery, asked in ((image_gallery, texts), (caption_gallery, images)):
@@ -267,6 +273,8 @@ def define_flags() -> None:
                     'How the two stages run: rerank (ScaNN shortlist, numpy re-rank), truncate (one ScaNN '
                     'searcher in truncate mode) or auto (truncate for galleries of 20,000 items and more); '
                     'default config.eval.two_stage_backend.')
+  flags.DEFINE_integer('num_shards', 1, 'Save and search the gallery\'s index in this many shards (one index '
+                       'per shard, one manifest; 1: a single index).')
   flags.DEFINE_string('contact_sheet', None, 'Write a PNG contact sheet of the retrieved images here.')
   flags.DEFINE_string('html', None, 'Write an HTML page of the results (inline images) here.')
   flags.DEFINE_integer('tile', 128, 'Contact sheet / HTML image size in pixels.')
@@ -281,7 +289,8 @@ def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   query(FLAGS.workdir, texts=FLAGS.text, images=FLAGS.image, config=FLAGS.config, split=FLAGS.split,
         image_dir=FLAGS.image_dir, k=FLAGS.k, coarse_dim=FLAGS.coarse_dim, shortlist=FLAGS.shortlist,
-        backend=FLAGS.backend, contact_sheet_path=FLAGS.contact_sheet, html_path=FLAGS.html, tile=FLAGS.tile)
+        backend=FLAGS.backend, contact_sheet_path=FLAGS.contact_sheet, html_path=FLAGS.html, tile=FLAGS.tile,
+        num_shards=FLAGS.num_shards)
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ TIMEOUT_S = 600
 # text must name.
 ENTRY_POINTS = {
     'hivlp_jax.main': ['--config', '--workdir', '--mode', '--distributed', '--stop_after_step'],
-    'hivlp_jax.query': ['--workdir', '--text', '--image', '--image_dir', '--k', '--backend',
+    'hivlp_jax.query': ['--workdir', '--text', '--image', '--image_dir', '--k', '--backend', '--num_shards',
                         '--contact_sheet', '--html'],
     'benchmarks/train_step.py': ['--config', '--steps', '--vocab_size', '--out'],
     'benchmarks/retrieval.py': ['--sizes', '--dim', '--queries', '--methods', '--two_stage', '--threads',

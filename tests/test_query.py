@@ -399,3 +399,35 @@ def test_a_run_of_another_config_file_is_rebuilt_from_its_record(run_dir, tmp_pa
   assert config.model.nested_dims == (8, 16, 32, 64)  # Known fields as before.
   result, = query.query(workdir, texts=[TEXT], k=2, out=io.StringIO())
   assert len(result.hits) == 2
+
+
+def test_a_gallery_saved_in_shards_gives_the_hits_of_one_index(run_dir, tmp_path):
+  """--num_shards=2: the 64 test images saved as two 32-image indexes (one manifest) answer as the single
+  index does. Each shard's shortlist (50) covers it whole, so the merged hits are the exact top-k, as are the
+  single index's for this query (50 of 64 by brute-force coarse cosine)."""
+  workdir = _fresh_copy(run_dir, tmp_path)
+  one, = query.query(workdir, texts=[TEXT], k=5, out=io.StringIO())
+  out = io.StringIO()
+  two, = query.query(workdir, texts=[TEXT], k=5, num_shards=2, out=out)
+  assert two.index.directory == one.index.directory and 'in 2 shards' in out.getvalue()
+  assert two.index.rebuilt and not two.index.embedded  # The single index's embeddings serve the shards.
+  assert two.index.stale_reasons == ["kind: saved 'a single index', wanted 2 shards"], two.index.stale_reasons
+  assert sorted(os.listdir(two.index.directory)) == ['manifest.json', 'shard_00000-of-00002',
+                                                     'shard_00001-of-00002']
+  assert [h.index for h in two.hits] == [h.index for h in one.hits]
+  np.testing.assert_allclose([h.score for h in two.hits], [h.score for h in one.hits], atol=1e-6)
+  again, = query.query(workdir, texts=[TEXT], k=5, num_shards=2, out=io.StringIO())
+  assert not again.index.rebuilt and not again.index.embedded and _hits(again) == _hits(two)
+
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  lines = {}
+  for shards in (2, 1):
+    completed = subprocess.run(
+        [sys.executable, '-m', 'hivlp_jax.query', f'--workdir={workdir}', f'--text={TEXT}', '--k=5',
+         f'--num_shards={shards}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines[shards] = [line.split() for line in completed.stdout.splitlines() if line.startswith('    ')]
+  assert len(lines[1]) == 5
+  assert [(l[0], l[3]) for l in lines[2]] == [(l[0], l[3]) for l in lines[1]]  # Rank and image, in order.
+  with pytest.raises(errors.InputError, match='num_shards=0 must be at least 1'):
+    query.query(workdir, texts=[TEXT], num_shards=0, out=io.StringIO())
