@@ -19,6 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.vocab_size = 1000
   # Fraction of training images whose captions are swapped for another image's (noisy web pairs).
   config.data.noisy_caption_fraction = 0.0
+  # embedded_videos: a clip and its reverse come next to each other in the training order, so they share a
+  # batch and each is the other's hard negative: without it a batch almost never holds both, and nothing
+  # in the loss asks the model to see frame order.
+  config.data.reversed_pairs_in_batch = False
 
   config.model = ml_collections.ConfigDict()
   config.model.image_size = 32

@@ -14,6 +14,7 @@ def get_config():
   config = default.get_config()
   config.data.name = 'embedded_videos'
   config.data.builder_config = 'default'  # 20k train, 1k validation, 2k test clips; 'tiny' for tests.
+  config.data.reversed_pairs_in_batch = True  # Each clip's reverse in its batch: frame order must be seen.
   config.model.video.temporal = 'transformer'  # Frame order matters: half the test clips come reversed too.
   # 4 of the 8 stored frames: a random one of each pair in training (a cheap temporal augmentation), frames
   # 1, 3, 5, 7 in evaluation. Half the image-tower work of 8 frames, so twice the steps in the same time:

@@ -16,6 +16,7 @@ from hivlp_jax.data import embedded_videos
 from hivlp_jax.data import frames
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import tokenizer as tokenizer_lib
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -144,3 +145,35 @@ def test_order_metrics_read_chance_for_an_order_blind_model_and_one_for_a_perfec
   chance = video_order.order_metrics(blind, texts, ids, reverse_of)
   assert chance['t2v_order'] == 0.5 and chance['v2t_order'] == 0.5  # Every comparison a tie: half credit.
   assert chance['t2v_r1'] == 0.0  # Each caption ties its clip with the reverse: a tie counts against it.
+
+
+def test_grouped_train_order_keeps_each_clip_next_to_its_reverse():
+  reverse_of = np.full(40, -1)
+  reverse_of[1:40:3] = np.arange(0, 39, 3)  # Clips 1, 4, 7, ... play clips 0, 3, 6, ... backwards.
+  groups = pipeline.reversal_groups(reverse_of)
+  order = pipeline.TrainOrder(40, 5, global_batch=8, seed=0, groups=groups)
+  for epoch in range(3):
+    images = np.concatenate([order.indices(step)[0] for step in range(epoch * 5, epoch * 5 + 5)])
+    assert sorted(images) == list(range(40))  # Every clip once an epoch.
+    place = np.argsort(images)
+    assert all(abs(place[b] - place[f]) == 1 for b, f in enumerate(reverse_of) if f >= 0)  # Side by side.
+  epochs = [np.concatenate([order.indices(s)[0] for s in range(e * 5, e * 5 + 5)]) for e in range(2)]
+  assert not np.array_equal(*epochs)  # Groups are reshuffled each epoch.
+  again = pipeline.TrainOrder(40, 5, 8, seed=0, groups=groups)
+  np.testing.assert_array_equal(again.indices(7)[0], order.indices(7)[0])  # A pure function of (seed, step).
+
+
+def test_reversed_pairs_share_batches_and_the_option_is_refused_for_images(video_dir, data_dir):
+  config = _config(video_dir)
+  config.data.reversed_pairs_in_batch = True
+  train_data = pipeline.load_split(config, 'train', _tokenizer(config))
+  reverse_of = embedded_videos.load_split(video_dir, 'train', 'tiny')['reverse_of']
+  np.testing.assert_array_equal(train_data.groups, pipeline.reversal_groups(reverse_of))
+  batch = next(pipeline.train_batches(train_data, 32, seed=0, start_step=0))
+  ids = set(batch['image_id'].reshape(-1).tolist())
+  pairs = sum(f in ids for b, f in enumerate(reverse_of) if f >= 0 and b in ids)
+  assert pairs >= 10  # About 2/3 of 32 clips are in pairs: most of them with their partner.
+  scenes = tiny_config(data_dir)
+  scenes.data.reversed_pairs_in_batch = True
+  with pytest.raises(errors.InputError, match='reversed_pairs_in_batch'):
+    pipeline.load_split(scenes, 'train', pipeline.get_tokenizer(scenes))

@@ -21,6 +21,9 @@ class ImageTextSplit:
   replaced: Optional[np.ndarray] = None
   # int32 [num_images, grid_h, grid_w]: visual-token ids of the images (masked vision modeling).
   image_codes: Optional[np.ndarray] = None
+  # int [num_images]: items of one group come next to each other in the training order, so they mostly share
+  # a batch (a clip and its reverse: hard negatives for frame order); None: every item on its own.
+  groups: Optional[np.ndarray] = None
 
   @property
   def num_images(self) -> int:

@@ -139,9 +139,22 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   per_image = len(captions[0])
   flat = tokenizer.encode([c for row in captions for c in row], config.model.text.max_len)
   data = ImageTextSplit(images=images, tokens=flat.reshape(len(captions), per_image, -1), captions=captions)
+  if split == 'train' and config.data.get('reversed_pairs_in_batch'):
+    if 'reverse_of' not in raw:
+      raise errors.InputError(f'config.data.reversed_pairs_in_batch=True: {config.data.name} has no reversed '
+                              'clips (only embedded_videos does); set it to False.')
+    data = dataclasses.replace(data, groups=reversal_groups(raw['reverse_of']))
   if split == 'train' and config.data.noisy_caption_fraction:
     data = with_replaced_captions(data, config.data.noisy_caption_fraction, config.seed)
   return data
+
+
+def reversal_groups(reverse_of: np.ndarray) -> np.ndarray:
+  """int [N]: one group per clip and its reverse (the forward clip's index), from reverse_of int [N] (-1: none)."""
+  groups = np.arange(len(reverse_of))
+  backward = reverse_of >= 0
+  groups[backward] = reverse_of[backward]
+  return groups
 
 
 def check_split(config: ml_collections.ConfigDict, split: str, tokenizer: tokenizer_lib.Tokenizer) -> int:
@@ -184,19 +197,24 @@ def with_replaced_captions(data: ImageTextSplit, fraction: float, seed: int) -> 
 class TrainOrder:
   """Deterministic epoch-wise shuffled order of (image, caption) pairs, indexed by step.
 
+  With `groups` (int [num_images]) an epoch shuffles the groups and puts the members of each next to each
+  other, in random order, so a group mostly lands in one batch (unless it straddles a batch boundary).
+
   Step s holds positions s * global_batch ... of the concatenated epoch permutations. A batch that straddles
   an epoch's end takes the rest of that epoch, then the next epoch's permutation from its start, skipping
   images already in the batch (an image must not be its own negative); those it skips appear in that batch
   anyway, and the few it takes in their place come again a batch later.
   """
 
-  def __init__(self, num_images: int, captions_per_image: int, global_batch: int, seed: int):
+  def __init__(self, num_images: int, captions_per_image: int, global_batch: int, seed: int,
+               groups: Optional[np.ndarray] = None):
     if global_batch > num_images:
       raise errors.InputError(f'A global batch of {global_batch} cannot hold {num_images} images once each.')
     self.num_images = num_images
     self.captions_per_image = captions_per_image
     self.global_batch = global_batch
     self.seed = seed
+    self.groups = None if groups is None else np.unique(groups, return_inverse=True)[1]  # Dense ids 0..G-1.
     self._orders = {}
 
   def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +223,12 @@ class TrainOrder:
       if len(self._orders) >= 2:  # A batch reads at most two epochs.
         self._orders.pop(min(self._orders))
       rng = np.random.default_rng([self.seed, epoch])
-      self._orders[epoch] = (rng.permutation(self.num_images),
-                             rng.integers(0, self.captions_per_image, self.num_images))
+      if self.groups is None:
+        order = rng.permutation(self.num_images)
+      else:  # Sorted by the group's place in a permutation of the groups, then at random within the group.
+        place = rng.permutation(self.groups.max() + 1)[self.groups]
+        order = np.lexsort((rng.random(self.num_images), place))
+      self._orders[epoch] = (order, rng.integers(0, self.captions_per_image, self.num_images))
     return self._orders[epoch]
 
   def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +263,7 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
   """
   num_hosts, host = jax.process_count(), jax.process_index()
   local_batch = global_batch // num_hosts
-  order = TrainOrder(data.num_images, data.captions_per_image, global_batch, seed)
+  order = TrainOrder(data.num_images, data.captions_per_image, global_batch, seed, data.groups)
   step = start_step
   while True:
     image_idx, caption_idx = order.indices(step)
