@@ -80,7 +80,8 @@ def run_metrics(workdir: str, dims: list[int]) -> dict[str, dict]:
 
 
 def table(results: dict[str, dict]) -> str:
-  lines = ['| run | temporal | dim | pairs | t2v R@1 | v2t R@1 | t2v order | v2t order |', '|---|---|---|---|---|---|---|---|']
+  lines = ['| run | temporal | dim | pairs | t2v R@1 | v2t R@1 | t2v order | v2t order |',
+           '|---|---|---|---|---|---|---|---|']
   for workdir, run in results.items():
     for key, m in run.items():
       if key.startswith('dim'):

@@ -2,9 +2,9 @@
 
 Protocol (Flickr30K/COCO): image-to-text is a hit when any of the image's captions is in the top K;
 text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both ways; the median rank
-(MedR, 1-based) is that of each query's best positive, MnR its mean. Clips are evaluated as images are, their
-directions named as video retrieval names them: 'v2t' (clip queries) and 't2v' (caption queries). Ranks come a block of queries at a time
-(`ranking.rank_queries`): no [queries, gallery] matrix is held.
+(MedR, 1-based) is that of each query's best positive, MnR its mean. Ranks come a block of queries at a time
+(`ranking.rank_queries`): no [queries, gallery] matrix is held. Clips are evaluated as images are, their
+directions named as video retrieval names them: 'v2t' (clip queries) and 't2v' (caption queries).
 """
 
 import time
@@ -274,8 +274,8 @@ def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) 
     title = 'text-to-video speed' if to_text == VIDEO_DIRECTIONS[1] else 'text-to-image speed'
     lines.append(f'{title:<{width}}{"p50_ms":>9}{"p99_ms":>9}{"q/s":>9}{"shortlist":>10}')
     for name, m in speed.items():
-      m = {key.replace(to_text, 't2i', 1): value for key, value in m.items()}
-      recall = f'{m["t2i_shortlist_recall"]:>10.3f}' if 't2i_shortlist_recall' in m else f'{"-":>10}'
-      lines.append(f'{name:<{width}}{m["t2i_p50_ms"]:>9.3f}{m["t2i_p99_ms"]:>9.3f}{m["t2i_queries_per_s"]:>9.0f}'
-                   + recall)
+      recall = m.get(f'{to_text}_shortlist_recall')
+      recall = f'{recall:>10.3f}' if recall is not None else f'{"-":>10}'
+      lines.append(f'{name:<{width}}{m[f"{to_text}_p50_ms"]:>9.3f}{m[f"{to_text}_p99_ms"]:>9.3f}'
+                   f'{m[f"{to_text}_queries_per_s"]:>9.0f}{recall}')
   return '\n'.join(lines)

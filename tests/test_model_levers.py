@@ -52,6 +52,29 @@ def test_dot_product_attention_equals_flax_attention_with_the_padding_mask(mask_
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected_grads)
 
 
+def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(monkeypatch):
+  """benchmarks/train_step.py counts FLOPs on a step lowered for the CPU: on a GPU host, the attention traced
+  there must not be cuDNN's (no CPU rule). Seen from the CPU as a GPU host: cuDNN is tried, fails and is
+  logged outside the block; inside it, XLA attention is used without trying."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(encoders, '_fallbacks_logged', set())
+  tried = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    tried.append(implementation)
+    return real(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  q = jnp.ones((2, 8, 2, 16), jnp.bfloat16)
+  encoders.dot_product_attention(q, q, q)
+  assert tried == ['cudnn']  # The spy answers for cuDNN on the CPU, so there is no fallback to count.
+  tried.clear()
+  with encoders.xla_attention():
+    encoders.dot_product_attention(q, q, q)
+  assert tried == ['xla']
+
+
 def _model_config(architecture='pre_ln', remat='none', scan_layers=False, dtype='float32'):
   """16 px images of 4 patches through 1 block, 8 tokens through 2 (the scan must keep their order)."""
   config = tiny.get_config().model

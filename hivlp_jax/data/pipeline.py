@@ -25,7 +25,6 @@ from hivlp_jax.data import tokenizer as tokenizer_lib
 ImageTextSplit = image_text.ImageTextSplit
 
 
-
 class Embedded(NamedTuple):
   """A data set generated here and held in memory: the module of its TFDS builder (`load_split`,
   `num_examples`), the builder, and the key of its visual array: images [N, H, W, 3] or clips [N, T, H, W, 3]."""
@@ -253,7 +252,8 @@ def train_batches(data: ImageTextSplit, global_batch: int, seed: int, start_step
   """Yields this host's part of each global batch from `start_step` on, shaped for `pmap`.
 
   Each batch: 'image' uint8 [local_devices, per_device, H, W, 3], 'text' int32 [local_devices, per_device, L],
-  'image_id' int32 [local_devices, per_device] (the image's index in the split), with the noisy-pair option 'noisy' bool [local_devices, per_device] (the pair's caption was replaced),
+  'image_id' int32 [local_devices, per_device] (the image's index in the split), with the noisy-pair option
+  'noisy' bool [local_devices, per_device] (the pair's caption was replaced),
   and with `data.image_codes` 'image_codes' int32 [local_devices, per_device, patches].
   transform(rng, host batch) -> host batch runs before the device split (e.g. masking), with a generator
   seeded by (seed, step, host) so that a resumed run repeats it.
