@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from configs import tiny
 from configs import video_default
 from hivlp_jax import config_lib
 from hivlp_jax import errors
@@ -29,14 +30,11 @@ def video_dir(tmp_path_factory):
 
 def _config(video_dir, num_frames=8):
   """configs/video_default.py on the tiny clips with a tiny model (configs/tiny.py's sizes)."""
-  config = video_default.get_config()
+  config, small = video_default.get_config(), tiny.get_config()
   config.data.update(dict(builder_config='tiny', data_dir=video_dir))
-  config.model.embed_dim = 64
-  config.model.nested_dims = (8, 16, 32, 64)
-  config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0)
-  config.model.image.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
-  config.model.text.update(dict(width=64, depth=1, num_heads=2, mlp_dim=128))
-  config.model.video.update(dict(depth=1, num_frames=num_frames))
+  video = config.model.video.to_dict()
+  config.model, config.loss.dim_weights = small.model, small.loss.dim_weights
+  config.model.video.update(dict(video, depth=1, num_frames=num_frames))
   config.batch_size = 16
   config.num_train_steps = 4
   config.optimizer.warmup_steps = 2
