@@ -177,7 +177,6 @@ def get_config():
   config.data.manual_dir = {manual!r}
   config.data.vocab_file = {vocab!r}  # The tiny embedded run's vocabulary.
   config.data.num_workers = 2
-  config.data.shuffle_buffer = 64
   config.data.prefetch = 2
   config.data.device_prefetch = 0
   return config
@@ -821,8 +820,8 @@ def data_cases() -> list[Case]:
         ('coco_captions', 'data_dir'), ['--config.data.name=coco', '--config.data.source=tfds']),
       d('d14_coco_no_filepath', "COCO's dataset_coco.json entries without 'filepath'", ('filepath',),
         ['--config.data.name=coco', f'--config.data.manual_dir={SCRATCH.coco}']),
-      d('d15_no_shards', '`--config.data.shards=CASE/shards/*.tar` matches no file', ('shards',),
-        WEB_ARGS, lambda case_dir: (case_dir / 'shards').mkdir()),
+      d('d15_no_shards', '`--config.data.shards=CASE/shards_ar/*.array_record` matches no file', ('shards_ar',),
+        WEB_ARGS, lambda case_dir: (case_dir / 'shards_ar').mkdir()),
       shared('d16_truncated_tar', web, 'web shard 00001.tar cut inside the image of sample 00015', ('00001.tar',),
              r'00001\.tar'),
       shared('d17_shard_not_tar', web, 'web shard 00003.tar is not a tar file (text)', ('00003.tar',), r'00003\.tar'),
@@ -835,19 +834,21 @@ def data_cases() -> list[Case]:
       shared('d21_sample_no_caption', web, 'sample 00024 of shard 00002.tar has an image but no caption member',
              ('00024',), r'00024'),
       d('d22_web_no_eval_name', 'web shards with no `config.data.eval_name`', ('eval_name',),
-        ['--config.data.name=webdataset', '--config.data.shards=CASE/shards/*.tar'],
-        lambda case_dir: good_shards(case_dir / 'shards')),
+        ['--config.data.name=webdataset', '--config.data.shards=CASE/shards_ar/*.array_record'],
+        converted_good_shards),
       d('d23_vocab_missing', '`--config.data.vocab_file=CASE/vocab.txt` (does not exist)', ('vocab.txt', 'vocab_file'),
         ['--config.data.vocab_file=CASE/vocab.txt']),
-      d('d24_all_shards_unusable', 'every web shard is damaged (no usable sample)', ('shards', '.tar'), WEB_ARGS,
-        lambda case_dir: [write_file(f'shards/{i:05d}.tar', 'not a tar\n')(case_dir) for i in range(4)]),
+      d('d24_unconverted_tars', '`--config.data.shards=CASE/shards/*.tar`: tars, not converted to ArrayRecord',
+        ('convert_shards', '.tar'), ['--config.data.name=webdataset', '--config.data.shards=CASE/shards/*.tar',
+                                     '--config.data.eval_name=flickr30k'],
+        lambda case_dir: good_shards(case_dir / 'shards')),
       d('d25_msrvtt_missing', '`--config.data.name=msrvtt` with no MSR-VTT files at `config.data.manual_dir`',
         ('manual_dir', 'MSRVTT'), ['--config.data.name=msrvtt', '--config.data.manual_dir=CASE/nowhere',
                                    '--config.data.captions_per_image=1']),
   ]
 
 
-WEB_ARGS = ['--config.data.name=webdataset', '--config.data.shards=CASE/shards/*.tar',
+WEB_ARGS = ['--config.data.name=webdataset', '--config.data.shards=CASE/shards_ar/*.array_record',
             '--config.data.eval_name=flickr30k']
 
 
@@ -864,6 +865,12 @@ def damaged_flickr(case_dir: pathlib.Path) -> None:
   path.write_text(json.dumps(data))
 
 
+def converted_good_shards(case_dir: pathlib.Path) -> None:
+  good_shards(case_dir / 'shards')
+  subprocess.run([sys.executable, '-m', 'hivlp_jax.data.convert_shards', f'--shards={case_dir}/shards/*.tar',
+                  f'--out_dir={case_dir}/shards_ar'], cwd=REPO, check=True, capture_output=True)
+
+
 def damaged_shards(case_dir: pathlib.Path) -> None:
   """00000.tar whole; 00001.tar cut in sample 00015's image; 00002.tar with a malformed .json (00021), a corrupt
   JPEG (00022), an empty caption (00023) and no caption (00024); 00003.tar not a tar."""
@@ -878,13 +885,22 @@ def damaged_shards(case_dir: pathlib.Path) -> None:
   (shards / '00003.tar').write_text('not a tar file\n' * 100)
 
 
-def shared_run(name: str, setup: Callable[[pathlib.Path], None], args: list[str]) -> Callable[[], None]:
+def shared_run(name: str, setup: Callable[[pathlib.Path], None], args: list[str],
+               convert: bool = False) -> Callable[[], None]:
+  """One training run that several rows read; with `convert`, CASE/shards/*.tar are first converted to
+  CASE/shards_ar by the conversion tool, whose output the rows read too (it names what it skips)."""
   def run():
     case_dir = SCRATCH.root / 'shared' / name
     case_dir.mkdir(parents=True)
     setup(case_dir)
+    converted = Output(0, '', 0.0)
+    if convert:
+      converted = run_command([sys.executable, '-m', 'hivlp_jax.data.convert_shards',
+                               f'--shards={case_dir}/shards/*.tar', f'--out_dir={case_dir}/shards_ar'])
     argv = main_argv(case_dir / 'run', [a.replace('CASE/', str(case_dir) + '/') for a in args], streamed=True)
-    SHARED[name] = (case_dir / 'run', argv, run_command(argv))
+    trained = run_command(argv)
+    SHARED[name] = (case_dir / 'run', argv, Output(trained.status, converted.text + trained.text,
+                                                   converted.seconds + trained.seconds))
   return run
 
 
@@ -1022,7 +1038,7 @@ def query_ok() -> None:
 PREREQUISITES = {'data': (prepare_data, ()), 'base': (train_base, ('data',)),
                  'flickr_damaged': (shared_run('flickr_damaged', damaged_flickr, ['--config.data.manual_dir=CASE/manual']),
                                     ('data', 'base')),
-                 'web_damaged': (shared_run('web_damaged', damaged_shards, WEB_ARGS), ('data', 'base')),
+                 'web_damaged': (shared_run('web_damaged', damaged_shards, WEB_ARGS, convert=True), ('data', 'base')),
                  'query_ok': (query_ok, ('base',))}
 
 
@@ -1143,7 +1159,7 @@ def write_page(rows: list[Row], out_dir: str, command: str, seconds: float) -> N
       'Each row is one bad input, met the way a new user would meet it. Command-line rows run '
       '`python -m hivlp_jax.main --config=configs/tiny.py --workdir=WORKDIR --config.data.data_dir=DATA_DIR` plus the '
       'bad input (data rows: `--config=TINY_STREAMED.py`, the tiny model on a Flickr30K-layout MANUAL_DIR, with the '
-      'tiny run\'s vocabulary; web-shard rows add `--config.data.name=webdataset --config.data.shards=CASE/shards/*.tar '
+      'tiny run\'s vocabulary; web-shard rows add `--config.data.name=webdataset --config.data.shards=CASE/shards_ar/*.array_record '
       '--config.data.eval_name=flickr30k`). Query rows run `python -m hivlp_jax.query --workdir=WORKDIR '
       '--text="a small red circle"` plus the bad input, on a copy of a tiny run trained for 6 steps (checkpoints 3 and '
       '6); so do the workdir and checkpoint rows with `main`. Config rows call `config_lib.validate` in-process, '

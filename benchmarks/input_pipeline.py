@@ -1,14 +1,21 @@
-r"""Input-pipeline benchmark: webdataset JPEG shards -> device-ready 224 px training batches, examples/s.
+r"""Input-pipeline benchmark: web JPEG shards -> device-ready 224 px training batches, examples/s.
 
-  python benchmarks/input_pipeline.py --workers=1,2,4,8 --processes=2,4 --batches=20 \
-      --out=benchmarks/results/input_pipeline.json
+  python benchmarks/input_pipeline.py --workers=1,2,4 --processes=1,2 --batches=10 \
+      --out=benchmarks/results/input_pipeline.json [--baseline_checkout=DIR --rounds=2]
 
 Writes --num_shards tar shards of --per_shard samples (JPEGs of --min_px to --max_px on each side, quality
 90, of smooth random scenes with texture: about 60-120 KB at 450 px, like web photos) into a temporary
-folder, then runs `streaming.TrainStream` over them with each worker setting: random resized crop + flip to
+folder and converts them to ArrayRecord files (data/convert_shards.py), then runs `streaming.TrainStream`
+over them with each setting (decode threads; grain worker processes): random resized crop + flip to
 --image_size, tokenisation (a WordPiece vocabulary trained on the captions), batches of --batch in the pmap
 layout, copied to the local devices (`device_prefetch`) and waited for. The first --warmup batches (worker
-start-up, first reads) are not timed; each timed batch is one `next()` plus `block_until_ready`.
+start-up, first reads) are not timed; each timed batch is one `next()` plus `block_until_ready`. Each setting
+runs in its own process.
+
+--baseline_checkout: another checkout of this repository (e.g. `git worktree add ../before <commit>`), whose
+pipeline is timed in the same run, setting by setting and round by round, interleaved with this one's. A
+checkout from before grain (no data/records.py) reads the tars with its own pipeline (its threads, or its
+`worker_processes=True` processes).
 
 --ops first times the per-image transforms on one thread: PIL (the pipeline's choice) against tf.image
 (decode_and_crop_jpeg + antialiased resize), so the choice can be rechecked on another machine.
@@ -16,13 +23,17 @@ start-up, first reads) are not timed; each timed batch is one `next()` plus `blo
 
 import io
 import os
+import json
 import platform
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo root.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout whose pipeline is timed: this one, or --baseline_checkout in a child process.
+sys.path.insert(0, os.environ.get('INPUT_PIPELINE_CHECKOUT', REPO))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -51,6 +62,9 @@ flags.DEFINE_list('processes', [], 'Decode process counts (spawned; start-up is 
 flags.DEFINE_bool('ops', True, 'Time the per-image transforms of PIL and tf.image first.')
 flags.DEFINE_string('out', 'benchmarks/results/input_pipeline.json', 'JSON results (empty: none).')
 flags.DEFINE_string('shard_dir', '', 'Where to write the shards (default: a temporary folder, removed).')
+flags.DEFINE_string('baseline_checkout', '', 'Another checkout whose pipeline is timed beside this one.')
+flags.DEFINE_integer('rounds', 1, 'Rounds over every setting (and checkout), interleaved.')
+flags.DEFINE_string('measure', '', 'Internal: time one setting ("threads:N" or "processes:N") and print JSON.')
 
 
 def synthetic_photo(rng: np.random.Generator) -> bytes:
@@ -120,10 +134,18 @@ def time_ops(data: bytes, repeats: int = 50) -> dict[str, float]:
   return result
 
 
-def time_stream(source, tokenizer, num_workers: int, processes: bool) -> dict:
-  stream = streaming.TrainStream(source, tokenizer, global_batch=FLAGS.batch, image_size=FLAGS.image_size,
-                                 max_len=64, seed=0, shards_per_group=FLAGS.num_shards, shuffle_buffer=256,
-                                 num_workers=num_workers, worker_processes=processes, prefetch=4, device_prefetch=2)
+def time_stream(directory: str, num_workers: int, processes: int) -> dict:
+  """One setting, in this process, over the shards in `directory` (their vocabulary beside them)."""
+  tokenizer = tokenizer_lib.Tokenizer(os.path.join(directory, 'vocab.txt'))
+  options = dict(global_batch=FLAGS.batch, image_size=FLAGS.image_size, max_len=64, seed=0, num_workers=num_workers,
+                 prefetch=4, device_prefetch=2)
+  if os.path.exists(os.path.join(os.environ.get('INPUT_PIPELINE_CHECKOUT', REPO), 'hivlp_jax/data/records.py')):
+    source = sources.webdataset_source(os.path.join(directory, 'ar', '*.array_record'))
+    options.update(worker_processes=processes)
+  else:  # Before grain: tars read through a shuffle buffer; processes were on or off (as many as threads).
+    source = sources.webdataset_source(os.path.join(directory, '*.tar'))
+    options.update(shards_per_group=FLAGS.num_shards, shuffle_buffer=256, worker_processes=bool(processes))
+  stream = streaming.TrainStream(source, tokenizer, **options)
   with stream:
     start = time.perf_counter()
     for _ in range(FLAGS.warmup):
@@ -136,21 +158,44 @@ def time_stream(source, tokenizer, num_workers: int, processes: bool) -> dict:
       times.append(time.perf_counter() - start)
     stats = stream.stats.as_dict()
   total = sum(times)
-  return {'workers': num_workers, 'kind': 'processes' if processes else 'threads',
-          'examples_per_s': FLAGS.batches * FLAGS.batch / total, 'median_batch_s': float(np.median(times)),
+  return {'examples_per_s': FLAGS.batches * FLAGS.batch / total, 'median_batch_s': float(np.median(times)),
           'warmup_s': warmup_s, 'stats': stats}
 
 
+def measure(checkout: str, directory: str, setting: str) -> dict:
+  """Times one setting in a child process that imports `checkout`'s hivlp_jax."""
+  env = dict(os.environ, INPUT_PIPELINE_CHECKOUT=checkout)
+  command = [sys.executable, os.path.abspath(__file__), f'--measure={setting}', f'--shard_dir={directory}',
+             f'--batch={FLAGS.batch}', f'--batches={FLAGS.batches}', f'--warmup={FLAGS.warmup}',
+             f'--image_size={FLAGS.image_size}', f'--num_shards={FLAGS.num_shards}']
+  out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f'{setting} in {checkout} failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def format_table(rows: list[dict]) -> str:
-  lines = ['| workers | kind | examples/s | median batch s | warm-up s |', '|---|---|---|---|---|']
+  """Median over rounds of each (checkout, setting)."""
+  lines = ['| pipeline | setting | examples/s (median of rounds) | rounds | median batch s | warm-up s |',
+           '|---|---|---|---|---|---|']
+  groups = {}
   for r in rows:
-    lines.append(f'| {r["workers"]} | {r["kind"]} | {r["examples_per_s"]:.0f} | {r["median_batch_s"]:.3f} | '
-                 f'{r["warmup_s"]:.1f} |')
+    groups.setdefault((r['pipeline'], r['setting']), []).append(r)
+  for (pipeline, setting), group in groups.items():
+    rates = [r['examples_per_s'] for r in group]
+    lines.append(f'| {pipeline} | {setting} | {np.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | '
+                 f'{len(group)} | {np.median([r["median_batch_s"] for r in group]):.3f} | '
+                 f'{np.median([r["warmup_s"] for r in group]):.1f} |')
   return '\n'.join(lines)
 
 
 def main(argv):
   del argv
+  if FLAGS.measure:
+    kind, count = FLAGS.measure.split(':')
+    threads = int(count) if kind == 'threads' else 1
+    print(json.dumps(time_stream(FLAGS.shard_dir, threads, int(count) if kind == 'processes' else 0)))
+    return
   with tempfile.TemporaryDirectory() as tmp:
     directory = FLAGS.shard_dir or tmp
     os.makedirs(directory, exist_ok=True)
@@ -159,22 +204,29 @@ def main(argv):
     num_images = len(captions)
     print(f'Wrote {len(paths)} shards of {FLAGS.per_shard} JPEGs ({FLAGS.min_px}-{FLAGS.max_px} px, '
           f'{jpeg_bytes / num_images / 1e3:.0f} KB mean) in {time.perf_counter() - start:.1f} s.', flush=True)
-    tokenizer = tokenizer_lib.train_tokenizer(captions, os.path.join(tmp, 'vocab.txt'), vocab_size=200)
+    tokenizer_lib.train_tokenizer(captions, os.path.join(directory, 'vocab.txt'), vocab_size=200)
+    from hivlp_jax.data import convert_shards  # This checkout's tool (a baseline checkout may predate it).
+    convert_shards.convert(os.path.join(directory, '*.tar'), os.path.join(directory, 'ar'))
     ops = {}
     if FLAGS.ops:
       with tarfile.open(paths[0]) as tar:
         ops = time_ops(tar.extractfile(tar.getmembers()[0]).read())
       print('Per image, one thread: ' + ', '.join(f'{k} {v:.2f}' for k, v in ops.items()), flush=True)
-    source = sources.webdataset_source(','.join(paths))
-    settings = [(int(n), False) for n in FLAGS.workers] + [(int(n), True) for n in FLAGS.processes]
+    settings = [f'threads:{n}' for n in FLAGS.workers] + [f'processes:{n}' for n in FLAGS.processes]
+    checkouts = [('this checkout', REPO)] + ([('baseline', FLAGS.baseline_checkout)] if FLAGS.baseline_checkout else [])
     rows = []
-    for num_workers, processes in settings:
-      rows.append(time_stream(source, tokenizer, num_workers, processes))
-      print(f'  {num_workers} {rows[-1]["kind"]}: {rows[-1]["examples_per_s"]:.0f} examples/s', flush=True)
+    for round_index in range(FLAGS.rounds):
+      for setting in settings:
+        for pipeline, checkout in checkouts:
+          rows.append(dict(pipeline=pipeline, setting=setting, round=round_index,
+                           **measure(checkout, directory, setting)))
+          print(f'  round {round_index}, {pipeline}, {setting}: {rows[-1]["examples_per_s"]:.0f} examples/s',
+                flush=True)
   print(format_table(rows), flush=True)
   config = {'num_shards': FLAGS.num_shards, 'per_shard': FLAGS.per_shard, 'px': [FLAGS.min_px, FLAGS.max_px],
             'mean_jpeg_kb': jpeg_bytes / num_images / 1e3, 'image_size': FLAGS.image_size, 'batch': FLAGS.batch,
-            'batches': FLAGS.batches, 'warmup': FLAGS.warmup, 'local_devices': jax.local_device_count(),
+            'batches': FLAGS.batches, 'warmup': FLAGS.warmup, 'rounds': FLAGS.rounds,
+            'baseline': bool(FLAGS.baseline_checkout), 'local_devices': jax.local_device_count(),
             'platform': jax.default_backend(), 'cpu_count': os.cpu_count(), 'machine': platform.machine(),
             'python': platform.python_version()}
   if FLAGS.out:

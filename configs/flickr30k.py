@@ -20,20 +20,21 @@ def add_streaming_data_fields(config):
   data = config.data
   data.source = 'karpathy'  # 'karpathy': JSON + image folders in manual_dir; 'tfds': a prepared TFDS builder.
   data.manual_dir = 'data/manual/flickr30k'  # Karpathy's split file and the image folder(s).
-  data.shards = ''  # Web shards (name 'webdataset'): 'dir/{00000..00999}.tar', a glob, or comma-separated.
+  # Web shards (name 'webdataset'): ArrayRecord files converted from img2dataset tars by
+  # `python -m hivlp_jax.data.convert_shards`: 'dir/*.array_record', a {a..b} range, or comma-separated.
+  data.shards = ''
   data.eval_name = ''  # The evaluation data set when it is not data.name (web pre-training: flickr30k or coco).
   data.captions_per_image = 5  # Per evaluation image: the 1K / 5K test protocols use each image's first 5.
   data.crop_scale = (0.5, 1.0)  # Random resized crop: area fraction (Inception/CLIP-style; ALBEF uses 0.5-1).
   data.crop_ratio = (3 / 4, 4 / 3)  # Its aspect ratio range (log-uniform; Inception / torchvision).
   data.flip = True  # Mirror half the images; False where left and right matter (arrows, text, "facing left").
-  # The data order: each epoch permutes the host's shards, reads them shards_per_group at a time
-  # interleaved, through a shuffle buffer of shuffle_buffer examples (undecoded, so ~100 KB each). Random-
-  # access sources (karpathy) use one permutation of all examples instead and ignore both fields.
-  data.shards_per_group = 4
-  data.shuffle_buffer = 2000
-  data.num_workers = 8  # Decode threads per host (PIL releases the GIL: threads scale to the cores).
-  data.worker_processes = False  # Processes instead of threads (see benchmarks/input_pipeline.py).
-  data.prefetch = 4  # Host batches ready ahead of the train step.
+  # The data order (grain): each host takes every process_count-th example and shuffles them globally, a new
+  # permutation each epoch (data/streaming.py).
+  data.num_workers = 8  # Decode threads per host (per worker process); PIL releases the GIL, so threads scale.
+  # grain worker processes (0: threads only). They split the order between them, so a resumed run keeps their
+  # number; see benchmarks/input_pipeline.py for when they pay.
+  data.worker_processes = 0
+  data.prefetch = 4  # Host batches ready ahead of the train step (per worker process).
   data.device_prefetch = 2  # Batches already on the devices (0: host arrays, pmap copies them).
   data.vocab_file = 'data/bert-base-uncased-vocab.txt'  # BERT-base uncased WordPiece vocabulary.
   return config

@@ -13,11 +13,9 @@ from configs import flickr30k
 def get_config():
   config = flickr30k.add_streaming_data_fields(base_b16.get_config())
   config.data.name = 'webdataset'
-  config.data.shards = 'data/web/*.tar'
+  config.data.shards = 'data/web_ar/*.array_record'  # `python -m hivlp_jax.data.convert_shards` writes them.
   config.data.eval_name = 'coco'
   config.data.manual_dir = 'data/manual/coco'  # For the evaluation split.
-  config.data.shards_per_group = 8  # img2dataset writes 10K samples per shard: 80K examples per group.
-  config.data.shuffle_buffer = 10_000
   config.data.num_workers = 16
   config.data.prefetch = 8
   return config

@@ -1,17 +1,17 @@
-"""Checkpoints of both trainers: orbax saves with checksums, restore with fallback, the recorded config, a lock.
+"""Checkpoints of both trainers: orbax saves with checksums, restore with fallback, the recorded config.
 
-Layout in a workdir: `checkpoints/<step>/` (orbax), `checkpoint_checksums/<step>.json` (sha256 of every file
+Layout in a workdir: `checkpoints/<step>/` (orbax: `default/` the train state; `data/` a streamed run's data
+order, grain's per-process JSON), `checkpoint_checksums/<step>.json` (sha256 of every file
 of that step, written once the async save has committed), `checkpoints_quarantine/` (step folders that failed
-to restore, moved aside rather than deleted), `config.json` (the run's config) and `run.lock`.
+to restore, moved aside rather than deleted) and `config.json` (the run's config); `run.lock` is workdir_lock.py's.
 """
 
 import hashlib
-import os
-import socket
 import time
 from typing import Any, Callable, Optional
 
 from absl import logging
+import grain
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -21,9 +21,10 @@ from hivlp_jax import errors
 from hivlp_jax import files
 
 CHECKPOINTS = 'checkpoints'
+STATE_ITEM = 'default'
+DATA_ITEM = 'data'
 CHECKSUMS = 'checkpoint_checksums'
 QUARANTINE = 'checkpoints_quarantine'
-LOCK_FILE = 'run.lock'
 
 
 def all_finite(tree) -> bool:
@@ -68,19 +69,38 @@ class Checkpoints:
     self._unrecorded: list[int] = []
 
   def _new_manager(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory, options=self._options)
+    # Named items: a step's train state, and with streamed data the data state (a run of in-memory data, or one
+    # saved before the data state moved into the checkpoint, has only the first).
+    return ocp.CheckpointManager(self.directory, options=self._options, item_handlers={
+        STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: grain.checkpoint.CheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Starts an async save of the host `state` (see replication.unreplicate_state) as `step`."""
+  def save(self, step: int, state, data_state: Optional[dict] = None) -> None:
+    """Starts an async save of the host `state` (see replication.unreplicate_state) as `step`, with this
+    process's `data_state` (a streamed run's `TrainStream.get_state()`) when given."""
     if not all_finite(state):
       raise FloatingPointError(f'Refusing to checkpoint step {step}: the state holds non-finite values. The '
                                f'checkpoints in {self.directory} (steps {self.all_steps()}) are unchanged.')
     self._record_checksums()
-    self.manager.save(step, args=ocp.args.StandardSave(state))
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items[DATA_ITEM] = grain.checkpoint.CheckpointSave(_DataState(data_state))
+    self.manager.save(step, args=ocp.args.Composite(**items))
     self._unrecorded.append(step)
+
+  def data_state(self, step: int) -> Optional[dict]:
+    """This process's data state saved with `step`, or None when the step has none (the run was not streamed)."""
+    directory = self.directory / str(step) / DATA_ITEM
+    if not directory.exists():
+      return None
+    try:
+      return grain.checkpoint.CheckpointHandler().restore(directory, args=grain.checkpoint.CheckpointRestore(
+          _DataState())).state
+    except (ValueError, OSError) as e:  # Another process count, or a damaged file the checksums did not cover.
+      raise errors.RunStateError(f'The data order saved in {directory} cannot be read ({e}). Resume with the '
+                                 'process count that saved it, or start a new --workdir.') from None
 
   def wait(self) -> None:
     """Blocks until every save has committed, and records its checksums."""
@@ -133,7 +153,7 @@ class Checkpoints:
       check_shapes(self.directory / str(step), target)
       try:
         self.verify(step)
-        restored = self._new_manager().restore(step, args=ocp.args.StandardRestore(target))
+        restored = self.restore(step, target)
       except Exception as e:  # pylint: disable=broad-except
         logging.error('Checkpoint of step %d in %s could not be restored (%s: %s); trying an older one.',
                       step, self.directory, type(e).__name__, e)
@@ -147,6 +167,11 @@ class Checkpoints:
                                  'are logged above). Nothing was moved or deleted: fix or remove them, or use a new '
                                  '--workdir.')
     return target
+
+  def restore(self, step: int, target=None):
+    """The train state of `step`, into `target`'s structure, or as saved (host arrays) without one."""
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+    return self._new_manager().restore(step, args=args)[STATE_ITEM]
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unrestorable step folders aside, so that the run can save those steps again."""
@@ -192,9 +217,27 @@ def check_shapes(step_dir: files.PathLike, target) -> None:
         '--workdir.')
 
 
+class _DataState(grain.DatasetIterator):
+  """A saved data state in the shape grain's orbax handler takes: it saves `get_state()` and restores by
+  `set_state`; the stream itself is rebuilt from it by the trainer."""
+
+  def __init__(self, state: Optional[dict] = None):
+    super().__init__()
+    self.state = state
+
+  def __next__(self):
+    raise StopIteration
+
+  def get_state(self) -> Optional[dict]:
+    return self.state
+
+  def set_state(self, state: dict) -> None:
+    self.state = state
+
+
 def saved_tree(step_dir: files.PathLike) -> dict:
   """The checkpoint's tree of array metadata (`.shape`, `.dtype`), read without reading any array."""
-  return ocp.PyTreeCheckpointHandler().metadata(files.path(step_dir) / 'default').tree
+  return ocp.PyTreeCheckpointHandler().metadata(files.path(step_dir) / STATE_ITEM).tree
 
 
 def restore_params(workdir: str, abstract_params=None, step: Optional[int] = None, key: str = 'params',
@@ -227,7 +270,7 @@ def restore_params(workdir: str, abstract_params=None, step: Optional[int] = Non
     try:
       checkpoints.verify(candidate)
       restored = ocp.PyTreeCheckpointer().restore(
-          step_dir / 'default', args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+          step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                             partial_restore=True))
       return restored[key], candidate
     except Exception as e:  # pylint: disable=broad-except
@@ -268,52 +311,3 @@ def check_recorded(path: files.PathLike, current: dict, may_change: Callable[[st
                               'Use a new --workdir, or pass the same config to resume that run.')
   if jax.process_index() == 0:
     files.write_json(path, current)
-
-
-class WorkdirLock:
-  """WORKDIR/run.lock while a run trains there: a second run refuses to start, naming the first.
-
-  A lock whose process is gone (same host, pid not alive) is stale and taken over. Only process 0 of a
-  multi-process job holds it.
-  """
-
-  def __init__(self, workdir: str):
-    self.path = files.path(workdir) / LOCK_FILE
-    self.held = False
-
-  def __enter__(self):
-    if jax.process_index() != 0:
-      return self
-    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-    if self.path.exists():
-      try:
-        owner = files.read_json(self.path)
-      except ValueError:
-        owner = {}
-        logging.warning('The lock %s is unreadable (a run killed while writing it?); taking it over.', self.path)
-      if owner.get('host') == me['host'] and not _pid_alive(int(owner.get('pid', -1))):
-        logging.warning('Taking over the stale lock %s of process %s, which is gone.', self.path, owner.get('pid'))
-      elif owner:
-        raise errors.RunStateError(f'Another run is training in this workdir: process {owner.get("pid")} on host '
-                                   f'{owner.get("host")!r}, started {owner.get("started")} ({self.path}). Wait for it, '
-                                   'use another --workdir, or delete the lock file if that run is gone.')
-    files.write_json(self.path, me)
-    self.held = True
-    return self
-
-  def __exit__(self, *exc):
-    if self.held and self.path.exists():
-      self.path.unlink()
-    self.held = False
-
-
-def _pid_alive(pid: int) -> bool:
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True

@@ -25,7 +25,7 @@ from hivlp_jax.models import video
 # Fields that may change when a run is resumed in the same workdir; any other difference is an error.
 RESUMABLE_FIELDS = ('num_train_steps', 'train_minutes', 'init.', 'log_every_steps', 'checkpoint_every_steps',
                     'max_checkpoints_to_keep', 'max_consecutive_nonfinite_steps', 'data.data_dir', 'data.manual_dir',
-                    'data.shards', 'data.num_workers', 'data.worker_processes', 'data.prefetch', 'data.device_prefetch',
+                    'data.shards', 'data.num_workers', 'data.prefetch', 'data.device_prefetch',
                     'eval.')
 CONFIG_FILE = 'config.json'
 DATA_SETS = ('embedded_scenes', 'embedded_videos', 'webdataset', 'flickr30k', 'coco', 'msrvtt')

@@ -27,11 +27,11 @@ from hivlp_jax import files
 from hivlp_jax import masking
 from hivlp_jax import replication
 from hivlp_jax import train_step
+from hivlp_jax import workdir_lock
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import streaming
 from hivlp_jax.data import webdataset
 
-DATA_STATE_DIR = 'data_state'  # In the workdir: the streamed data position of every checkpoint, per host.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again to resume.
 
 
@@ -90,18 +90,18 @@ def masking_transform(config: ml_collections.ConfigDict, tokenizer) -> Optional[
       mask_text_tokens=settings.mlm_weight > 0, mask_patches=settings.mvm_weight > 0)
 
 
-def training_batches(config: ml_collections.ConfigDict, workdir: str, tokenizer, start_step: int
-                     ) -> tuple[Iterator[dict], Optional[streaming.TrainStream]]:
+def training_batches(config: ml_collections.ConfigDict, checkpoints: checkpointing.Checkpoints, tokenizer,
+                     start_step: int) -> tuple[Iterator[dict], Optional[streaming.TrainStream]]:
   """The batches of steps start_step + 1, ... in pmap layout, and the stream when the data set is streamed.
 
-  A streamed data set resumes from the data position saved with the checkpoint of `start_step`; the
-  embedded one is indexed by step and needs no saved position.
+  A streamed data set resumes from the data state saved in the checkpoint of `start_step`; the embedded one
+  is indexed by step and needs no saved state.
   """
   transform = masking_transform(config, tokenizer)
   if pipeline.is_streamed(config):
     data_state = None
     if start_step:
-      data_state = streaming.read_state(str(files.path(workdir) / DATA_STATE_DIR), start_step)
+      data_state = checkpoints.data_state(start_step)
       if data_state is None:
         logging.warning('No data position saved with the checkpoint of step %d: the training data restarts '
                         'from its beginning.', start_step)
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   started = time.monotonic()
   config_lib.validate(config)
   files.make_dir(workdir)
-  with checkpointing.WorkdirLock(workdir), StopSignals() as signals:
+  with workdir_lock.WorkdirLock(workdir), StopSignals() as signals:
     deadline = started + 60 * config.train_minutes if config.train_minutes else None
     return _train_and_evaluate(config, workdir, stop_after_step, signals, deadline)
 
@@ -174,7 +174,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
   state = replication.replicate_state(state)
 
   p_train_step = train_step.make_pmapped_train_step(config)
-  batches, stream = training_batches(config, workdir, tokenizer, start_step)
+  batches, stream = training_batches(config, checkpoints, tokenizer, start_step)
   report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer,
                                                     every_steps=config.log_every_steps, every_secs=None)
   logging.info('Training from step %d to %d on %d devices (%d local).', start_step, config.num_train_steps,
@@ -183,10 +183,8 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
   window_start = time.perf_counter()
   end_step = config.num_train_steps if stop_after_step is None else min(stop_after_step, config.num_train_steps)
 
-  def save(step):
-    if stream is not None:  # First, so that every checkpoint has the data position that follows it.
-      streaming.write_state(str(files.path(workdir) / DATA_STATE_DIR), step, stream.get_state())
-    checkpoints.save(step, replication.unreplicate_state(state))
+  def save(step):  # A streamed run's checkpoint holds the data state that follows it.
+    checkpoints.save(step, replication.unreplicate_state(state), None if stream is None else stream.get_state())
 
   for step in range(start_step + 1, end_step + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):

@@ -13,6 +13,7 @@ import pytest
 from configs import web_pretrain
 from hivlp_jax import errors
 from hivlp_jax import files
+from hivlp_jax.data import convert_shards
 from hivlp_jax.data import karpathy
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import sources
@@ -194,34 +195,30 @@ def test_damaged_shards_keep_their_good_samples(tmp_path):
   assert _keys_and_problems(str(tmp_path / 'absent.tar')) == [('at its start', 'corrupt_shards')]
 
 
-def test_training_and_vocabulary_skip_damaged_shards_count_them_and_name_them(tmp_path, tokenizer, caplog):
-  shards = _write_damaged_shards(tmp_path)  # 9 usable samples a pass; a damaged shard and a bad .json.
-  source = sources.webdataset_source(','.join(shards))
-  options = dict(global_batch=4, image_size=SIZE, max_len=8, seed=0, shards_per_group=3, shuffle_buffer=0,
-                 num_workers=1, prefetch=1)
-  with caplog.at_level(logging.WARNING), streaming.TrainStream(source, tokenizer, **options) as stream:
-    batches = [jax.tree.map(np.asarray, next(stream)) for _ in range(5)]  # Into the third pass.
-    states = [stream.get_state()]
-  keys = [tokenizer.decode(t).split()[-1] for b in batches for t in b['text'].reshape(-1, 8)]
-  assert sorted(keys[:9]) == sorted(f'{i:05d}' for i in (0, 1, 2, 3, 4, 5, 8, 10, 11))
-  stats = webdataset.ReadStats.from_dict(states[0]['stats'])
-  assert stats.samples == 20 and stats.corrupt_shards == stats.malformed_json == 2  # Passes 0 and 1 consumed.
+def test_damaged_shards_are_converted_counted_and_named_then_train_and_give_a_vocabulary(tmp_path, tokenizer, caplog):
+  shards = _write_damaged_shards(tmp_path)  # 9 usable samples; a damaged shard and a bad .json.
+  with caplog.at_level(logging.WARNING):
+    conversion = convert_shards.convert(','.join(shards), str(tmp_path / 'converted'))
+  assert conversion['stats'] == dict(webdataset.ReadStats(samples=9, corrupt_shards=1, malformed_json=1).as_dict())
   assert re.search(r"truncated or corrupt shard, .*truncated\.tar: after '00005' \(ReadError", caplog.text)
   assert re.search(r'skipped an example \(malformed_json\): .*malformed\.tar: 00009 \(00009\.json: ', caplog.text)
-  # A resumed run goes past the damage again, with the counts it saved.
-  with streaming.TrainStream(source, tokenizer, **options, state=states[0]) as resumed:
-    next(resumed)
-    assert resumed.stats.samples == 24 and resumed.stats.corrupt_shards >= 2
+  pattern = str(tmp_path / 'converted' / '*.array_record')
+  options = dict(global_batch=4, image_size=SIZE, max_len=8, seed=0, num_workers=1, prefetch=1)
+  with streaming.TrainStream(sources.webdataset_source(pattern), tokenizer, **options) as stream:
+    batches = [jax.tree.map(np.asarray, next(stream)) for _ in range(5)]  # Into the third epoch.
+    state = stream.get_state()
+  keys = [tokenizer.decode(t).split()[-1] for b in batches for t in b['text'].reshape(-1, 8)]
+  assert sorted(keys[:9]) == sorted(f'{i:05d}' for i in (0, 1, 2, 3, 4, 5, 8, 10, 11))
+  assert webdataset.ReadStats.from_dict(state['stats']) == webdataset.ReadStats(samples=20)
 
-  # The vocabulary pass reads the same shards.
+  # The vocabulary pass reads the converted files.
   config = web_pretrain.get_config()
-  config.data.update(shards=','.join(shards), vocab_file='', vocab_size=100, data_dir=str(tmp_path / 'data'))
+  config.data.update(shards=pattern, vocab_file='', vocab_size=100, data_dir=str(tmp_path / 'data'))
   caplog.clear()
   with caplog.at_level(logging.INFO):
     trained = pipeline.get_tokenizer(config)
   assert 'caption' in tokenizer_lib.read_vocab(trained.vocab_file)  # Trained on the shards' captions.
-  assert "9 samples read; skipped {'malformed_json': 1, 'corrupt_shards': 1}" in caplog.text
-  assert re.search(r"truncated or corrupt shard, .*truncated\.tar: after '00005'", caplog.text)
+  assert 'Vocabulary captions of webdataset: 9 samples read.' in caplog.text
 
 
 def test_skip_log_names_the_first_examples_then_only_damaged_shards(caplog):

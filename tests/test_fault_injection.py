@@ -21,6 +21,7 @@ from hivlp_jax import evaluators
 from hivlp_jax import files
 from hivlp_jax import train
 from hivlp_jax import train_step
+from hivlp_jax import workdir_lock
 from hivlp_jax.data import pipeline
 from tests.conftest import tiny_config
 from tests.conftest import xla_flags
@@ -38,7 +39,7 @@ def _config(data_dir):
 def _params(workdir, step=None):
   checkpoints = checkpointing.Checkpoints(workdir, 2, create=False)
   step = max(checkpoints.all_steps()) if step is None else step
-  restored = checkpoints._new_manager().restore(step)  # pylint: disable=protected-access
+  restored = checkpoints.restore(step)
   return restored['params'], int(restored['step'])
 
 
@@ -84,7 +85,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_equals_uninterrupted(da
     train.train_and_evaluate(_config(data_dir), workdir)
   assert checkpointing.Checkpoints(workdir, 2).all_steps() == [2]  # Not a checkpoint step: saved for the signal.
   assert (files.path(workdir) / checkpointing.CHECKSUMS / '2.json').exists()  # The save committed.
-  assert not (files.path(workdir) / checkpointing.LOCK_FILE).exists()
+  assert not (files.path(workdir) / workdir_lock.LOCK_FILE).exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handlers are restored.
   monkeypatch.undo()
   assert train.train_and_evaluate(_config(data_dir), workdir) == results
@@ -200,17 +201,17 @@ def test_resume_after_skipped_steps_equals_uninterrupted(data_dir, tmp_path, mon
 
 
 def test_a_second_run_in_the_same_workdir_is_refused(tmp_path):
-  with checkpointing.WorkdirLock(str(tmp_path)):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
     with pytest.raises(RuntimeError, match=f'process {os.getpid()} on host'):
-      with checkpointing.WorkdirLock(str(tmp_path)):
+      with workdir_lock.WorkdirLock(str(tmp_path)):
         pass
-  assert not (tmp_path / checkpointing.LOCK_FILE).exists()
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
   # A lock left by a killed run (its pid is gone) is stale and taken over.
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
   import socket  # pylint: disable=g-import-not-at-top
-  files.write_json(tmp_path / checkpointing.LOCK_FILE, {'host': socket.gethostname(), 'pid': dead.pid})
-  with checkpointing.WorkdirLock(str(tmp_path)) as lock:
+  files.write_json(tmp_path / workdir_lock.LOCK_FILE, {'host': socket.gethostname(), 'pid': dead.pid})
+  with workdir_lock.WorkdirLock(str(tmp_path)) as lock:
     assert lock.held
 
 

@@ -201,7 +201,7 @@ def test_the_train_split_is_the_9k_csv_with_every_caption_and_the_test_split_the
   assert [(e['video_id'], e['captions']) for e in test] == [
       (v, [f'a test sentence for video {v[5:]}']) for v in TEST_IDS]
   source = sources.source_from_config(_config(layout), 'train')
-  assert source.random_access and {e.kind for e in source.shards} == {'video'}
+  assert {e.kind for e in source.examples} == {'video'}
   with pytest.raises(errors.InputError, match="no 'validation' split"):
     msrvtt.read_split(str(layout), 'validation')
 

@@ -110,15 +110,6 @@ def test_global_stats_sum_the_counts_of_every_process():
   assert webdataset.global_stats(stats) == stats  # One process: its own counts.
 
 
-def test_webdataset_hosts_read_disjoint_halves(tmp_path):
-  shards = _write_shards(tmp_path)
-  per_host = [[k for k, _ in _keys_and_problems(webdataset.shards_for_host(shards, host, 2))] for host in range(2)]
-  assert not set(per_host[0]) & set(per_host[1])
-  assert sorted(per_host[0] + per_host[1]) == [f'{i:05d}' for i in range(20)]
-  with pytest.raises(ValueError, match='4 shards cannot feed 8 hosts'):
-    webdataset.shards_for_host(shards, 0, 8)
-
-
 def test_the_cpu_sized_flickr30k_config_trains_and_evaluates_on_a_karpathy_folder(tmp_path, caplog):
   """configs/flickr30k_cpu.py as shipped (only the step count, batch and paths shortened): it trains its own
   vocabulary, streams the folder, and evaluates the test split."""

@@ -1,10 +1,10 @@
-"""The streaming pipeline on tiny files in the real formats: web shards, Karpathy JSON + JPEGs, TFDS builds."""
+"""The streaming pipeline (grain) on tiny files in the real formats: web shards, Karpathy JSON + JPEGs, TFDS builds."""
 
+import collections
 import importlib
 import io
 import json
 import os
-import tarfile
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ from hivlp_jax.data import pipeline
 from hivlp_jax.data import sources
 from hivlp_jax.data import streaming
 from hivlp_jax.data import tokenizer as tokenizer_lib
+from hivlp_jax.data import webdataset
 from tests.test_real_data import _jpeg
 from tests.test_real_data import _write_flickr_manual_dir
 from tests.test_real_data import _write_shards
@@ -33,8 +34,7 @@ def tokenizer(tmp_path_factory):
 
 
 def _stream(source, tokenizer, **kwargs):
-  options = dict(global_batch=8, image_size=SIZE, max_len=8, seed=3, shards_per_group=2, shuffle_buffer=4,
-                 num_workers=2, prefetch=2)
+  options = dict(global_batch=8, image_size=SIZE, max_len=8, seed=3, num_workers=2, prefetch=2)
   options.update(kwargs)
   return streaming.TrainStream(source, tokenizer, **options)
 
@@ -46,6 +46,14 @@ def _take(stream, n):
       batches.append(jax.tree.map(np.asarray, next(stream)))
       batches[-1]['state'] = stream.get_state()
   return batches
+
+
+def _web_source(paths):
+  """Web shards' samples, bad ones included, as a source in memory (training reads them converted to ArrayRecord,
+  which keeps only the usable ones; here the stream's skipping is under test)."""
+  return sources.Source('webdataset', [
+      sources.RawExample(s.key, s.image, (s.caption,) if s.caption else (), s.problem, origin=path, detail=s.detail)
+      for path in paths for s in webdataset.raw_samples(path)])
 
 
 def _keys(tokenizer, batch):
@@ -108,11 +116,10 @@ def test_large_jpegs_decode_at_reduced_scale_close_to_full():
 
 
 def test_web_stream_batches_in_pmap_layout_and_counts_bad_samples(tmp_path, tokenizer):
-  with pytest.raises(FileNotFoundError, match=r'No webdataset shards match .*config.data.shards.*img2dataset'):
-    sources.webdataset_source(str(tmp_path / '*.tar'))
-  _write_shards(tmp_path)
-  source = sources.webdataset_source(str(tmp_path / '{00000..00003}.tar'))
-  with _stream(source, tokenizer, shuffle_buffer=0) as stream:
+  with pytest.raises(ValueError, match=r'names webdataset tars.*python -m hivlp_jax.data.convert_shards'):
+    sources.webdataset_source(str(tmp_path / '{00000..00003}.tar'))
+  source = _web_source(_write_shards(tmp_path))
+  with _stream(source, tokenizer) as stream:
     batches = [next(stream) for _ in range(3)]  # 24 of the 18 good samples a pass: into epoch 1.
     stats = stream.stats.as_dict()
   devices = jax.local_device_count()
@@ -125,7 +132,7 @@ def test_web_stream_batches_in_pmap_layout_and_counts_bad_samples(tmp_path, toke
 
 
 def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
-  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = _web_source(_write_shards(tmp_path))
   straight = _take(_stream(source, tokenizer), 7)  # About 3 epochs of 18 good samples.
   resumed = _take(_stream(source, tokenizer, state=straight[2]['state']), 4)
   for a, b in zip(straight[3:], resumed):
@@ -135,10 +142,11 @@ def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
   assert json.loads(json.dumps(straight[2]['state'])) == straight[2]['state']
   # The counts are of the batches returned, not of the examples the workers and the queue read ahead.
   assert [b['state']['stats']['samples'] for b in straight] == [8 * (i + 1) for i in range(7)]
-  # The order does not depend on the number of workers, nor on decoding in the producer thread.
-  inline = _take(_stream(source, tokenizer, num_workers=0), 3)
-  np.testing.assert_array_equal(inline[2]['image'], straight[2]['image'])
-  # A transform (e.g. masking) draws from a generator seeded by the batch's position: resumed, it repeats.
+  # Neither the order nor the augmentation depends on the number of decode threads, or on having none.
+  for threads in (0, 5):
+    other = _take(_stream(source, tokenizer, num_workers=threads), 3)
+    np.testing.assert_array_equal(other[2]['image'], straight[2]['image'])
+  # A transform (e.g. masking) draws from a generator seeded by the batch's first example: resumed, it repeats.
   def mask(rng, batch):
     return dict(batch, mask=rng.random(batch['text'].shape) < 0.5)
   masks = [b['mask'] for b in _take(_stream(source, tokenizer, transform=mask), 5)[3:]]
@@ -151,14 +159,16 @@ def test_resumed_stream_continues_the_data_order(tmp_path, tokenizer):
 
 
 def test_state_of_another_stream_is_refused(tmp_path, tokenizer):
-  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = _web_source(_write_shards(tmp_path))
   state = _take(_stream(source, tokenizer), 1)[0]['state']
   with pytest.raises(ValueError, match=r"changed \(saved, now\): \{'seed': \(3, 4\)\}"):
     _stream(source, tokenizer, seed=4, state=state)
+  with pytest.raises(ValueError, match=r"changed \(saved, now\): \{'worker_processes': \(0, 2\)\}"):
+    _stream(source, tokenizer, worker_processes=2, state=state)
 
 
-def test_hosts_stream_disjoint_shards(tmp_path, tokenizer):
-  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
+def test_hosts_stream_disjoint_shares(tmp_path, tokenizer):
+  source = _web_source(_write_shards(tmp_path))
   keys = []
   for host in range(2):
     batches = _take(_stream(source, tokenizer, global_batch=8, process_index=host, process_count=2), 2)
@@ -168,7 +178,7 @@ def test_hosts_stream_disjoint_shards(tmp_path, tokenizer):
 
 
 def test_device_prefetch_keeps_the_state_of_the_batch_returned(tmp_path, tokenizer):
-  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
+  source = _web_source(_write_shards(tmp_path))
   host = _take(_stream(source, tokenizer), 3)
   with _stream(source, tokenizer, device_prefetch=2) as stream:
     for expected in host:
@@ -178,11 +188,18 @@ def test_device_prefetch_keeps_the_state_of_the_batch_returned(tmp_path, tokeniz
       assert stream.get_state() == expected['state']
 
 
-def test_state_files_round_trip(tmp_path):
-  state = {'epoch': 1, 'group': 2, 'offset': 3, 'process_index': 0}
-  path = streaming.write_state(str(tmp_path), 500, state)
-  assert os.path.basename(path) == 'data_state_500_0.json'
-  assert streaming.read_state(str(tmp_path), 500) == state and streaming.read_state(str(tmp_path), 9) is None
+def test_the_data_state_is_saved_in_the_orbax_checkpoint(tmp_path, tokenizer):
+  from hivlp_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  state = _take(_stream(_web_source(_write_shards(tmp_path)), tokenizer), 2)[1]['state']
+  checkpoints = checkpointing.Checkpoints(str(tmp_path / 'run'), max_to_keep=3)
+  checkpoints.save(5, {'step': np.full((), 5, np.int32)}, state)
+  checkpoints.save(6, {'step': np.full((), 6, np.int32)})  # An in-memory data set's checkpoint: no data state.
+  checkpoints.close()
+  assert os.path.exists(tmp_path / 'run/checkpoints/5/data/process_0-of-1.json')
+  assert checkpoints.data_state(5) == state and checkpoints.data_state(6) is None
+  assert checkpoints.restore_latest({'step': np.zeros((), np.int32)}) == {'step': 6}
+  (tmp_path / 'run/checkpoints/6').rename(tmp_path / 'run/checkpoints_6')
+  assert checkpointing.Checkpoints(str(tmp_path / 'run'), 3).restore_latest({'step': np.zeros((), np.int32)}) == {'step': 5}
 
 
 # -- Flickr30K and COCO.
@@ -221,10 +238,10 @@ def test_coco_karpathy_stream_is_a_permutation_of_train_and_restval(tmp_path, to
     state = stream.get_state()
   keys = [int(k) for b in batches for k in _keys(tokenizer, b)]
   assert sorted(keys[:8]) == list(range(8)) and sorted(keys[8:]) == list(range(8)) and keys[:8] != keys[8:]
-  assert state == {'epoch': 1, 'group': 0, 'offset': 8, 'seed': 0, 'process_index': 0, 'process_count': 1,
-                   'num_shards': 8, 'source': 'coco',
-                   'stats': {'samples': 16, 'corrupt_images': 0, 'empty_captions': 0, 'missing_parts': 0,
-                             'malformed_json': 0, 'corrupt_shards': 0, 'corrupt_videos': 0}}
+  assert state['grain'] and {k: v for k, v in state.items() if k != 'grain'} == {
+      'seed': 0, 'process_index': 0, 'process_count': 1, 'num_examples': 8, 'source': 'coco', 'worker_processes': 0,
+      'stats': {'samples': 16, 'corrupt_images': 0, 'empty_captions': 0, 'missing_parts': 0, 'malformed_json': 0,
+                'corrupt_shards': 0, 'corrupt_videos': 0}}
 
   test = eval_splits.load_eval_split(config, 'test', tokenizer)
   assert test.images.shape == (3, SIZE, SIZE, 3) and test.tokens.shape == (3, 5, 8)
@@ -243,7 +260,7 @@ def test_missing_manual_files_say_what_to_download(tmp_path, tokenizer):
   with pytest.raises(FileNotFoundError, match="'flickr30k-images'.*dataset_flickr30k.json"):
     eval_splits.load_eval_split(config, 'test', tokenizer)
   config = _data_config('coco', tmp_path, source='tfds', data_dir=str(tmp_path / 'tfds'))
-  with pytest.raises(FileNotFoundError, match='tfds build coco_captions'):
+  with pytest.raises(FileNotFoundError, match='tfds build coco_captions --file_format=array_record'):
     streaming.create_train_stream(config, tokenizer)
 
 
@@ -274,26 +291,28 @@ def test_coco_captions_tfds_features_map_to_examples(tmp_path):
   assert set(builder.info.splits) <= {'train', 'val', 'test', 'restval'}
 
 
-def test_shard_patterns_and_empty_shards(tmp_path, tokenizer):
-  paths = _write_shards(tmp_path)
-  assert sources.webdataset_source(str(tmp_path / '{00001..00002}.tar')).shards == paths[1:3]
-  assert sources.webdataset_source(f'{paths[3]},{paths[0]}').shards == [paths[0], paths[3]]
-  empty = tmp_path / 'empty'
-  empty.mkdir()
-  with tarfile.open(empty / '00000.tar', 'w'):
-    pass
-  stream = _stream(sources.webdataset_source(str(empty / '*.tar')), tokenizer)
-  with pytest.raises(RuntimeError, match='hold no examples'):
-    next(stream)
+def test_an_empty_share_or_an_epoch_without_a_usable_example_is_named(tmp_path, tokenizer):
+  examples = _web_source(_write_shards(tmp_path)).examples
+  with pytest.raises(RuntimeError, match='webdataset has 1 examples: none for host 1 of 2'):
+    _stream(sources.Source('webdataset', examples[:1]), tokenizer, process_index=1, process_count=2)
+  bad = [examples[1], examples[7]]  # A corrupt JPEG and an empty caption.
+  with _stream(sources.Source('webdataset', bad), tokenizer, num_workers=0) as stream:
+    with pytest.raises(RuntimeError, match=r"whole epoch of the 2 examples of webdataset .*gave no usable example"):
+      next(stream)
 
 
-def test_worker_processes_give_the_same_batches(tmp_path, tokenizer):
-  source = sources.webdataset_source(','.join(_write_shards(tmp_path)))
-  threads = _take(_stream(source, tokenizer), 2)
-  processes = _take(_stream(source, tokenizer, num_workers=1, worker_processes=True), 2)
-  for a, b in zip(threads, processes):
+def test_worker_processes_resume_their_order(tmp_path, tokenizer):
+  source = _web_source(_write_shards(tmp_path))
+  straight = _take(_stream(source, tokenizer, num_workers=1, worker_processes=2), 5)
+  resumed = _take(_stream(source, tokenizer, num_workers=1, worker_processes=2, state=straight[1]['state']), 3)
+  for a, b in zip(straight[2:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['text'], b['text'])
+    assert a['state'] == b['state']
+  # Two processes share the order, each batching its own share: 40 examples are 2.2 epochs of the 18 usable
+  # ones, so each shows up 2 or 3 times (an order that repeated or lost examples would not).
+  counts = collections.Counter(k for b in straight for k in _keys(tokenizer, b))
+  assert set(counts) == {f'{i:05d}' for i in range(20) if i not in (1, 7)} and set(counts.values()) <= {2, 3}
 
 
 def _final_params(workdir):
@@ -301,7 +320,7 @@ def _final_params(workdir):
   from hivlp_jax import checkpointing  # pylint: disable=g-import-not-at-top
   checkpoints = checkpointing.Checkpoints(workdir, 2, create=False)
   step = max(checkpoints.all_steps())
-  return checkpoints._new_manager().restore(step)['params'], step  # pylint: disable=protected-access
+  return checkpoints.restore(step)['params'], step
 
 
 def test_training_on_flickr30k_resumes_its_data_order(tmp_path):
@@ -320,7 +339,7 @@ def test_training_on_flickr30k_resumes_its_data_order(tmp_path):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   results = train.train_and_evaluate(config, straight)
   assert train.train_and_evaluate(config, interrupted, stop_after_step=3) is None
-  assert os.path.exists(streaming.state_file(os.path.join(interrupted, train.DATA_STATE_DIR), 3))
+  assert os.path.exists(os.path.join(interrupted, 'checkpoints', '3', 'data', 'process_0-of-1.json'))
   assert train.train_and_evaluate(config, interrupted) == results
   (params_a, step_a), (params_b, step_b) = _final_params(straight), _final_params(interrupted)
   assert step_a == step_b == 6

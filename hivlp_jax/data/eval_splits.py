@@ -50,7 +50,7 @@ def load_eval_split(config: ml_collections.ConfigDict, split: str,
   """
   name = eval_sets.own_name(config)
   source = sources.source_from_config(config, split, name=name)
-  examples = [e for shard in source.shards for e in source.read(shard)]
+  examples = list(source.examples)
   per_image, size = config.data.captions_per_image, config.model.image_size
   _check_captions(name, split, examples, per_image)
   with concurrent.futures.ThreadPoolExecutor(max(config.data.num_workers, 1)) as executor:
@@ -81,7 +81,7 @@ def check_eval_split(config: ml_collections.ConfigDict, split: str, tokenizer: t
     if not count:
       raise errors.InputError(f'The {name} {split} split of the TFDS build in {data.data_dir!r} has no images.')
     return count
-  examples = list(sources.source_from_config(config, split, name=name).shards)  # One shard per example.
+  examples = list(sources.source_from_config(config, split, name=name).examples)
   per_image = data.captions_per_image
   _check_captions(name, split, examples, per_image)
   tokenizer.encode([c for e in examples for c in e.captions[:per_image]], config.model.text.max_len)

@@ -17,7 +17,7 @@ import grain
 import msgpack
 
 from hivlp_jax import errors
-from hivlp_jax.data import sources
+from hivlp_jax.data import raw_examples
 from hivlp_jax.data import webdataset
 
 CONVERT_COMMAND = ("python -m hivlp_jax.data.convert_shards --shards='data/web/{00000..00009}.tar' "
@@ -27,7 +27,7 @@ _FIELDS = {'key': str, 'image': bytes, 'captions': list, 'kind': str}
 _OPEN_THREADS = 16
 
 
-def encode(example: sources.RawExample) -> bytes:
+def encode(example: raw_examples.RawExample) -> bytes:
   """A usable image example (problem '', image bytes, at least one caption) -> its record."""
   if example.problem or not isinstance(example.image, bytes) or not example.captions or example.kind != 'image':
     raise ValueError(f'Only usable image examples with image bytes and captions are written; got {example!r:.200}.')
@@ -35,7 +35,7 @@ def encode(example: sources.RawExample) -> bytes:
                         'kind': example.kind}, use_bin_type=True)
 
 
-def decode(record: bytes, origin: str = '') -> sources.RawExample:
+def decode(record: bytes, origin: str = '') -> raw_examples.RawExample:
   """A record of `encode` -> its RawExample (origin: where the record is, to name it in errors)."""
   try:
     fields = msgpack.unpackb(record, raw=False)
@@ -47,7 +47,7 @@ def decode(record: bytes, origin: str = '') -> sources.RawExample:
     got = list(fields) if isinstance(fields, dict) else type(fields).__name__
     raise errors.InputError(f'{origin or "A record"} is not an example record: a map of {list(_FIELDS)} was '
                             f'expected, got {got!r:.200}. Write such files with `{CONVERT_COMMAND}`.')
-  return sources.RawExample(fields['key'], fields['image'], tuple(fields['captions']), origin=origin,
+  return raw_examples.RawExample(fields['key'], fields['image'], tuple(fields['captions']), origin=origin,
                             kind=fields['kind'])
 
 
@@ -106,11 +106,11 @@ class ArrayRecordExamples:
       raise IndexError(f'Example {index} of {len(self)} ({len(self.paths)} ArrayRecord files).')
     return position
 
-  def __getitem__(self, index: SupportsIndex) -> sources.RawExample:
+  def __getitem__(self, index: SupportsIndex) -> raw_examples.RawExample:
     position = self._index(index)
     return decode(self._source[position], self._origin(position))
 
-  def __getitems__(self, indices: Sequence[SupportsIndex]) -> list[sources.RawExample]:
+  def __getitems__(self, indices: Sequence[SupportsIndex]) -> list[raw_examples.RawExample]:
     """Many examples at once (grain's batched read): the files are read in parallel."""
     positions = [self._index(i) for i in indices]
     return [decode(record, self._origin(p)) for record, p in zip(self._source.__getitems__(positions), positions)]

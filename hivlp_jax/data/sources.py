@@ -1,24 +1,27 @@
-"""Sources of real image-caption data: web shards, Flickr30K and COCO, as shards that read into undecoded examples.
+"""Sources of real image-caption data: web shards, Flickr30K, COCO and MSR-VTT, as random-access sequences of
+undecoded examples, which grain reads in any order (data/streaming.py).
 
-Flickr30K and COCO come as Karpathy's JSON + image folders (random access: each example its own shard) or
-as a prepared TFDS build (sequential: one shard per TFDS file). Unusable examples are yielded too, marked
-with the `webdataset.ReadStats` field that counts them, so that positions do not depend on decoding;
-`SkipLog` names them in the log.
+Flickr30K and COCO come as Karpathy's JSON + image folders or as a TFDS build in the ArrayRecord format; web
+shards as ArrayRecord files converted from img2dataset tars (`python -m hivlp_jax.data.convert_shards`);
+MSR-VTT as a folder of videos. Unusable examples stay in the sequence, marked with the `webdataset.ReadStats`
+field that counts them, so that indices do not depend on decoding; `SkipLog` names them in the log.
 """
 
 import dataclasses
-import functools
 import hashlib
 import itertools
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 from absl import logging
 import ml_collections
+import numpy as np
 
 from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax.data import karpathy
 from hivlp_jax.data import msrvtt
+from hivlp_jax.data import raw_examples
+from hivlp_jax.data import records
 from hivlp_jax.data import webdataset
 
 TFDS_NAMES = {'coco': 'coco_captions/2014', 'flickr30k': 'flickr30k'}
@@ -27,40 +30,20 @@ TFDS_SPLITS = {'coco': {'train': ('train', 'restval'), 'validation': ('val',), '
                'flickr30k': {'train': ('train',), 'validation': ('validation',), 'test': ('test',)}}
 
 
-@dataclasses.dataclass(frozen=True)
-class RawExample:
-  """An undecoded example. image: encoded bytes, or the path of an image file (read by the worker), or
-  with kind 'video' the path of a video file (decoded by the worker into a clip, data/videos.py).
-
-  problem: '' for a usable example, else the `webdataset.ReadStats` field that counts it when skipped.
-  origin: the file it comes from (its shard, or its image file), to name it when it is skipped.
-  """
-  key: str
-  image: Union[bytes, str, None]
-  captions: tuple[str, ...]
-  problem: str = ''
-  origin: str = ''
-  detail: str = ''  # Why it is unusable, when the reader knows more than `problem` (a tar or JSON error).
-  kind: str = 'image'  # Or 'video' (MSR-VTT).
-
-  def describe(self) -> str:
-    if not self.origin:
-      where = self.key
-    else:  # An image file's path already ends with its key.
-      where = self.origin if self.origin.endswith(self.key) else f'{self.origin}: {self.key}'
-    return where + (f' ({self.detail})' if self.detail else '')
+RawExample = raw_examples.RawExample  # Every reader here builds them.
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A data set as shards. `read(shard)` yields a shard's `RawExample`s in a fixed order.
+  """A data set as a random-access sequence of undecoded examples (`len`, `examples[i]`; it pickles, for
+  grain's worker processes).
 
-  random_access: each shard is one `RawExample` (read returns it), so an epoch can be any permutation.
+  files: the files that hold the examples when they are not one file per example (ArrayRecord, TFDS):
+  `fingerprint` reads their names and sizes instead of every caption.
   """
   name: str
-  shards: Sequence[Any]
-  read: Callable[[Any], Iterator[RawExample]]
-  random_access: bool = False
+  examples: Sequence[RawExample]
+  files: Sequence[str] = ()
 
 
 def read_image_file(path: str) -> tuple[Optional[bytes], str]:
@@ -102,15 +85,15 @@ class SkipLog:
                       self.what)
 
 
-def _read_web_shard(path: str) -> Iterator[RawExample]:
-  for sample in webdataset.raw_samples(path):
-    yield RawExample(sample.key, sample.image, (sample.caption,) if sample.caption else (), sample.problem,
-                     origin=path, detail=sample.detail)
-
-
 def webdataset_source(pattern: str) -> Source:
-  """Tar shards of img2dataset's webdataset layout (see webdataset.expand_shards for the pattern)."""
-  return Source('webdataset', webdataset.expand_shards(pattern), _read_web_shard)
+  """Web shards converted to ArrayRecord files (data/records.py; `python -m hivlp_jax.data.convert_shards`)."""
+  if any(part.strip().endswith(('.tar', '.tar}')) for part in pattern.split(',')):
+    raise errors.InputError(
+        f'config.data.shards={pattern!r} names webdataset tars. Training reads them converted to ArrayRecord files '
+        '(random access, so an exact resume and a global shuffle): run `python -m hivlp_jax.data.convert_shards '
+        f"--shards='{pattern}' --out_dir=DIR` once and set config.data.shards='DIR/*.array_record'.")
+  examples = records.array_record_examples(pattern)
+  return Source('webdataset', examples, tuple(examples.paths))
 
 
 def _entry_example(entry: dict) -> RawExample:
@@ -126,15 +109,14 @@ def karpathy_examples(name: str, manual_dir: str, split: str) -> list[RawExample
 
 
 def karpathy_source(name: str, manual_dir: str, split: str = 'train') -> Source:
-  return Source(name, karpathy_examples(name, manual_dir, split), lambda example: iter((example,)),
-                random_access=True)
+  return Source(name, karpathy_examples(name, manual_dir, split))
 
 
 def msrvtt_source(manual_dir: str, split: str = 'train') -> Source:
-  """MSR-VTT's clips (data/msrvtt.py), one random-access shard each; the workers decode the video files."""
+  """MSR-VTT's clips (data/msrvtt.py); the workers decode the video files."""
   examples = [RawExample(e['video_id'], e['path'], tuple(e['captions']), '' if e['captions'] else 'empty_captions',
                          origin=e['path'], kind='video') for e in msrvtt.read_split(manual_dir, split)]
-  return Source('msrvtt', examples, lambda example: iter((example,)), random_access=True)
+  return Source('msrvtt', examples)
 
 
 def tfds_example(example: dict) -> RawExample:
@@ -154,43 +136,54 @@ def tfds_example(example: dict) -> RawExample:
 
 
 def tfds_builder(name: str, data_dir: str, manual_dir: str = ''):
-  """The prepared TFDS builder of 'coco' (coco_captions/2014) or 'flickr30k' (ours, from the manual dir)."""
+  """The prepared TFDS builder of 'coco' (coco_captions/2014) or 'flickr30k' (ours, from the manual dir), in the
+  ArrayRecord format (random access)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (only TFDS sources need it)
   if name == 'flickr30k':
     from hivlp_jax.data import flickr30k  # pylint: disable=g-import-not-at-top
-    builder = flickr30k.Flickr30k(data_dir=data_dir)
+    builder = flickr30k.Flickr30k(data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
       flickr30k.LAYOUT.check(manual_dir)
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return builder
   if name != 'coco':
     raise errors.InputError(f'No TFDS builder for {name!r}; known: {sorted(TFDS_NAMES)}.')
-  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
+  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     raise errors.MissingInputError(
-        f'TFDS {TFDS_NAMES[name]} is not prepared in {data_dir!r} (config.data.data_dir). Build it once with '
-        f'`tfds build coco_captions --data_dir={data_dir}`: it downloads COCO 2014 train + val (about 19 GB) '
-        "and Karpathy's caption_datasets.zip. Or set config.data.source='karpathy' and put "
-        f"{karpathy.COCO.splits_file}, train2014/ and val2014/ in config.data.manual_dir.")
+        f'TFDS {TFDS_NAMES[name]} is not prepared in {data_dir!r} (config.data.data_dir) in the ArrayRecord format. '
+        f'Build it once with `tfds build coco_captions --file_format=array_record --data_dir={data_dir}`: it '
+        "downloads COCO 2014 train + val (about 19 GB) and Karpathy's caption_datasets.zip. Or set "
+        f"config.data.source='karpathy' and put {karpathy.COCO.splits_file}, train2014/ and val2014/ in "
+        'config.data.manual_dir.')
   return builder
 
 
-def _read_tfds_shard(builder, shard: tuple[str, int]) -> Iterator[RawExample]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  split, index = shard
-  dataset = builder.as_dataset(split=f'{split}[{index}shard:{index + 1}shard]', shuffle_files=False,
-                               decoders={'image': tfds.decode.SkipDecoding()})
-  origin = f'{builder.name} {split} shard {index}'
-  for example in tfds.as_numpy(dataset):
-    yield dataclasses.replace(tfds_example(example), origin=origin)
+class TfdsExamples:
+  """The examples of TFDS splits (ArrayRecord files) in order, read at random with the images undecoded."""
+
+  def __init__(self, builder, splits: Sequence[str]):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.origin = f'{builder.name} {"+".join(splits)}'
+    self._parts = [builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()}) for split in splits]
+    self._starts = np.cumsum([0] + [len(part) for part in self._parts])
+    self.paths = [str(path) for split in splits for path in builder.info.splits[split].filepaths]
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> RawExample:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    part = int(np.searchsorted(self._starts, index, side='right')) - 1
+    example = tfds_example(self._parts[part][index - int(self._starts[part])])
+    return dataclasses.replace(example, origin=f'{self.origin} #{index}')
 
 
 def tfds_source(name: str, data_dir: str, split: str = 'train', manual_dir: str = '') -> Source:
-  """A prepared TFDS data set, one shard per TFDS file (read whole, so no file is re-read in an epoch)."""
-  builder = tfds_builder(name, data_dir, manual_dir)
-  shards = [(tfds_split, i) for tfds_split in TFDS_SPLITS[name][split]
-            for i in range(builder.info.splits[tfds_split].num_shards)]
-  return Source(name, shards, functools.partial(_read_tfds_shard, builder))
+  """A prepared TFDS data set in the ArrayRecord format (coco's 'train' is Karpathy's train + restval)."""
+  examples = TfdsExamples(tfds_builder(name, data_dir, manual_dir), TFDS_SPLITS[name][split])
+  return Source(name, examples, tuple(examples.paths))
 
 
 def source_from_config(config: ml_collections.ConfigDict, split: str = 'train',
@@ -218,16 +211,16 @@ def source_from_config(config: ml_collections.ConfigDict, split: str = 'train',
 def fingerprint(source: Source) -> str:
   """12 hex digits that change when the source's training data does: a vocabulary trained on it is keyed by them.
 
-  Random-access sources hash every example's key and captions (in memory already); shard sources hash their
-  shard names and, for files, their sizes (reading every caption of web shards would take minutes).
+  Sources in memory hash every example's key and captions; sources in files (ArrayRecord, TFDS) hash the
+  files' names and sizes (reading every caption of web shards would take minutes).
   """
   digest = hashlib.sha256(source.name.encode())
-  for shard in source.shards:
-    if isinstance(shard, RawExample):
-      digest.update('\0'.join((shard.key,) + shard.captions).encode() + b'\1')
-    else:
-      size = files.path(shard).stat().length if isinstance(shard, str) else ''
-      digest.update(f'{shard!r}:{size}\1'.encode())
+  if source.files:
+    for path in source.files:
+      digest.update(f'{path}:{files.path(path).stat().length}\1'.encode())
+  else:
+    for example in source.examples:
+      digest.update('\0'.join((example.key,) + example.captions).encode() + b'\1')
   return digest.hexdigest()[:12]
 
 
@@ -243,7 +236,7 @@ def caption_texts(config: ml_collections.ConfigDict, limit: Optional[int] = None
   skip_log = SkipLog(f'Vocabulary captions of {source.name}')
 
   def texts():
-    for example in (e for shard in source.shards for e in source.read(shard)):
+    for example in source.examples:
       if example.problem:
         stats.count(example.problem)
         if skip_log.take(example.problem):

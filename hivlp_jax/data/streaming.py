@@ -1,111 +1,159 @@
-"""The streamed training data of real image-caption sets (web shards, Flickr30K, COCO), and its saved position.
+"""The streamed training data of real image-caption sets (web shards, Flickr30K, COCO, MSR-VTT), read by grain.
 
-A training stream reads a source's examples (data/sources.py) in a deterministic, resumable order
-(data/order.py), decodes and augments the images in worker threads (data/images.py), tokenises one caption
-per image and yields batches in the pmap layout:
+A source (data/sources.py) is a random-access sequence of undecoded examples. grain orders it: each host
+takes every process_count-th example, shuffles them globally with a new permutation each epoch, and repeats
+them forever. Each example is decoded and augmented (data/images.py; a clip of `num_frames` frames with
+data/videos.py) with a generator that grain seeds by the example's index, so the draws do not depend on which
+thread or process decodes it. Batches of usable examples are tokenised and laid out for pmap:
 
-  {'image': uint8 [local_devices, per_device, S, S, 3], 'text': int32 [local_devices, per_device, L],
+  {'image': uint8 [local_devices, per_device, S, S, 3] (clips: [local_devices, per_device, T, S, S, 3]),
+   'text': int32 [local_devices, per_device, L],
    'image_id': int32 [local_devices, per_device]}  (`image_id`: of the example's key, for image-id positives)
 
-with a local batch of global_batch / jax.process_count(). Video examples (MSR-VTT) decode to clips of
-`num_frames` frames (data/videos.py): their 'image' is uint8 [local_devices, per_device, T, S, S, 3]. The
-order is a pure function of the seed and a position (epoch, group, offset), so `stream.get_state()` after
-batch k-1 restores a stream whose batches are batches k, k+1, ... of the uninterrupted one:
-
-- Each host reads its own shards (`webdataset.shards_for_host`).
-- Each example's augmentation and caption choice draw from a generator seeded with its position, so they
-  do not depend on which worker decodes it, or when.
-- Skipped examples are counted (`stream.stats`, a `webdataset.ReadStats`) as their batches are consumed,
-  not as they are read ahead, and the counts are part of the state, so a resumed run goes on counting.
-  `webdataset.global_stats` sums them over hosts.
+with a local batch of global_batch / jax.process_count(). Unusable examples are skipped, counted
+(`stream.stats`, a `webdataset.ReadStats`, summed over hosts by `webdataset.global_stats`) and the first ones
+named in the log. `stream.get_state()` after batch k is grain's iterator state with the counts, as JSON; a
+stream created with it yields batches k+1, k+2, ... of the uninterrupted one, bit for bit. Training saves it
+in the same orbax checkpoint as the model (checkpointing.py).
 """
 
 import collections
-import concurrent.futures
 import dataclasses
-import functools
-import itertools
-import multiprocessing
-import queue
-import threading
 import zlib
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional
 
+from absl import flags
+import grain
 import jax
 import ml_collections
 import numpy as np
 
 from hivlp_jax import errors
-from hivlp_jax import files
 from hivlp_jax.data import images as images_lib
-from hivlp_jax.data import order as order_lib
 from hivlp_jax.data import sources
 from hivlp_jax.data import tokenizer as tokenizer_lib
 from hivlp_jax.data import videos
 from hivlp_jax.data import webdataset
 
-Position = order_lib.Position
+Transform = Callable[[np.random.Generator, dict], dict]
 
 
 def image_id(key: str) -> int:
   """A 31-bit id of an example's key (its image): equal keys, equal ids, on every host and run.
 
-  CRC-32, not an index, so that hosts reading disjoint shards agree without a table. Among 30,000 keys about
-  0.2 pairs collide on average (two such images count as one: a few wrong positives at most).
+  CRC-32, not an index, so that hosts agree without a table. Among 30,000 keys about 0.2 pairs collide on
+  average (two such images count as one: a few wrong positives at most).
   """
   return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
-def _prepare(chunk: Sequence[tuple[sources.RawExample, tuple[int, ...]]], image_size: int,
-             augment: images_lib.Augment, num_frames: int = 1) -> list[tuple[Optional[np.ndarray], Optional[str], str]]:
-  """Worker task: [(image uint8 [S, S, 3] (a video's clip [num_frames, S, S, 3]) or None, caption or None,
-  problem)] for (example, seed) pairs."""
-  results = []
-  for example, seed in chunk:
-    if example.problem:
-      results.append((None, None, example.problem))
-      continue
-    data = example.image
-    if example.kind == 'video':  # A video file (MSR-VTT), decoded here in the worker.
-      rng = np.random.default_rng(seed)
+@dataclasses.dataclass(frozen=True)
+class _Decode:
+  """grain's random map: RawExample -> {'image': uint8 [S, S, 3] ([T, S, S, 3] for a clip) or None, 'caption',
+  'key', 'problem' ('' or the ReadStats field that counts it), 'where' (to name it), 'seed'}."""
+  image_size: int
+  augment: images_lib.Augment
+  num_frames: int
+
+  def __call__(self, example: sources.RawExample, rng: np.random.Generator) -> dict:
+    seed = int(rng.integers(1 << 62))  # Seeds the batch transform when this example is first in its batch.
+    image, caption, problem = None, None, example.problem
+    if not problem:
       caption = example.captions[int(rng.integers(len(example.captions)))]
-      clip, problem = videos.read_clip(data, image_size, num_frames, rng, augment)
-      results.append((clip, caption, problem))
-      continue
-    if isinstance(data, str):  # An image file (Karpathy layout), read here in the worker.
-      data, problem = sources.read_image_file(data)
-      if problem:
-        results.append((None, None, problem))
+      if example.kind == 'video':  # A video file (MSR-VTT), decoded here in the worker.
+        image, problem = videos.read_clip(example.image, self.image_size, self.num_frames, rng, self.augment)
+      else:
+        data = example.image
+        if isinstance(data, str):  # An image file (Karpathy layout), read here in the worker.
+          data, problem = sources.read_image_file(data)
+        if not problem:
+          image = images_lib.decode_for_training(data, self.image_size, rng, self.augment)
+          problem = '' if image is not None else 'corrupt_images'
+    return {'image': image, 'caption': caption, 'key': example.key, 'problem': problem,
+            'where': example.describe() if problem else '', 'seed': seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchSpec:
+  size: int  # The local batch.
+  local_devices: int
+  tokenizer: tokenizer_lib.Tokenizer
+  max_len: int
+  transform: Optional[Transform]
+  give_up_after: int  # Unusable examples in a row (a whole epoch of the host's share) before giving up.
+  name: str
+
+
+class _Batches(grain.IterDataset):
+  """Decoded examples -> {'batch': the pmap-layout batch of `spec.size` usable ones, 'skipped': {problem: count},
+  'named': [(problem, where)] of the first skipped ones}."""
+
+  def __init__(self, parent: grain.IterDataset, spec: _BatchSpec):
+    super().__init__(parent)
+    self.spec = spec
+
+  def __iter__(self):
+    return _BatchIterator(self._parent.__iter__(), self.spec)
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Its state is its parent's: a batch is complete when returned, so nothing is held between batches."""
+
+  def __init__(self, parent: grain.DatasetIterator, spec: _BatchSpec):
+    super().__init__(parent)
+    self.spec = spec
+
+  def __next__(self) -> dict:
+    spec = self.spec
+    kept, skipped, named, in_a_row = [], collections.Counter(), [], 0
+    while len(kept) < spec.size:
+      example = next(self._parent)
+      if not example['problem']:
+        kept.append(example)
+        in_a_row = 0
         continue
-    rng = np.random.default_rng(seed)
-    caption = example.captions[int(rng.integers(len(example.captions)))]
-    image = images_lib.decode_for_training(data, image_size, rng, augment)
-    results.append((image, caption, '' if image is not None else 'corrupt_images'))
-  return results
+      skipped[example['problem']] += 1
+      named.append((example['problem'], example['where']))
+      in_a_row += 1
+      if in_a_row > spec.give_up_after:
+        raise errors.RunStateError(
+            f'A whole epoch of the {spec.give_up_after} examples of {spec.name} on this host gave no usable '
+            f'example: skipped {dict(skipped)}; e.g. {[where for _, where in named[-3:]]}.')
+    batch = {'image': np.stack([e['image'] for e in kept]),
+             'text': spec.tokenizer.encode([e['caption'] for e in kept], spec.max_len),
+             'image_id': np.asarray([image_id(e['key']) for e in kept], np.int32)}
+    if spec.transform is not None:  # E.g. masking; seeded by the batch's first example, as grain seeded it.
+      batch = spec.transform(np.random.default_rng(kept[0]['seed']), batch)
+    batch = {k: v.reshape((spec.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+    return {'batch': batch, 'skipped': dict(skipped), 'named': named[:10]}
+
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
 
 
 class TrainStream:
-  """Iterator of training batches of a `Source`, decoded by workers and prefetched by a thread.
+  """Iterator of training batches of a `Source` (the module docstring has the layout and the order).
 
-  Batches: {'image': uint8 [local_devices, per_device, S, S, 3], 'text': int32 [local_devices, per_device, L],
-  'image_id': int32 [local_devices, per_device]},
-  host arrays (or device arrays with `device_prefetch`). `get_state()` is the position after the last batch
-  returned; `TrainStream(..., state=that)` continues with the next batch. `stats` counts the examples of
-  the batches returned so far (with those of the run that saved `state`). Use as a context manager, or
-  call `close()`, to stop the threads.
+  Batches are host arrays, or device arrays with `device_prefetch`. `get_state()` is the state after the last
+  batch returned; `TrainStream(..., state=that)` continues with the next one. `stats` counts the examples of
+  the batches returned so far (with those of the run that saved `state`). Use as a context manager, or call
+  `close()`, to stop grain's threads and processes.
 
-  transform(rng, batch) -> batch, when given, runs on each host batch ('image' [B, S, S, 3], 'text' [B, L];
-  B the local batch) in the producer thread before the device split, e.g. masking; its generator is seeded
-  by the batch's position, so a resumed stream repeats it.
+  num_workers: decode threads (per worker process). worker_processes: grain worker processes (0: none); each
+  decodes a share of the order, so the order depends on their number, and a resumed run must keep it.
+  transform(rng, batch) -> batch, when given, runs on each host batch ('image' [B, ...], 'text' [B, L]) before
+  the device split, e.g. masking, in the workers; its generator is seeded by the batch's first example.
   """
 
   def __init__(self, source: sources.Source, tokenizer: tokenizer_lib.Tokenizer, *, global_batch: int,
                image_size: int, max_len: int, seed: int, augment: images_lib.Augment = images_lib.Augment(),
-               num_frames: int = 1, shards_per_group: int = 4, shuffle_buffer: int = 1000, num_workers: int = 4,
-               worker_processes: bool = False, prefetch: int = 2, device_prefetch: int = 0,
-               transform: Optional[Callable[[np.random.Generator, dict], dict]] = None,
-               state: Optional[dict] = None, process_index: Optional[int] = None,
-               process_count: Optional[int] = None, local_devices: Optional[int] = None):
+               num_frames: int = 1, num_workers: int = 4, worker_processes: int = 0, prefetch: int = 2,
+               device_prefetch: int = 0, transform: Optional[Transform] = None, state: Optional[dict] = None,
+               process_index: Optional[int] = None, process_count: Optional[int] = None,
+               local_devices: Optional[int] = None):
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     self.local_devices = jax.local_device_count() if local_devices is None else local_devices
@@ -113,163 +161,96 @@ class TrainStream:
       raise errors.InputError(f'Global batch {global_batch} does not split into {self.process_count} hosts x '
                               f'{self.local_devices} local devices.')
     self.local_batch = global_batch // self.process_count
-    self.source, self.tokenizer, self.seed = source, tokenizer, seed
-    self.shards = webdataset.shards_for_host(source.shards, self.process_index, self.process_count)
-    self.image_size, self.max_len, self.augment = image_size, max_len, augment
-    self.num_frames = num_frames  # Frames per clip of video examples.
-    self.shards_per_group, self.shuffle_buffer = shards_per_group, shuffle_buffer
-    self.transform = transform
-    self._position = self._check_state(state) if state else Position()
-    # A state saved before the counts were part of it starts them at 0.
+    self.source, self.seed, self.worker_processes = source, seed, int(worker_processes)
+    share = grain.MapDataset.source(source.examples)[self.process_index::self.process_count]
+    if not len(share):
+      raise errors.RunStateError(f'{source.name} has {len(source.examples)} examples: none for host '
+                                 f'{self.process_index} of {self.process_count}.')
+    self._identity = {'seed': seed, 'process_index': self.process_index, 'process_count': self.process_count,
+                      'num_examples': len(source.examples), 'source': source.name,
+                      'worker_processes': self.worker_processes}
+    if state:
+      self._check_state(state)
     self.stats = webdataset.ReadStats.from_dict((state or {}).get('stats', {}))
     self._skip_log = sources.SkipLog(f'Training data of {source.name} (host {self.process_index})')
+    shuffle_seed, decode_seed = np.random.SeedSequence([seed, self.process_index]).generate_state(2)
+    ordered = share.shuffle(seed=int(shuffle_seed)).random_map(
+        _Decode(image_size, augment, num_frames), seed=int(decode_seed)).repeat()
+    batches = _Batches(ordered.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
+                                                                  prefetch_buffer_size=max(4 * num_workers, 16))),
+                       _BatchSpec(self.local_batch, self.local_devices, tokenizer, max_len, transform,
+                                  give_up_after=len(share), name=source.name))
+    if self.worker_processes:
+      if not flags.FLAGS.is_parsed():  # grain's workers read its flags; a library caller may not have parsed any.
+        flags.FLAGS.mark_as_parsed()
+      batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_processes,
+                                                                 per_worker_buffer_size=max(prefetch, 1)))
+    else:
+      batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=max(prefetch, 1))
+    self._iterator = iter(batches)
+    if state:
+      self._iterator.set_state(state['grain'])
+    self._state = self._state_dict()
     self._device_prefetch = device_prefetch
     self._on_device = collections.deque()
-    self._num_workers = num_workers
-    if num_workers <= 0:
-      self._executor = None
-    elif worker_processes:
-      # spawn, not fork: the parent runs JAX and TF threads, which fork would copy mid-flight.
-      self._executor = concurrent.futures.ProcessPoolExecutor(num_workers,
-                                                              mp_context=multiprocessing.get_context('spawn'))
-    else:
-      self._executor = concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix='decode')
-    self._queue = queue.Queue(maxsize=max(prefetch, 1))
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(dataclasses.replace(self.stats),),
-                                    name='batches', daemon=True)
-    self._thread.start()
+    self._closed = False
 
   # -- State.
 
+  def _state_dict(self) -> dict:
+    return dict(self._identity, grain=self._iterator.get_state(), stats=self.stats.as_dict())
+
   def get_state(self) -> dict:
-    """A small JSON-able dict: the position after the last batch returned, what it is valid for, the counts."""
-    return dict(dataclasses.asdict(self._position), seed=self.seed, process_index=self.process_index,
-                process_count=self.process_count, num_shards=len(self.shards), source=self.source.name,
-                stats=self.stats.as_dict())
+    """A JSON-able dict: grain's state after the last batch returned, what it is valid for, the counts."""
+    return self._state
 
-  def _check_state(self, state: dict) -> Position:
-    expected = {'seed': self.seed, 'process_index': self.process_index, 'process_count': self.process_count,
-                'num_shards': len(self.shards), 'source': self.source.name}
-    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-    if changed:
-      raise errors.InputError(f'The data state {state} was taken from another stream; changed (saved, now): {changed}. '
-                              'A resumed run needs the same seed, hosts and shards to continue the data order.')
-    return Position(int(state['epoch']), int(state['group']), int(state['offset']))
+  def _check_state(self, state: dict) -> None:
+    changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    if changed or 'grain' not in state:
+      raise errors.InputError(
+          f'The saved data state was taken from another stream; changed (saved, now): {changed or "its format"}. '
+          'A resumed run needs the same seed, hosts, data and config.data.worker_processes to continue the data '
+          'order: restore them, or start a new --workdir.')
 
-  # -- Producer.
-
-  def _produce(self, stats: webdataset.ReadStats):
-    try:
-      for item in self._batches(stats):
-        if not self._put(item):
-          return
-    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consumer)
-      self._put(e)
-
-  def _put(self, item) -> bool:
-    """Puts `item` in the queue unless the stream is closed first; returns whether it did."""
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def _decoded(self) -> Iterator[tuple[tuple, sources.RawExample, Position]]:
-    """(worker result, example, position) in stream order; up to a window of chunks decoded ahead."""
-    examples = order_lib.ordered_examples(self.source, self.shards, self.seed, self.process_index,
-                                          self._position, self.shards_per_group, self.shuffle_buffer)
-
-    def make_chunks(size=8):  # Tasks of a few examples: fewer futures, and fewer round trips to processes.
-      while True:
-        chunk = list(itertools.islice(examples, size))
-        # Each example's generator is seeded with its position: the same draws whichever worker runs it.
-        yield [(e, (self.seed, self.process_index, p.epoch, p.group, p.offset)) for e, p in chunk], chunk
-
-    prepare = functools.partial(_prepare, image_size=self.image_size, augment=self.augment,
-                                num_frames=self.num_frames)
-    chunks = make_chunks()
-    if self._executor is None:
-      for tasks, chunk in chunks:
-        yield from ((result, e, p) for result, (e, p) in zip(prepare(tasks), chunk))
-      return
-    pending = collections.deque()
-    for tasks, chunk in chunks:
-      pending.append((self._executor.submit(prepare, tasks), chunk))
-      if len(pending) >= 4 * self._num_workers:
-        future, chunk = pending.popleft()
-        yield from ((result, e, p) for result, (e, p) in zip(future.result(), chunk))
-        if self._stop.is_set():
-          return
-
-  def _batches(self, stats: webdataset.ReadStats) -> Iterator[tuple]:
-    """(batch, its end position, the counts up to it, the skips to name [(problem, description)])."""
-    images, captions, ids, named = [], [], [], []
-    last_good_epoch = self._position.epoch
-    for (image, caption, problem), example, position in self._decoded():
-      if problem:
-        stats.count(problem)
-        if self._skip_log.take(problem):
-          named.append((problem, example.describe()))
-        if position.epoch > last_good_epoch + 1:
-          raise errors.RunStateError(f'A whole epoch of {len(self.shards)} shards of {self.source.name} gave no usable '
-                                     f'example on host {self.process_index}: {webdataset.count_by_reason(stats)}; '
-                                     f'e.g. {[description for _, description in named[-3:]]}.')
-        continue
-      stats.samples += 1
-      last_good_epoch = position.epoch
-      images.append(image)
-      captions.append(caption)
-      ids.append(image_id(example.key))
-      if len(images) == self.local_batch:
-        batch = {'image': np.stack(images), 'text': self.tokenizer.encode(captions, self.max_len),
-                 'image_id': np.asarray(ids, np.int32)}
-        end = Position(position.epoch, position.group, position.offset + 1)
-        if self.transform is not None:  # Seeded by the batch's end position, unique in the stream.
-          batch = self.transform(np.random.default_rng([self.seed, self.process_index, *dataclasses.astuple(end), 1]),
-                                 batch)
-        batch = {k: v.reshape((self.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
-        yield batch, end, dataclasses.replace(stats), named
-        images, captions, ids, named = [], [], [], []
-
-  # -- Consumer.
+  # -- Iteration.
 
   def _next_host_batch(self) -> tuple:
-    if self._stop.is_set():
+    """(batch, the state after it, the counts up to it, the skips to name)."""
+    if self._closed:
       raise RuntimeError('This stream is closed; create another from its get_state().')
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      self.close()
-      raise item
-    return item
+    item = next(self._iterator)
+    stats = dataclasses.replace(self.stats if not self._on_device else self._on_device[-1][2])
+    stats.samples += self.local_batch
+    for problem, count in item['skipped'].items():
+      setattr(stats, problem, getattr(stats, problem) + count)
+    return item['batch'], dict(self._identity, grain=self._iterator.get_state(), stats=stats.as_dict()), stats, \
+        item['named']
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
     if not self._device_prefetch:
-      batch, self._position, self.stats, named = self._next_host_batch()
+      batch, self._state, self.stats, named = self._next_host_batch()
     else:
-      # As flax.jax_utils.prefetch_to_device, keeping each batch's position and counts beside it.
+      # As flax.jax_utils.prefetch_to_device, keeping each batch's state and counts beside it.
       while len(self._on_device) < self._device_prefetch:
         batch, *rest = self._next_host_batch()
         self._on_device.append((_to_devices(batch), *rest))
-      batch, self._position, self.stats, named = self._on_device.popleft()
-    for problem, description in named:
-      self._skip_log.log(problem, description)
+      batch, self._state, self.stats, named = self._on_device.popleft()
+    for problem, where in named:
+      if self._skip_log.take(problem):
+        self._skip_log.log(problem, where)
     return batch
 
   def close(self):
-    self._stop.set()
-    while self._thread.is_alive():
-      try:
-        self._queue.get(timeout=0.1)
-      except queue.Empty:
-        pass
-    if self._executor is not None:
-      self._executor.shutdown(wait=True, cancel_futures=True)
+    if not self._closed:
+      self._closed = True
+      self._on_device.clear()
+      close = getattr(self._iterator, 'close', None)
+      if close is not None:
+        close()
+      self._iterator = None  # Collected now: grain's iterators log errors when collected at interpreter exit.
 
   def __enter__(self):
     return self
@@ -287,36 +268,13 @@ def _to_devices(batch: dict) -> dict:
 
 
 def create_train_stream(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
-                        state: Optional[dict] = None,
-                        transform: Optional[Callable[[np.random.Generator, dict], dict]] = None) -> TrainStream:
+                        state: Optional[dict] = None, transform: Optional[Transform] = None) -> TrainStream:
   """The training stream that config.data describes, from the start or from `get_state()` of an earlier one."""
   data = config.data
   return TrainStream(
       sources.source_from_config(config, 'train'), tokenizer, global_batch=config.batch_size,
       image_size=config.model.image_size, max_len=config.model.text.max_len, seed=config.seed,
       augment=images_lib.Augment(tuple(data.crop_scale), tuple(data.crop_ratio), data.flip),
-      num_frames=config.model.video.num_frames,
-      shards_per_group=data.shards_per_group,
-      shuffle_buffer=data.shuffle_buffer, num_workers=data.num_workers, worker_processes=data.worker_processes,
-      prefetch=data.prefetch, device_prefetch=data.device_prefetch, transform=transform, state=state)
-
-
-# Data state files beside checkpoints: one per host, since each host has its own position.
-
-
-def state_file(directory: str, step: int, process_index: Optional[int] = None) -> str:
-  process_index = jax.process_index() if process_index is None else process_index
-  return str(files.path(directory) / f'data_state_{step}_{process_index}.json')
-
-
-def write_state(directory: str, step: int, state: dict) -> str:
-  """Writes `state` as the data state of `step` for this host (atomically where the filesystem allows)."""
-  path = state_file(directory, step, state.get('process_index'))
-  files.write_json(path, state)
-  return path
-
-
-def read_state(directory: str, step: int) -> Optional[dict]:
-  """This host's data state of `step`, or None when there is none (start the stream afresh)."""
-  path = state_file(directory, step)
-  return files.read_json(path) if files.path(path).exists() else None
+      num_frames=config.model.video.num_frames, num_workers=data.num_workers,
+      worker_processes=data.worker_processes, prefetch=data.prefetch, device_prefetch=data.device_prefetch,
+      transform=transform, state=state)

@@ -12,7 +12,7 @@ import json
 import lzma
 import re
 import tarfile
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional
 import zlib
 
 import jax
@@ -108,14 +108,6 @@ def expand_shards(pattern: str) -> list[str]:
                                    'img2dataset (--output_format webdataset) and point the pattern at them, e.g. '
                                    "'data/cc3m/{00000..00331}.tar' or 'data/cc3m/*.tar'.")
   return sorted(dict.fromkeys(paths))
-
-
-def shards_for_host(shards: Sequence[str], process_index: int, process_count: int) -> list[str]:
-  """Round-robin assignment of shards to hosts: disjoint, and together all of them."""
-  if len(shards) < process_count:
-    raise errors.InputError(f'{len(shards)} shards cannot feed {process_count} hosts: each host needs at least one. '
-                            'Write more, smaller shards.')
-  return list(shards[process_index::process_count])
 
 
 class _CheckedTarInfo(tarfile.TarInfo):
