@@ -1131,14 +1131,15 @@ def user_sees_cell(row: Row) -> str:
 
 
 def merged_rows(rows: list[Row], command: str, seconds: float) -> tuple[list[Row], str, float]:
-  """The rows of OUT_DIR/bad_inputs.json with `rows` in place of (or added to) theirs, in the cases' order;
-  the command that made them (the recorded one, then this one) and the seconds of both."""
+  """The rows of OUT_DIR/bad_inputs.json with `rows` in place of (or added to) theirs, in the cases' order, less
+  those of cases this script no longer has; the command that made them (the recorded one, then this one) and
+  the seconds of both."""
   from hivlp_jax import files  # pylint: disable=g-import-not-at-top
   recorded = files.read_json(files.path(FLAGS.out_dir) / 'bad_inputs.json')
-  by_id = {r['id']: Row(**{**r, 'names': tuple(r['names'])}) for r in recorded['rows']}
-  by_id.update({r.id: r for r in rows})
   order = [c.id for c in all_cases()]
-  ordered = sorted(by_id.values(), key=lambda r: order.index(r.id) if r.id in order else len(order))
+  by_id = {r['id']: Row(**{**r, 'names': tuple(r['names'])}) for r in recorded['rows'] if r['id'] in order}
+  by_id.update({r.id: r for r in rows})
+  ordered = sorted(by_id.values(), key=lambda r: order.index(r.id))
   return ordered, f'{recorded["command"]} ({recorded["date"]}), then {command}', recorded['seconds'] + seconds
 
 

@@ -142,9 +142,10 @@ def time_stream(directory: str, num_workers: int, processes: int) -> dict:
   if os.path.exists(os.path.join(os.environ.get('INPUT_PIPELINE_CHECKOUT', REPO), 'hivlp_jax/data/records.py')):
     source = sources.webdataset_source(os.path.join(directory, 'ar', '*.array_record'))
     options.update(worker_processes=processes)
-  else:  # Before grain: tars read through a shuffle buffer; processes were on or off (as many as threads).
+  else:  # Before grain: tars through a shuffle buffer; a pool of `num_workers` processes, or of threads.
     source = sources.webdataset_source(os.path.join(directory, '*.tar'))
-    options.update(shards_per_group=FLAGS.num_shards, shuffle_buffer=256, worker_processes=bool(processes))
+    options.update(shards_per_group=FLAGS.num_shards, shuffle_buffer=256, worker_processes=bool(processes),
+                   num_workers=processes or num_workers)
   stream = streaming.TrainStream(source, tokenizer, **options)
   with stream:
     start = time.perf_counter()

@@ -1,9 +1,11 @@
 """Pre-training on img2dataset webdataset shards (CC3M, CC12M, LAION, ...), ViT-B/16 + BERT-base towers.
 
-Each host reads its own shards (at least one per host), in a resumable order. Evaluates zero-shot on the
-COCO 5K test split from the Karpathy manual dir:
+The tars are converted once to ArrayRecord files, which grain reads at random (a global shuffle, an exact
+resume); each host reads its own share. Evaluates zero-shot on the COCO 5K test split from the Karpathy
+manual dir:
+  python -m hivlp_jax.data.convert_shards --shards='data/cc3m/{00000..00331}.tar' --out_dir=data/cc3m_ar
   python -m hivlp_jax.main --config=configs/web_pretrain.py --workdir=runs/web \
-      --config.data.shards='data/cc3m/{00000..00331}.tar'
+      --config.data.shards='data/cc3m_ar/*.array_record'
 """
 
 from configs import base_b16

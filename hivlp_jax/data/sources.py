@@ -139,24 +139,32 @@ def tfds_builder(name: str, data_dir: str, manual_dir: str = ''):
   """The prepared TFDS builder of 'coco' (coco_captions/2014) or 'flickr30k' (ours, from the manual dir), in the
   ArrayRecord format (random access)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (only TFDS sources need it)
-  if name == 'flickr30k':
-    from hivlp_jax.data import flickr30k  # pylint: disable=g-import-not-at-top
-    builder = flickr30k.Flickr30k(data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared():
-      flickr30k.LAYOUT.check(manual_dir)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return builder
-  if name != 'coco':
+  from hivlp_jax.data import flickr30k  # pylint: disable=g-import-not-at-top
+  if name not in TFDS_NAMES:
     raise errors.InputError(f'No TFDS builder for {name!r}; known: {sorted(TFDS_NAMES)}.')
-  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    raise errors.MissingInputError(
-        f'TFDS {TFDS_NAMES[name]} is not prepared in {data_dir!r} (config.data.data_dir) in the ArrayRecord format. '
-        f'Build it once with `tfds build coco_captions --file_format=array_record --data_dir={data_dir}`: it '
-        "downloads COCO 2014 train + val (about 19 GB) and Karpathy's caption_datasets.zip. Or set "
-        f"config.data.source='karpathy' and put {karpathy.COCO.splits_file}, train2014/ and val2014/ in "
-        'config.data.manual_dir.')
-  return builder
+  try:
+    builder = (flickr30k.Flickr30k(data_dir=data_dir, file_format='array_record') if name == 'flickr30k' else
+               tfds.builder(TFDS_NAMES[name], data_dir=data_dir, file_format='array_record'))
+  except ValueError as e:  # TFDS: 'File format is already set to ...' by a build in another format.
+    if 'file format' not in str(e).lower():
+      raise
+    raise errors.InputError(
+        f'The TFDS build of {TFDS_NAMES[name]} in {data_dir!r} (config.data.data_dir) is not in the ArrayRecord '
+        f'format ({e}); training reads it at random, which needs ArrayRecord. Rebuild it with `tfds build '
+        f'{TFDS_NAMES[name].split("/")[0]} --file_format=array_record` (our flickr30k builder: delete its folder '
+        'and run again).') from None
+  if builder.is_prepared():
+    return builder
+  if name == 'flickr30k':
+    flickr30k.LAYOUT.check(manual_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder
+  raise errors.MissingInputError(
+      f'TFDS {TFDS_NAMES[name]} is not prepared in {data_dir!r} (config.data.data_dir) in the ArrayRecord format. '
+      f'Build it once with `tfds build coco_captions --file_format=array_record --data_dir={data_dir}`: it '
+      "downloads COCO 2014 train + val (about 19 GB) and Karpathy's caption_datasets.zip. Or set "
+      f"config.data.source='karpathy' and put {karpathy.COCO.splits_file}, train2014/ and val2014/ in "
+      'config.data.manual_dir.')
 
 
 class TfdsExamples:

@@ -176,8 +176,10 @@ class TrainStream:
     shuffle_seed, decode_seed = np.random.SeedSequence([seed, self.process_index]).generate_state(2)
     ordered = share.shuffle(seed=int(shuffle_seed)).random_map(
         _Decode(image_size, augment, num_frames), seed=int(decode_seed)).repeat()
-    batches = _Batches(ordered.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
-                                                                  prefetch_buffer_size=max(4 * num_workers, 16))),
+    # Decoded examples read ahead: a whole batch, so the threads keep decoding while a batch is stacked.
+    read_options = grain.ReadOptions(num_threads=num_workers,
+                                     prefetch_buffer_size=max(4 * num_workers, self.local_batch))
+    batches = _Batches(ordered.to_iter_dataset(read_options),
                        _BatchSpec(self.local_batch, self.local_devices, tokenizer, max_len, transform,
                                   give_up_after=len(share), name=source.name))
     if self.worker_processes:
