@@ -126,16 +126,18 @@ def train_run(variant: Variant, workdir: str, seed: int) -> dict:
     if 'mvlm.mvm_weight' in variant.overrides and not os.path.exists(os.path.join(tokenizer, 'metrics.json')):
       run_main(tokenizer, extra_overrides(), mode='tokenizer')
     run_main(workdir, run_overrides(variant, seed))
-  return {mode: values for mode, values in files.read_json(metrics_file).items() if mode != 'step'}
+  from hivlp_jax import evaluate  # pylint: disable=g-import-not-at-top  (jax starts only where a run needs it)
+  return evaluate.read_metrics_json(metrics_file)  # Recall in percent, also of runs written in fractions.
 
 
 def projection_metrics(workdir: str, dims: list[int]) -> dict:
   """{'truncate_dim{d}' | 'pca_dim{d}': metrics} of the run's final parameters (cached in projections.json)."""
+  from hivlp_jax import evaluate  # pylint: disable=g-import-not-at-top  (jax starts only where a run needs it)
   path = os.path.join(workdir, 'projections.json')
   if os.path.exists(path):
-    return files.read_json(path)
-  import flax  # pylint: disable=g-import-not-at-top  (jax starts only where a run needs it)
-  from hivlp_jax import evaluate, evaluators, gallery, retrieval, train_step  # pylint: disable=g-import-not-at-top
+    return evaluate.read_metrics_json(path)
+  import flax  # pylint: disable=g-import-not-at-top
+  from hivlp_jax import evaluators, gallery, retrieval, train_step  # pylint: disable=g-import-not-at-top
   from hivlp_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = gallery.config_from_workdir(workdir)
   tokenizer = pipeline.trained_run_tokenizer(config)
@@ -163,7 +165,7 @@ def projection_metrics(workdir: str, dims: list[int]) -> dict:
     results[f'truncate_dim{dim}'] = evaluate.retrieval_metrics(images, texts, text_image_ids, search)
     pca = lambda x: (retrieval.normalized_prefix_np(x, x.shape[1]) - mean) @ axes[:dim].T
     results[f'pca_dim{dim}'] = evaluate.retrieval_metrics(pca(images), pca(texts), text_image_ids, search)
-  files.write_json(path, results)
+  evaluate.write_metrics_json(path, results)
   return results
 
 
@@ -205,15 +207,15 @@ def table_modes(summary: dict) -> list[str]:
 def table(results: dict) -> str:
   """Markdown: a row per variant and mode, mean ± std of each recall, RSUM with its min-max, and the RSUM
   difference from the sweep's first variant at the same mode ('>spread' where the seed ranges do not overlap)."""
-  def cell(s, scale=1.0):
-    return f"{scale * s['mean']:.1f} ± {scale * s['std']:.1f}"
+  def cell(s):
+    return f"{s['mean']:.1f} ± {s['std']:.1f}"
   lines = ['| variant | mode | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM (min-max) | '
            'Δ RSUM vs first |', '|' + '---|' * 10]
   baseline = next(iter(results.values()))['summary']
   for name, result in results.items():
     for mode in table_modes(result['summary']):
       s = result['summary'][mode]
-      recall = ' | '.join(cell(s[m], 100) for m in METRICS[:-1])
+      recall = ' | '.join(cell(s[m]) for m in METRICS[:-1])
       delta = '-'
       if mode in baseline and result['summary'] is not baseline:
         b = baseline[mode]['rsum']

@@ -118,7 +118,7 @@ def main(argv):
   print(f'{"case":<10}{"peak MiB":>10}{"above base":>12}{"seconds":>9}{"i2t R@1":>9}{"t2i R@1":>9}{"RSUM":>8}')
   for case, r in results.items():
     m = r['metrics']
-    recall = (f'{m["i2t_r1"]:>9.4f}{m["t2i_r1"]:>9.4f}{m["rsum"]:>8.2f}' if m else f'{"-":>9}{"-":>9}{"-":>8}')
+    recall = (f'{m["i2t_r1"]:>9.2f}{m["t2i_r1"]:>9.2f}{m["rsum"]:>8.2f}' if m else f'{"-":>9}{"-":>9}{"-":>8}')
     print(f'{case:<10}{r["peak_mib"]:>10.0f}{r["peak_mib"] - base:>12.0f}{r["seconds"]:>9.1f}' + recall)
   summary = {}
   if 'dense' in results and 'topk' in results:

@@ -70,8 +70,8 @@ def main(argv):
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   print(f'{"mode":<24}{"build s":>9}{"rank s":>9}{"R@1":>7}{"R@5":>7}{"R@10":>7}{"MedR":>7}')
   for name, r in rows.items():
-    print(f'{name:<24}{r["build_s"]:>9.1f}{r["rank_s"]:>9.1f}{r["t2i_r1"]:>7.3f}{r["t2i_r5"]:>7.3f}'
-          f'{r["t2i_r10"]:>7.3f}{r["t2i_medr"]:>7.0f}')
+    print(f'{name:<24}{r["build_s"]:>9.1f}{r["rank_s"]:>9.1f}{r["t2i_r1"]:>7.1f}{r["t2i_r5"]:>7.1f}'
+          f'{r["t2i_r10"]:>7.1f}{r["t2i_medr"]:>7.0f}')
   print(f'G={FLAGS.images:,} Q={FLAGS.queries:,} D={FLAGS.dim}: whole run {result["wall_s"]:.0f} s, '
         f'peak RSS {result["peak_rss_mib"]:,.0f} MiB')
   if FLAGS.out:

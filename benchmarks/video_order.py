@@ -51,7 +51,7 @@ def order_metrics(clips: np.ndarray, texts: np.ndarray, text_clip_ids: np.ndarra
   reverse_scores = np.einsum('pd,pcd->pc', clips[paired], per_clip[partner[paired]])
   versus = own_scores[:, :, None] - reverse_scores[:, None, :]  # Every own caption against every reverse one.
   credit = lambda d: float(np.mean((d > 0) + 0.5 * (d == 0)))
-  return {'t2v_r1': float(np.mean(t2v_ranks == 0)), 'v2t_r1': float(np.mean(v2t_ranks == 0)),
+  return {'t2v_r1': ranking.recall_at_k(t2v_ranks, (1,))[1], 'v2t_r1': ranking.recall_at_k(v2t_ranks, (1,))[1],
           't2v_order': credit(own - reverse), 'v2t_order': credit(versus), 'pairs': len(paired) // 2}
 
 
@@ -85,8 +85,8 @@ def table(results: dict[str, dict]) -> str:
   for workdir, run in results.items():
     for key, m in run.items():
       if key.startswith('dim'):
-        lines.append(f'| {workdir} | {run["temporal"]} | {key[3:]} | {m["pairs"]} | {m["t2v_r1"]:.3f} | '
-                     f'{m["v2t_r1"]:.3f} | {m["t2v_order"]:.3f} | {m["v2t_order"]:.3f} |')
+        lines.append(f'| {workdir} | {run["temporal"]} | {key[3:]} | {m["pairs"]} | {m["t2v_r1"]:.1f} | '
+                     f'{m["v2t_r1"]:.1f} | {m["t2v_order"]:.3f} | {m["v2t_order"]:.3f} |')
   return '\n'.join(lines)
 
 

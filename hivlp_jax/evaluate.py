@@ -7,6 +7,7 @@ text-to-image when the caption's one image is. RSUM is the sum of R@1/5/10 both 
 directions named as video retrieval names them: 'v2t' (clip queries) and 't2v' (caption queries).
 """
 
+import re
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -52,7 +53,7 @@ def _rank_metrics(rankings: Mapping[str, ranking.Ranking], ks: Sequence[int]) ->
   metrics = {}
   for name, ranked in rankings.items():
     metrics.update({f'{name}_r{k}': v for k, v in ranking.recall_at_k(ranked.ranks, ks).items()})
-  metrics['rsum'] = 100.0 * sum(metrics.values())  # The recalls only, in the order they have always been summed.
+  metrics['rsum'] = sum(metrics.values())  # The recalls only (percent), in the order they have always been summed.
   metrics['mean_recall'] = metrics['rsum'] / (2 * len(ks))
   metrics.update({f'{name}_medr': ranking.median_rank(ranked.ranks) for name, ranked in rankings.items()})
   metrics.update({f'{name}_mnr': ranking.mean_rank(ranked.ranks) for name, ranked in rankings.items()})
@@ -254,12 +255,26 @@ def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_ima
   return results
 
 
-def write_metrics_json(path: files.PathLike, results: Mapping, step: int) -> None:
-  files.write_json(path, {'step': step, **results})
+RECALL_UNIT = 'percent'  # Of every '{direction}_r{k}', 'rsum' (their sum) and 'mean_recall' (their mean).
+
+
+def write_metrics_json(path: files.PathLike, results: Mapping, step: Optional[int] = None) -> None:
+  """{'step': step (when given), 'recall_unit': 'percent', mode: metrics, ...} at `path`."""
+  files.write_json(path, {**({'step': step} if step is not None else {}), 'recall_unit': RECALL_UNIT, **results})
+
+
+def read_metrics_json(path: files.PathLike) -> dict[str, dict[str, float]]:
+  """{mode: metrics} of `write_metrics_json`, recall in percent: a file written before recall was in percent
+  (no 'recall_unit'; R@K as fractions, RSUM already a percent sum) has its R@K scaled."""
+  recorded = files.read_json(path)
+  scale = 1.0 if recorded.get('recall_unit') == RECALL_UNIT else 100.0
+  return {mode: {key: value * scale if re.fullmatch(r'\w+_r\d+', key) else value for key, value in metrics.items()}
+          for mode, metrics in recorded.items() if isinstance(metrics, dict)}
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) -> str:
-  """Recall per mode; then, when measured, text-to-image speed (p50 ms, queries/s, shortlist recall)."""
+  """Recall per mode (percent); then, when measured, text-to-image speed (p50 ms, queries/s, and the shortlist's
+  recall of the exact top 10, a fraction)."""
   first = next(iter(results.values()), {})
   to_visual, to_text = next((names for names in (IMAGE_DIRECTIONS, VIDEO_DIRECTIONS)
                              if f'{names[1]}_r{ks[0]}' in first), IMAGE_DIRECTIONS)
@@ -268,7 +283,7 @@ def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]) 
   lines = [f'{"mode":<{width}}' + ''.join(f'{c:>9}' for c in columns)]
   for name, metrics in results.items():
     lines.append(f'{name:<{width}}' + ''.join(
-        f'{metrics[c]:>9.1f}' if c == 'rsum' else f'{metrics[c]:>9.3f}' for c in columns))
+        f'{metrics[c]:>9.1f}' for c in columns))
   speed = {name: m for name, m in results.items() if f'{to_text}_p50_ms' in m}
   if speed:
     title = 'text-to-video speed' if to_text == VIDEO_DIRECTIONS[1] else 'text-to-image speed'

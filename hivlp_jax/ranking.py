@@ -148,8 +148,11 @@ def scored_blocks(index: retrieval.Index, queries: np.ndarray, block: int):
 
 
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-  """{k: the fraction of queries whose best positive ranks below k} from ranks int [Q]."""
-  return {k: float(np.mean(ranks < k)) for k in ks}
+  """{k: R@k, the percent of queries whose best positive ranks below k} from ranks int [Q].
+
+  Percent, as the papers report R@K and as RSUM sums them: the framework's one unit of retrieval recall.
+  """
+  return {k: 100.0 * np.count_nonzero(ranks < k) / len(ranks) for k in ks}
 
 
 def median_rank(ranks: np.ndarray) -> float:

@@ -58,7 +58,7 @@ def test_evaluate_writes_one_metrics_file_per_set(data_dir, trained):
   assert files.read_json(workdir / 'metrics' / 'embedded_scenes' / 'test' / 'step_2.json') == trained_metrics
   flickr = files.read_json(workdir / 'metrics' / 'flickr30k' / 'test' / 'step_2.json')
   assert sorted(flickr) == sorted(trained_metrics) and flickr['step'] == 2
-  assert flickr['exact_dim64']['t2i_r10'] == 1.0  # 6 test images: every one is in a top 10.
+  assert flickr['exact_dim64']['t2i_r10'] == 100.0  # 6 test images: every one is in a top 10.
   assert flickr['exact_dim64'] != trained_metrics['exact_dim64']
   assert 'Results at step 2 on flickr30k' in completed.stderr
 
@@ -73,7 +73,7 @@ def test_evaluate_writes_one_metrics_file_per_set(data_dir, trained):
      r"dataset_flickr30k\.json.*Download them"),
     (('coco',), {'source': 'tfds', 'data_dir': 'MISSING'}, errors.MissingInputError,
      r"'coco' of config\.eval\.datasets .*: TFDS coco_captions/2014 is not prepared in '.*nowhere' "
-     r"\(config\.eval\.locations\.coco\.data_dir\)\. Build it once"),
+     r"\(config\.eval\.locations\.coco\.data_dir\) in the ArrayRecord format\. Build it once"),
 ])
 def test_bad_evaluation_sets_are_named_before_the_restore(data_dir, trained, tmp_path, datasets, locations, error,
                                                           message):

@@ -20,7 +20,7 @@ def test_ranks_count_ties_against_the_query():
                          [0.5, 0.5, 0.5, 0.5]])  # all tied, positive 3 -> rank 3
   positives = np.eye(4, dtype=bool)[[0, 1, 3]]
   np.testing.assert_array_equal(ranking.best_positive_ranks(similarity, positives), [1, 0, 3])
-  assert _recall(similarity, positives, (1, 2, 4)) == {1: 1 / 3, 2: 2 / 3, 4: 1.0}
+  assert _recall(similarity, positives, (1, 2, 4)) == pytest.approx({1: 100 / 3, 2: 200 / 3, 4: 100.0})
   assert ranking.median_rank(ranking.best_positive_ranks(similarity, positives)) == 2.0
 
 
@@ -37,15 +37,15 @@ def test_image_to_text_hit_when_any_of_five_captions_ranks():
   i2t = np.array([[0.1, 0.2, 0.7, 0.0, 0.0, 0.9, 0.8, 0.1, 0.1, 0.1],
                   [0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.9, 0.4]])
   positives = text_image_ids[None, :] == np.arange(2)[:, None]
-  assert _recall(i2t, positives, (1, 2, 3)) == {1: 0.5, 2: 0.5, 3: 1.0}
+  assert _recall(i2t, positives, (1, 2, 3)) == {1: 50.0, 2: 50.0, 3: 100.0}  # Percent.
 
 
-def test_perfect_embeddings_give_recall_one_and_rsum_600():
+def test_perfect_embeddings_give_recall_100_and_rsum_600():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(20, 16))
   texts = np.repeat(images, 5, axis=0) + rng.normal(scale=1e-3, size=(100, 16))
   metrics = evaluate.retrieval_metrics(images, texts, np.repeat(np.arange(20), 5), retrieval.ExactSearch(16))
-  assert metrics['i2t_r1'] == metrics['t2i_r1'] == 1.0
+  assert metrics['i2t_r1'] == metrics['t2i_r1'] == 100.0  # Percent, as RSUM sums them.
   assert metrics['rsum'] == 600.0 and metrics['mean_recall'] == 100.0
 
 
@@ -53,7 +53,7 @@ def test_random_embeddings_are_near_chance():
   rng = np.random.default_rng(1)
   images, texts = rng.normal(size=(200, 32)), rng.normal(size=(1000, 32))
   metrics = evaluate.retrieval_metrics(images, texts, np.repeat(np.arange(200), 5), retrieval.ExactSearch(32))
-  assert abs(metrics['t2i_r10'] - 10 / 200) < 0.03
+  assert abs(metrics['t2i_r10'] - 100 * 10 / 200) < 3
 
 
 def _ranks_before_nan_handling(similarity, positives):
@@ -99,7 +99,7 @@ def _dense_reference(similarity, positives, ks):
   best = np.max(np.where(positives & np.isfinite(similarity), similarity, -np.inf), axis=1, keepdims=True)
   ranks = np.sum((similarity >= best) & ~positives, axis=1)
   ranks = np.where(np.isneginf(best[:, 0]), similarity.shape[1], ranks)
-  return {k: float(np.mean(ranks < k)) for k in ks}, float(np.median(ranks + 1))
+  return {k: 100.0 * np.count_nonzero(ranks < k) / len(ranks) for k in ks}, float(np.median(ranks + 1))
 
 
 class MatrixIndex:
@@ -158,7 +158,7 @@ def test_blockwise_top_k_ranking_equals_the_dense_recall(seed):
       assert ranking.median_rank(ranked.ranks) == medr
       # Rank by rank too: the whole gallery takes the by-id path, a shortlist the mask path.
       np.testing.assert_array_equal(ranked.ranks, ranking.best_positive_ranks(similarity, positives))
-    assert recall[10] > 0 and recall[1] < 1  # Not a trivial case.
+    assert recall[10] > 0 and recall[1] < 100  # Not a trivial case.
     # The top-K of the whole gallery is the one top-k of each row.
     expected_scores, expected_ids = retrieval.top_k(similarity, max(ks))
     np.testing.assert_array_equal(whole.ids, expected_ids)
@@ -205,7 +205,7 @@ def test_exact_search_metrics_equal_the_dense_metrics_with_duplicate_captions(mo
   monkeypatch.setattr(retrieval, 'BLOCK_BYTES', 4 * 500 * 64)  # Blocks of 64 images, 320 captions.
   metrics = evaluate.retrieval_metrics(images, texts, ids, retrieval.ExactSearch(8), ks)
   assert {k: metrics[k] for k in dense} == dense
-  assert 0 < metrics['t2i_r1'] < 1 and metrics['i2t_r1'] < 1  # Not a trivial case.
+  assert 0 < metrics['t2i_r1'] < 100 and metrics['i2t_r1'] < 100  # Not a trivial case.
 
 
 def test_check_finite_names_the_step_and_the_rows():

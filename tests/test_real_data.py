@@ -126,7 +126,7 @@ def test_the_cpu_sized_flickr30k_config_trains_and_evaluates_on_a_karpathy_folde
     record = json.load(f)
   assert record['asked'] == 8000 and 0 < record['tokens'] < 8000 and os.path.exists(record['file'])
   assert f"Vocabulary: {record['tokens']} tokens from" in caplog.text
-  assert results['exact_dim256']['t2i_r10'] == 1.0  # 6 test images: every one is in a top 10.
+  assert results['exact_dim256']['t2i_r10'] == 100.0  # 6 test images: every one is in a top 10.
   with open(tmp_path / 'run' / 'metrics.json') as f:
     assert json.load(f)['step'] == 2
 

@@ -136,7 +136,7 @@ def test_order_metrics_read_chance_for_an_order_blind_model_and_one_for_a_perfec
   texts = np.repeat(perfect, 3, axis=0)  # 3 captions per clip, each exactly its clip.
   ids = np.repeat(np.arange(5), 3)
   best = video_order.order_metrics(perfect, texts, ids, reverse_of)
-  assert best == {'t2v_r1': 1.0, 'v2t_r1': 1.0, 't2v_order': 1.0, 'v2t_order': 1.0, 'pairs': 2}
+  assert best == {'t2v_r1': 100.0, 'v2t_r1': 100.0, 't2v_order': 1.0, 'v2t_order': 1.0, 'pairs': 2}
   blind = perfect.copy()
   blind[[1, 3]] = blind[[0, 2]]  # A reversed clip embeds as its forward clip: 'mean' over frames.
   texts = unit(np.repeat(perfect, 3, axis=0) + 0.1 * rng.normal(size=(15, 16)))
