@@ -173,8 +173,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.scann.training_sample_size = 0  # 0: min(G, 250,000).
   config.eval.scann.reorder = 0  # Hashed candidates re-scored exactly (rerank backend); 0: max(200, 2 * k).
   config.eval.scann.threads = 0  # Build and batched-search threads; 0: every core.
-  # > 0: the query tool serves its saved indexes at the cheapest leaves-to-search and shortlist that reach
-  # this recall@10 on held-out queries (hivlp_jax/tuning.py), recorded in the index manifest; 0: the above.
+  # > 0: the evaluator's coarse-to-fine modes (tuned on 1,000 of each direction's queries, against exact search:
+  # no labels) and the query tool's saved indexes (on held-out queries; recorded in the index manifest) run at
+  # the cheapest leaves-to-search and shortlist that reach this recall@10 of exact search (hivlp_jax/tuning.py).
+  # 0: the fixed settings above.
   config.eval.scann.target_recall = 0.0
   # Speed of every mode both ways, into metrics.json and TensorBoard: p50/p99 latency over this many single
   # queries, batched queries/s, shortlist recall against the exact full-dim top-10. 0: recall only.

@@ -21,6 +21,7 @@ from hivlp_jax import files
 from hivlp_jax import gallery_shards
 from hivlp_jax import ranking
 from hivlp_jax import retrieval
+from hivlp_jax import tuning
 from hivlp_jax.data import pipeline
 
 
@@ -60,20 +61,33 @@ def _rank_metrics(rankings: Mapping[str, ranking.Ranking], ks: Sequence[int]) ->
   return metrics
 
 
+TUNING_QUERIES = 1000  # Queries of a direction sampled to tune its index to config.eval.scann.target_recall.
+
+
+def tuned_index(index: retrieval.Index, queries: np.ndarray, gallery: np.ndarray, target_recall: float):
+  """(`index` at its cheapest setting whose recall@10 of exact search reaches `target_recall` on a sample of
+  `queries`, its `tuning.OperatingPoint`). Only exact search's neighbours are used, never the positives: the
+  index is tuned to agree with exact search, not to the test labels. Shortlists are the mode's or longer."""
+  sample = np.sort(np.random.default_rng(0).choice(len(queries), min(TUNING_QUERIES, len(queries)), replace=False))
+  shortlists = tuple(s for s in tuning.SHORTLISTS if s >= index.shortlist) or (index.shortlist,)
+  return tuning.tune_index(index, queries[sample], tuning.exact_top_k(gallery, queries[sample]), target_recall,
+                           shortlists)
+
+
 def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int,
-                     shard: Optional[gallery_shards.Shard] = None):
-  """(indexes, rankings): direction name -> the mode's index over its gallery (this process's share of it
-  when `shard` is given), and its `ranking.Ranking` (of the whole gallery)."""
-  if shard is None:
-    indexes = {name: mode.build(gallery) for name, _, gallery, _ in directions}
-    return indexes, {name: ranking.rank_queries(indexes[name], queries, positives, k)
-                     for name, queries, _, positives in directions}
-  indexes, rankings = {}, {}
+                     shard: Optional[gallery_shards.Shard] = None, target_recall: float = 0.0):
+  """(indexes, rankings, tuned): direction name -> the mode's index over its gallery (this process's share of
+  it when `shard` is given), its `ranking.Ranking` (of the whole gallery), and with `target_recall` > 0 the
+  operating point its index was tuned to (indexes with knobs only: the coarse-to-fine ones)."""
+  indexes, rankings, tuned = {}, {}, {}
   for name, queries, gallery, positives in directions:
-    start, stop = shard.bounds(len(gallery))
+    start, stop = shard.bounds(len(gallery)) if shard is not None else (0, len(gallery))
     indexes[name] = mode.build(gallery[start:stop])
-    rankings[name] = gallery_shards.rank_queries(indexes[name], shard, len(gallery), queries, positives, k)
-  return indexes, rankings
+    if target_recall and hasattr(indexes[name], 'with_knobs') and stop - start > tuning.RECALL_K:
+      indexes[name], tuned[name] = tuned_index(indexes[name], queries, gallery[start:stop], target_recall)
+    rankings[name] = (ranking.rank_queries(indexes[name], queries, positives, k) if shard is None else
+                      gallery_shards.rank_queries(indexes[name], shard, len(gallery), queries, positives, k))
+  return indexes, rankings, tuned
 
 
 def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
@@ -221,7 +235,8 @@ def speed_metrics(queries: np.ndarray, index: retrieval.Index, exact_top: np.nda
 def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_image_ids: np.ndarray,
              modes: Sequence[retrieval.RetrievalMode], ks: Sequence[int], latency_queries: int = 0,
              step: Optional[int] = None, shard: Optional[gallery_shards.Shard] = None,
-             directions: Sequence[str] = IMAGE_DIRECTIONS) -> dict[str, dict[str, float]]:
+             directions: Sequence[str] = IMAGE_DIRECTIONS, target_recall: float = 0.0
+             ) -> dict[str, dict[str, float]]:
   """Recall of every mode; with `latency_queries` > 0 also its speed both ways (see `speed_metrics`), as
   't2i_*' (caption queries over the images) and 'i2t_*' (image queries over the captions), or as named by
   `directions` (VIDEO_DIRECTIONS: 'v2t_*', 't2v_*').
@@ -230,7 +245,8 @@ def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_ima
   raise ValueError naming `step`, the checkpoint step they come from (`check_finite`). With `shard`
   (a multi-process job: every process calls this with all embeddings) each process indexes its share of
   each gallery and the rankings are merged (`gallery_shards`); speed is then not measured (a query would
-  time the collective, not a deployment).
+  time the collective, not a deployment). With `target_recall` > 0 each coarse-to-fine mode's index is tuned
+  per direction (`tuned_index`; with `shard`, each share's) and the point is reported as '{direction}_tuned_*'.
   """
   check_finite({'image': image_embeddings, 'text': text_embeddings}, step)
   directions = _directions(image_embeddings, text_embeddings, text_image_ids, directions)
@@ -241,8 +257,11 @@ def evaluate(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_ima
     logging.info('Galleries sharded over %d processes: retrieval speed is not measured.', shard.count)
     latency_queries = 0
   for mode in modes:
-    indexes, rankings = _rank_directions(mode, directions, k, shard)
+    indexes, rankings, tuned = _rank_directions(mode, directions, k, shard, target_recall)
     results[mode.name] = _rank_metrics(rankings, ks)
+    for name, point in tuned.items():
+      results[mode.name].update({f'{name}_tuned_{knob}': value for knob, value in point.setting.items()})
+      results[mode.name][f'{name}_tuned_recall_at_10'] = point.recall_at_10
     for name, queries, gallery, _ in directions:
       top = min(k, len(gallery))
       if isinstance(mode, retrieval.ExactSearch) and mode.dim == gallery.shape[1]:

@@ -66,7 +66,8 @@ class RetrievalEvaluator:
     clips = data.images.ndim == 5
     return evaluate.evaluate(image_emb, text_emb, text_image_ids, evaluate.modes_from_config(self.config),
                              self.config.eval.ks, self.config.eval.latency_queries, step=step, shard=shard,
-                             directions=evaluate.VIDEO_DIRECTIONS if clips else evaluate.IMAGE_DIRECTIONS)
+                             directions=evaluate.VIDEO_DIRECTIONS if clips else evaluate.IMAGE_DIRECTIONS,
+                             target_recall=self.config.eval.scann.target_recall)
 
 
 def from_config(config: ml_collections.ConfigDict, tokenizer, datasets: Sequence[str] = ()

@@ -241,7 +241,7 @@ def test_evaluate_workdir_reproduces_the_training_metrics_without_training(data_
   assert completed.returncode == 0, completed.stderr[-3000:]
   from_cli = files.read_json(workdir / 'metrics' / 'embedded_scenes' / 'test' / 'step_3.json')
   older = evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=3)['embedded_scenes']
-  assert from_cli == {'step': 3, **older} and older != results
+  assert from_cli == {'step': 3, 'recall_unit': 'percent', **older} and older != results
   with pytest.raises(errors.InputError, match=r'--step=5: .*checkpoints holds steps \[3, 6\]'):
     evaluators.evaluate_workdir(_config(data_dir), str(workdir), step=5)
   (tmp_path / 'untrained').mkdir()

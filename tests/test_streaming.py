@@ -167,13 +167,20 @@ def test_state_of_another_stream_is_refused(tmp_path, tokenizer):
     _stream(source, tokenizer, worker_processes=2, state=state)
 
 
-def test_hosts_stream_disjoint_shares(tmp_path, tokenizer):
+def test_hosts_stream_disjoint_shares_and_each_resumes_its_own(tmp_path, tokenizer):
   source = _web_source(_write_shards(tmp_path))
   keys = []
   for host in range(2):
-    batches = _take(_stream(source, tokenizer, global_batch=8, process_index=host, process_count=2), 2)
-    keys.append({k for b in batches for k in _keys(tokenizer, b)})
+    hosts = dict(global_batch=8, process_index=host, process_count=2)
+    batches = _take(_stream(source, tokenizer, **hosts), 4)
+    keys.append({k for b in batches[:2] for k in _keys(tokenizer, b)})
     assert batches[0]['image'].shape[:2] == (jax.local_device_count(), 1)  # Local batch 4.
+    resumed = _take(_stream(source, tokenizer, **hosts, state=batches[1]['state']), 2)
+    for a, b in zip(batches[2:], resumed):
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['text'], b['text'])
+    with pytest.raises(ValueError, match=r"'process_index': \({}, {}\)".format(host, 1 - host)):
+      _stream(source, tokenizer, global_batch=8, process_index=1 - host, process_count=2, state=batches[1]['state'])
   assert keys[0] and keys[1] and not keys[0] & keys[1]
 
 

@@ -118,7 +118,7 @@ def test_a_run_writes_every_mode_to_metrics_json_and_tensorboard(data_dir, tmp_p
     saved = json.load(f)
   modes = {mode.name for mode in evaluate.modes_from_config(config)}
   assert {f'exact_dim{d}' for d in (8, 16, 32, 64)} | {'two_stage_dim32_k50'} <= modes
-  assert saved['step'] == 6 and set(saved) == {'step'} | modes
+  assert saved['step'] == 6 and saved['recall_unit'] == 'percent' and set(saved) == {'step', 'recall_unit'} | modes
   assert saved['exact_dim64'] == results['exact_dim64']
   assert checkpointing.Checkpoints(workdir, 2, create=False).all_steps() == [3, 6]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
