@@ -228,3 +228,48 @@ def test_two_processes_write_their_shards_and_one_host_serves_them(tmp_path):
   with pytest.raises(errors.InputError, match=r'Process 1 holds 10 rows .* shard_00001-of-00002 is rows \[151, 301\)'):
     sharded_index.load_or_build(directory, gallery[:10], step=3, num_shards=2, num_items=NUM_ITEMS,
                                 process_index=1, process_count=2, barrier=lambda: None, **KWARGS)
+
+
+_TWO_PROCESS_SAVE = '''
+import sys
+import jax
+port, process_id, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+from hivlp_jax import sharded_index
+from tests.test_sharded_index import KWARGS, NUM_ITEMS, _gallery
+start, stop = sharded_index.shard_bounds(NUM_ITEMS, 2)[jax.process_index()]
+stored = sharded_index.load_or_build(directory, _gallery()[0][start:stop], step=3, num_shards=2,
+                                     num_items=NUM_ITEMS, **KWARGS)  # jax's process index and count, its barrier.
+print('starts', stored.starts, flush=True)
+'''
+
+
+def test_a_real_two_process_job_saves_one_sharded_index(tmp_path):
+  """As above, but two processes of one `jax.distributed` job on localhost, with jax's process index and
+  count and its barrier (multihost_utils.sync_global_devices): the index one host then serves answers as one
+  process's."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  directory = str(tmp_path / 'index')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  jobs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SAVE, str(port), str(i), directory], cwd=repo,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+  finally:
+    for job in jobs:
+      job.kill()
+  for job, output in zip(jobs, outputs):
+    assert job.returncode == 0, output[-3000:]
+  assert 'starts [0]' in outputs[0] and 'starts [151]' in outputs[1]
+  gallery, queries = _gallery()
+  served = sharded_index.load(directory)
+  single = sharded_index.load_or_build(str(tmp_path / 'single'), gallery, step=3, num_shards=2, **KWARGS)
+  np.testing.assert_array_equal(_search(served, queries)[1], _search(single, queries)[1])
+  assert [s['name'] for s in index_store.read_manifest(directory)['shards']] == [
+      'shard_00000-of-00002', 'shard_00001-of-00002']
