@@ -28,7 +28,7 @@ from hivlp_jax.models import two_towers
 from hivlp_jax.replication import AXIS
 
 # Matrices that are embeddings, not weights: never weight-decayed.
-NO_DECAY = ('pos_embedding', 'cls', 'mask_token')
+NO_DECAY = ('pos_embedding', 'cell_pos_embedding', 'cls', 'mask_token')
 
 
 class TrainState(train_state.TrainState):

@@ -10,6 +10,7 @@ from hivlp_jax import errors
 from hivlp_jax import train_step
 from hivlp_jax.models import encoders
 from hivlp_jax.models import matryoshka
+from hivlp_jax.models import video
 from tests.conftest import tiny_config
 from tests.test_momentum_training import _train
 from tests.test_train import _random_batch
@@ -59,6 +60,28 @@ def test_mean_ignores_frame_order_and_the_transformer_does_not():
   forward, backward = _embed(model, params, clips), _embed(model, params, reversed_clips)
   # Only the learned frame positions (normal(0.02) at init) tell the orders apart: a small but clear gap.
   assert np.abs(forward - backward).max() > 1e-3 * np.abs(forward).max()
+
+
+def test_patch_cells_pool_the_patch_grid_and_the_transformer_reads_them():
+  tokens = np.random.default_rng(0).normal(size=(2, 1 + 16, 5)).astype(np.float32)  # A 4 x 4 patch grid.
+  grid = tokens[:, 1:].reshape(2, 4, 4, 5)
+  expected = np.stack([grid[:, r:r + 2, c:c + 2].mean(axis=(1, 2)) for r in (0, 2) for c in (0, 2)], axis=1)
+  np.testing.assert_allclose(video.patch_cells(tokens, 2), expected, rtol=1e-6, atol=1e-6)
+  config = _video_config('transformer')
+  config.model.video.patch_grid = 2
+  model, params = _model_and_params(config)
+  assert params['temporal']['cell_pos_embedding'].shape == (1, 1, 4, config.model.image.width)
+  clips = _clips(4, NUM_FRAMES)
+  forward, backward = _embed(model, params, clips), _embed(model, params, clips[:, ::-1])
+  assert np.abs(forward - backward).max() > 1e-3 * np.abs(forward).max()
+  # With the frames' [CLS] fixed, other cells give another clip feature: the Transformer reads them.
+  temporal = video.TemporalTransformer(NUM_FRAMES, 1, 4, 32, cells_per_frame=4)
+  rng = np.random.default_rng(1)
+  frames = rng.normal(size=(2, NUM_FRAMES, 16)).astype(np.float32)  # [B, T, W]
+  cells = rng.normal(size=(2, 2, NUM_FRAMES, 4, 16)).astype(np.float32)  # Two draws of [B, T, cells, W].
+  variables = temporal.init(jax.random.key(0), frames, cells[0])
+  one, other = (temporal.apply(variables, frames, c) for c in cells)
+  assert np.abs(one - other).max() > 1e-2
 
 
 def test_image_model_parameter_tree_is_unchanged():
@@ -124,6 +147,7 @@ def test_video_train_steps_on_4_devices_match_1_device(variant):
     ('depth', 0, r'config.model.video.depth=0 must be >= 1'),
     ('num_frames', 0, r'config.model.video.num_frames=0 must be >= 1'),
     ('num_heads', 3, r'config.model.video.num_heads=3 must be >= 0 .* divide config.model.image.width=64'),
+    ('patch_grid', 3, r"config.model.video.patch_grid=3 must be 0, or with temporal='transformer' divide the 4 x 4"),
 ])
 def test_bad_video_fields_are_named(field, value, message):
   config = _video_config()

@@ -79,7 +79,8 @@ class TwoTowers(nn.Module):
     self.temporal = None  # 'mean': no parameters, so an image model's tree is what it was before videos.
     if cfg.video.temporal == 'transformer':
       self.temporal = video.TemporalTransformer(cfg.video.num_frames, cfg.video.depth, video.temporal_heads(cfg),
-                                                cfg.image.mlp_dim, dtype=dtype, **levers)
+                                                cfg.image.mlp_dim, dtype=dtype, **levers,
+                                                cells_per_frame=cfg.video.get('patch_grid', 0) ** 2)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     if self.sigmoid_loss:
@@ -109,8 +110,10 @@ class TwoTowers(nn.Module):
     aggregated over its frames) and embedding float32 [B, embed_dim]."""
     if pixels.ndim == 5:  # The frames as one batch of images through the shared tower, then aggregated.
       batch, num_frames = pixels.shape[:2]
-      frames, _ = self.image_tower(pixels.reshape((batch * num_frames,) + pixels.shape[2:]))
-      pooled = video.aggregate(frames.reshape(batch, num_frames, -1), self.temporal)
+      frames, tokens = self.image_tower(pixels.reshape((batch * num_frames,) + pixels.shape[2:]))
+      grid = self.config.video.get('patch_grid', 0)
+      cells = video.patch_cells(tokens, grid).reshape(batch, num_frames, grid * grid, -1) if grid else None
+      pooled = video.aggregate(frames.reshape(batch, num_frames, -1), self.temporal, cells)
     else:
       pooled, _ = self.image_tower(pixels)
     return pooled, self.image_head(pooled).astype(jnp.float32)

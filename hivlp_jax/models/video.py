@@ -7,6 +7,9 @@ video embedding is read and trained exactly like an image embedding. config.mode
 - 'transformer': CLIP4Clip seqTransf. `TemporalTransformer`, a small pre-LN Transformer over the T frame
   tokens with learned frame-position embeddings, residual to the mean:
   mean_t(x_t) + mean_t(Encoder(x + pos)_t). Its params (`temporal` in the model) exist only with this choice.
+  config.model.video.patch_grid = g > 0 also gives it each frame's patch tokens average-pooled to g x g cells,
+  so it sees where things are in each frame, not only each frame's pooled [CLS]: T * (1 + g^2) tokens, with
+  learned frame and cell positions.
 """
 
 from typing import Any
@@ -30,6 +33,11 @@ def validate_config(model_config: ml_collections.ConfigDict) -> None:
   for name in ('depth', 'num_frames'):
     if video[name] < 1:
       raise errors.InputError(f'config.model.video.{name}={video[name]!r} must be >= 1.')
+  grid = model_config.image_size // model_config.image.patch_size
+  patch_grid = video.get('patch_grid', 0)
+  if patch_grid < 0 or (patch_grid and (grid % patch_grid or video.temporal != 'transformer')):
+    raise errors.InputError(f'config.model.video.patch_grid={patch_grid!r} must be 0, or with '
+                            f"temporal='transformer' divide the {grid} x {grid} patch grid of the image tower.")
   heads = temporal_heads(model_config)
   if video.num_heads < 0 or width % heads:
     raise errors.InputError(f'config.model.video.num_heads={video.num_heads!r} must be >= 0 (0: the image '
@@ -56,8 +64,11 @@ class TemporalTransformer(nn.Module):
   remat: str = 'none'  # Encoder.remat.
   scan_layers: bool = False  # Encoder.scan_layers.
 
+  cells_per_frame: int = 0  # g^2 with config.model.video.patch_grid = g; 0: the frames' [CLS] only.
+
   @nn.compact
-  def __call__(self, frames):
+  def __call__(self, frames, cells=None):
+    """frames [B, T, W]; cells [B, T, cells_per_frame, W] when cells_per_frame > 0."""
     num_frames, width = frames.shape[1:]
     if num_frames > self.max_frames:
       raise errors.InputError(f'A clip of {num_frames} frames is longer than config.model.video.num_frames='
@@ -65,11 +76,24 @@ class TemporalTransformer(nn.Module):
     # Named like the towers' position embeddings, so weight decay leaves it alone (train_step.NO_DECAY).
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, self.max_frames, width))
     x = frames + pos[:, :num_frames].astype(frames.dtype)
+    if self.cells_per_frame:  # Each frame's [CLS] then its cells, with a learned position per cell.
+      cell_pos = self.param('cell_pos_embedding', nn.initializers.normal(0.02), (1, 1, self.cells_per_frame, width))
+      cells = cells + pos[:, :num_frames, None].astype(cells.dtype) + cell_pos.astype(cells.dtype)
+      x = jnp.concatenate([x[:, :, None], cells], axis=2).reshape(x.shape[0], -1, width)
     x = encoders.Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat,
                          scan_layers=self.scan_layers, name='encoder')(x)
     return jnp.mean(frames, axis=1) + jnp.mean(x, axis=1)
 
 
-def aggregate(frames: jnp.ndarray, transformer: TemporalTransformer = None) -> jnp.ndarray:
-  """Frame features [B, T, W] -> clip features [B, W]: the mean, or `transformer`'s output when given."""
-  return jnp.mean(frames, axis=1) if transformer is None else transformer(frames)
+def aggregate(frames: jnp.ndarray, transformer: TemporalTransformer = None, cells=None) -> jnp.ndarray:
+  """Frame features [B, T, W] (and cells [B, T, C, W]) -> clip features [B, W]: the mean of the frames, or
+  `transformer`'s output when given."""
+  return jnp.mean(frames, axis=1) if transformer is None else transformer(frames, cells)
+
+
+def patch_cells(tokens: jnp.ndarray, grid: int) -> jnp.ndarray:
+  """ViT tokens [N, 1 + P, W] ([CLS], then a square grid of P patches in row order) -> [N, grid^2, W], the
+  patches average-pooled to grid x grid cells."""
+  side = int(round((tokens.shape[1] - 1) ** 0.5))
+  patches = tokens[:, 1:].reshape(tokens.shape[0], grid, side // grid, grid, side // grid, tokens.shape[-1])
+  return jnp.mean(patches, axis=(2, 4)).reshape(tokens.shape[0], grid * grid, tokens.shape[-1])
