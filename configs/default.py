@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.temperature_max = 0.5
   config.model.image = ml_collections.ConfigDict(
       dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512,
+           # 'cls': a [CLS] token is pooled (ViT, CLIP); 'gap': the mean of the patch outputs, no [CLS] (SigLIP),
+           # which keeps the token count even (196 at 224 / 16 px) for GPU flash attention.
+           pool='cls',
            init_checkpoint=''))  # A public ViT .npz or a Hugging Face ViT folder to start from (models/pretrained.py).
   config.model.text = ml_collections.ConfigDict(
       dict(max_len=32, width=128, depth=4, num_heads=4, mlp_dim=512,

@@ -75,6 +75,39 @@ def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(monkeypatch):
   assert tried == ['xla']
 
 
+def test_gap_pooling_drops_the_cls_token_for_an_even_length_that_a_gpu_host_sends_to_cudnn(monkeypatch):
+  """pool 'gap': no [CLS] parameter, position embeddings of the patches only, the pooled feature the mean of
+  the patch outputs; at 224 / 16 px that is 196 tokens, which a GPU host sends to cuDNN (197 it cannot)."""
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  vit = encoders.ViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, pool='gap')
+  params = vit.init(jax.random.key(0), images)['params']
+  assert 'cls' not in params and params['pos_embedding'].shape == (1, 16, 16)
+  pooled, patches = vit.apply({'params': params}, images)
+  assert patches.shape == (2, 16, 16)
+  np.testing.assert_allclose(pooled, patches.mean(axis=1), rtol=1e-6, atol=1e-6)
+  cls_pooled, cls_patches = encoders.ViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32).init_with_output(
+      jax.random.key(0), images)[0]
+  assert cls_pooled.shape == (2, 16) and cls_patches.shape == (2, 16, 16)  # [CLS] pooled, not returned.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(encoders, '_fallbacks_logged', set())
+  tried = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    tried.append(implementation)
+    return real(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  for tokens in (196, 197):  # ViT-B/16 at 224 px with 'gap', and with 'cls'.
+    q = jnp.ones((1, tokens, 2, 16), jnp.bfloat16)
+    encoders.dot_product_attention(q, q, q)
+  assert tried == ['cudnn', 'xla']
+  with pytest.raises(ValueError, match=r"config.model.image.pool='max' is not one of \('cls', 'gap'\)"):
+    config = tiny.get_config()
+    config.model.image.pool = 'max'
+    config_lib.validate(config)
+
+
 def _model_config(architecture='pre_ln', remat='none', scan_layers=False, dtype='float32'):
   """16 px images of 4 patches through 1 block, 8 tokens through 2 (the scan must keep their order)."""
   config = tiny.get_config().model

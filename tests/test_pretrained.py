@@ -413,3 +413,15 @@ def test_a_hugging_face_bert_folder_fills_the_tower_which_then_computes_bert(tmp
   (tmp_path / 'missing' / 'model.safetensors').write_bytes(b'not safetensors')
   with pytest.raises(errors.InputError, match='model.safetensors is not a readable safetensors file'):
     pretrained.load_bert_checkpoint(str(tmp_path / 'missing'), params)
+
+
+def test_position_embeddings_fit_models_pooled_with_or_without_cls():
+  """A [CLS] checkpoint into a 'gap' ViT drops the [CLS] row; the other way a zero row is added; grids resize."""
+  posemb = np.random.default_rng(0).normal(size=(1, 1 + 16, 4)).astype(np.float32)
+  np.testing.assert_allclose(pretrained.resize_position_embedding(posemb, 16), posemb[:, 1:], atol=1e-6)
+  assert pretrained.resize_position_embedding(posemb, 4).shape == (1, 4, 4)
+  back = pretrained.resize_position_embedding(posemb[:, 1:], 1 + 16)
+  np.testing.assert_array_equal(back[:, 0], 0.0)
+  np.testing.assert_allclose(back[:, 1:], posemb[:, 1:], atol=1e-6)
+  with pytest.raises(ValueError, match='not square grids'):
+    pretrained.resize_position_embedding(posemb, 1 + 5)

@@ -63,8 +63,8 @@ def test_mean_ignores_frame_order_and_the_transformer_does_not():
 
 
 def test_patch_cells_pool_the_patch_grid_and_the_transformer_reads_them():
-  tokens = np.random.default_rng(0).normal(size=(2, 1 + 16, 5)).astype(np.float32)  # A 4 x 4 patch grid.
-  grid = tokens[:, 1:].reshape(2, 4, 4, 5)
+  tokens = np.random.default_rng(0).normal(size=(2, 16, 5)).astype(np.float32)  # A 4 x 4 patch grid.
+  grid = tokens.reshape(2, 4, 4, 5)
   expected = np.stack([grid[:, r:r + 2, c:c + 2].mean(axis=(1, 2)) for r in (0, 2) for c in (0, 2)], axis=1)
   np.testing.assert_allclose(video.patch_cells(tokens, 2), expected, rtol=1e-6, atol=1e-6)
   config = _video_config('transformer')

@@ -9,7 +9,7 @@ under `blocks` with a leading [depth] axis (`stack_layers` / `unstack_layers` co
 from collections.abc import Mapping
 import contextlib
 import re
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import flax.linen as nn
@@ -161,8 +161,15 @@ class Encoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name='norm')(x) if self.final_norm else x
 
 
+POOLS = ('cls', 'gap')  # config.model.image.pool.
+
+
 class ViT(nn.Module):
-  """Images [B, H, W, 3] float -> pooled [B, width] ([CLS] token) and tokens [B, 1 + patches, width].
+  """Images [B, H, W, 3] float -> pooled [B, width] and the patch tokens [B, patches, width].
+
+  pool 'cls': a learned [CLS] token is prepended and its output is the pooled feature (ViT, CLIP). 'gap':
+  no [CLS]; the pooled feature is the mean of the patch outputs (big_vision's SigLIP). Without the extra
+  token a 224 px / 16 px image is 196 tokens, an even length, which GPU flash attention (cuDNN) takes.
 
   With `patch_mask` (bool [B, patches], for masked vision modeling) the masked patches' embeddings are
   replaced by a learned [MASK] embedding, as in BEiT; the module then needs `masked_patches=True`.
@@ -176,6 +183,7 @@ class ViT(nn.Module):
   masked_patches: bool = False
   remat: str = 'none'  # Encoder.remat.
   scan_layers: bool = False  # Encoder.scan_layers.
+  pool: str = 'cls'  # One of POOLS.
 
   @nn.compact
   def __call__(self, images, patch_mask=None):
@@ -187,13 +195,16 @@ class ViT(nn.Module):
       mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
       if patch_mask is not None:
         x = jnp.where(patch_mask[..., None], mask_token.astype(x.dtype), x)
-    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
+    if self.pool == 'cls':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, remat=self.remat,
                 scan_layers=self.scan_layers, name='encoder')(x)
-    return x[:, 0], x
+    if self.pool == 'cls':
+      return x[:, 0], x[:, 1:]
+    return jnp.mean(x, axis=1), x
 
 
 class TextTransformer(nn.Module):

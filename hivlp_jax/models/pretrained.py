@@ -84,15 +84,24 @@ def vit_name(checkpoint_name: str) -> str:
   return checkpoint_name
 
 
+def _is_square(n: int) -> bool:
+  return n > 0 and int(round(np.sqrt(n))) ** 2 == n
+
+
 def resize_position_embedding(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
-  """[1, 1 + g*g, W] -> [1, num_tokens, W]: the [CLS] row kept, the g x g grid resized bilinearly."""
-  cls, grid = posemb[:, :1], posemb[0, 1:]
-  old, new = int(round(np.sqrt(grid.shape[0]))), int(round(np.sqrt(num_tokens - 1)))
-  if old * old != grid.shape[0] or new * new != num_tokens - 1:
-    raise errors.InputError(f'Position embeddings of {grid.shape[0]} and {num_tokens - 1} patches are not square '
-                            'grids.')
-  grid = jax.image.resize(grid.reshape(old, old, -1), (new, new, grid.shape[-1]), 'bilinear')
-  return np.concatenate([cls, np.asarray(grid).reshape(1, new * new, -1)], axis=1)
+  """[1, (1 +) g*g, W] -> [1, num_tokens, W]: the g x g grid resized bilinearly; the [CLS] row kept when both
+  have one, dropped for a model pooled without [CLS] (pool 'gap': num_tokens a square), added as zeros for
+  one with [CLS] from one without."""
+  has_cls, wants_cls = not _is_square(posemb.shape[1]), not _is_square(num_tokens)
+  grid = posemb[0, int(has_cls):]
+  cells = num_tokens - int(wants_cls)
+  if not (_is_square(grid.shape[0]) and _is_square(cells)):
+    raise errors.InputError(f'Position embeddings of {grid.shape[0]} and {cells} patches are not square grids.')
+  old, new = int(round(np.sqrt(grid.shape[0]))), int(round(np.sqrt(cells)))
+  grid = np.asarray(jax.image.resize(grid.reshape(old, old, -1), (new, new, grid.shape[-1]), 'bilinear'))
+  cls = posemb[:, :1] if has_cls else np.zeros_like(posemb[:, :1])
+  return np.concatenate([cls, grid.reshape(1, new * new, -1)] if wants_cls else [grid.reshape(1, new * new, -1)],
+                        axis=1)
 
 
 def load_vit_npz(path: str, image_tower_params) -> tuple[dict, LoadReport]:

@@ -12,7 +12,6 @@ nested dim. Either input may be None, so evaluation embeds images and texts sepa
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -71,7 +70,8 @@ class TwoTowers(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     levers = dict(remat=cfg.remat, scan_layers=cfg.scan_layers)  # Memory and compile time; same function.
     self.image_tower = encoders.ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
-                           cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0, **levers)
+                           cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0,
+                           pool=cfg.image.get('pool', 'cls'), **levers)
     text_tower = {'pre_ln': encoders.TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
     self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
                                  cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype, **levers)
@@ -156,7 +156,7 @@ class TwoTowers(nn.Module):
       mlm_logits = (self.text_tower.attend(transformed) + self.mlm_bias).astype(jnp.float32)
     if patch_mask is not None:
       _, image_states = self.image_tower(pixels, patch_mask)
-      transformed = self.mvm_head(image_states[:, 1:], text_pooled)
+      transformed = self.mvm_head(image_states, text_pooled)
       mvm_logits = self.mvm_output(transformed).astype(jnp.float32)
     return TowerOutputs(image_embedding, text_embedding, self.temperature(), mlm_logits, mvm_logits,
                         self.sigmoid_bias if self.sigmoid_loss else None)

@@ -92,8 +92,8 @@ def aggregate(frames: jnp.ndarray, transformer: TemporalTransformer = None, cell
 
 
 def patch_cells(tokens: jnp.ndarray, grid: int) -> jnp.ndarray:
-  """ViT tokens [N, 1 + P, W] ([CLS], then a square grid of P patches in row order) -> [N, grid^2, W], the
-  patches average-pooled to grid x grid cells."""
-  side = int(round((tokens.shape[1] - 1) ** 0.5))
-  patches = tokens[:, 1:].reshape(tokens.shape[0], grid, side // grid, grid, side // grid, tokens.shape[-1])
+  """ViT patch tokens [N, P, W] (a square grid of P patches in row order) -> [N, grid^2, W], the patches
+  average-pooled to grid x grid cells."""
+  side = int(round(tokens.shape[1] ** 0.5))
+  patches = tokens.reshape(tokens.shape[0], grid, side // grid, grid, side // grid, tokens.shape[-1])
   return jnp.mean(patches, axis=(2, 4)).reshape(tokens.shape[0], grid * grid, tokens.shape[-1])
