@@ -3,6 +3,7 @@
 #   steps      the train step at ViT-B/16 + BERT-base size (configs/base_b16.py): inbatch (1024, remat), cots
 #              (1024, remat, queue + KL + filter + MLM + MVM), accum (4096 in 16 micro-batches), b256; each
 #              also a part of its own
+#   gap        inbatch with config.model.image.pool='gap' (196 ViT tokens: cuDNN flash attention on a GPU)
 #   video      the video step: 128 clips of 12 frames at 224 px (MSR-VTT's shape), remat, temporal Transformer
 #   retrieval  the retrieval benchmark at 1M x 768: exact search on the accelerator, then the CPU methods
 #              pinned to 2 cores (the target machine)
@@ -52,6 +53,7 @@ if want inbatch; then
   step 170 --config.batch_size=1024 --config.model.remat=block
   [[ $? == 3 ]] && step 150 --config.batch_size=1024 --config.model.remat=block --config.accumulation_steps=4
 fi
+want gap && step 170 --config.batch_size=1024 --config.model.remat=block --config.model.image.pool=gap
 if want cots; then
   step 210 --config.batch_size=1024 --config.model.remat=block "${cots[@]}"
   [[ $? == 3 ]] && step 180 --config.batch_size=1024 --config.model.remat=block --config.accumulation_steps=4 "${cots[@]}"
