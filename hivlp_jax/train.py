@@ -103,7 +103,7 @@ def training_batches(config: ml_collections.ConfigDict, checkpoints: checkpointi
     if start_step:
       data_state = checkpoints.data_state(start_step)
       if data_state is None:
-        logging.warning('No data position saved with the checkpoint of step %d: the training data restarts '
+        logging.warning('No data state saved with the checkpoint of step %d: the training data restarts '
                         'from its beginning.', start_step)
     stream = streaming.create_train_stream(config, tokenizer, state=data_state, transform=transform)
     return stream, stream

@@ -1,8 +1,8 @@
 """Reader of img2dataset-style webdataset shards: tar files of `<key>.jpg` + `<key>.txt` and/or `<key>.json`.
 
-Streams many shards without unpacking them (local or on an object store, through hivlp_jax/files.py), gives
-each host (`jax.process_index()`) its own shards, and names and counts what it cannot use instead of
-crashing: corrupt images, empty captions, missing parts, malformed `.json` members, and truncated or
+Reads shards front to back without unpacking them (local or on an object store, through hivlp_jax/files.py),
+for the conversion to ArrayRecord files that training reads (data/convert_shards.py), and names and counts
+what it cannot use instead of crashing: corrupt images, empty captions, missing parts, malformed `.json` members, and truncated or
 corrupt tar files (whose samples before the damage are kept).
 """
 
