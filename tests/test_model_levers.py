@@ -52,10 +52,10 @@ def test_dot_product_attention_equals_flax_attention_with_the_padding_mask(mask_
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected_grads)
 
 
-def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(monkeypatch):
-  """benchmarks/train_step.py counts FLOPs on a step lowered for the CPU: on a GPU host, the attention traced
-  there must not be cuDNN's (no CPU rule). Seen from the CPU as a GPU host: cuDNN is tried, fails and is
-  logged outside the block; inside it, XLA attention is used without trying."""
+@pytest.fixture
+def attention_tried_on_a_gpu_host(monkeypatch):
+  """Seen from the CPU as a GPU host: the list of the implementations `jax.nn.dot_product_attention` is asked
+  for (a spy that answers each with XLA's, so cuDNN 'works' here and no fallback follows)."""
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   monkeypatch.setattr(encoders, '_fallbacks_logged', set())
   tried = []
@@ -66,6 +66,14 @@ def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(monkeypatch):
     return real(*args, implementation='xla', **kwargs)
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  return tried
+
+
+def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(attention_tried_on_a_gpu_host):
+  """benchmarks/train_step.py counts FLOPs on a step lowered for the CPU: on a GPU host, the attention traced
+  there must not be cuDNN's (no CPU rule). Seen from the CPU as a GPU host: cuDNN is tried, fails and is
+  logged outside the block; inside it, XLA attention is used without trying."""
+  tried = attention_tried_on_a_gpu_host
   q = jnp.ones((2, 8, 2, 16), jnp.bfloat16)
   encoders.dot_product_attention(q, q, q)
   assert tried == ['cudnn']  # The spy answers for cuDNN on the CPU, so there is no fallback to count.
@@ -75,7 +83,8 @@ def test_xla_attention_keeps_a_gpu_host_from_trying_cudnn(monkeypatch):
   assert tried == ['xla']
 
 
-def test_gap_pooling_drops_the_cls_token_for_an_even_length_that_a_gpu_host_sends_to_cudnn(monkeypatch):
+def test_gap_pooling_drops_the_cls_token_for_an_even_length_that_a_gpu_host_sends_to_cudnn(
+    attention_tried_on_a_gpu_host):
   """pool 'gap': no [CLS] parameter, position embeddings of the patches only, the pooled feature the mean of
   the patch outputs; at 224 / 16 px that is 196 tokens, which a GPU host sends to cuDNN (197 it cannot)."""
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -88,16 +97,8 @@ def test_gap_pooling_drops_the_cls_token_for_an_even_length_that_a_gpu_host_send
   cls_pooled, cls_patches = encoders.ViT(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32).init_with_output(
       jax.random.key(0), images)[0]
   assert cls_pooled.shape == (2, 16) and cls_patches.shape == (2, 16, 16)  # [CLS] pooled, not returned.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  monkeypatch.setattr(encoders, '_fallbacks_logged', set())
-  tried = []
-  real = jax.nn.dot_product_attention
-
-  def spy(*args, implementation=None, **kwargs):
-    tried.append(implementation)
-    return real(*args, implementation='xla', **kwargs)
-
-  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  tried = attention_tried_on_a_gpu_host
+  tried.clear()  # The ViT's own calls above (17 tokens: XLA) are not under test here.
   for tokens in (196, 197):  # ViT-B/16 at 224 px with 'gap', and with 'cls'.
     q = jnp.ones((1, tokens, 2, 16), jnp.bfloat16)
     encoders.dot_product_attention(q, q, q)
