@@ -162,7 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.image_size % config.model.image.patch_size:
     raise errors.InputError(f'config.model.image_size={config.model.image_size} is not a multiple of '
                             f'config.model.image.patch_size={config.model.image.patch_size}.')
-  if config.model.image.get('pool', 'cls') not in encoders.POOLS:
+  if config.model.image.pool not in encoders.POOLS:
     raise errors.InputError(f'config.model.image.pool={config.model.image.pool!r} is not one of {encoders.POOLS}.')
   for tower in ('image', 'text'):
     width, heads = config.model[tower].width, config.model[tower].num_heads

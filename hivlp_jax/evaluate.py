@@ -68,10 +68,10 @@ def tuned_index(index: retrieval.Index, queries: np.ndarray, gallery: np.ndarray
   """(`index` at its cheapest setting whose recall@10 of exact search reaches `target_recall` on a sample of
   `queries`, its `tuning.OperatingPoint`). Only exact search's neighbours are used, never the positives: the
   index is tuned to agree with exact search, not to the test labels. Shortlists are the mode's or longer."""
-  sample = np.sort(np.random.default_rng(0).choice(len(queries), min(TUNING_QUERIES, len(queries)), replace=False))
+  picked = np.sort(np.random.default_rng(0).choice(len(queries), min(TUNING_QUERIES, len(queries)), replace=False))
+  sample = queries[picked]
   shortlists = tuple(s for s in tuning.SHORTLISTS if s >= index.shortlist) or (index.shortlist,)
-  return tuning.tune_index(index, queries[sample], tuning.exact_top_k(gallery, queries[sample]), target_recall,
-                           shortlists)
+  return tuning.tune_index(index, sample, tuning.exact_top_k(gallery, sample), target_recall, shortlists)
 
 
 def _rank_directions(mode: retrieval.RetrievalMode, directions, k: int,

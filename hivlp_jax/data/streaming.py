@@ -192,15 +192,16 @@ class TrainStream:
     self._iterator = iter(batches)
     if state:
       self._iterator.set_state(state['grain'])
-    self._state = self._state_dict()
+    self._state = self._state_after(self.stats)
     self._device_prefetch = device_prefetch
     self._on_device = collections.deque()
     self._closed = False
 
   # -- State.
 
-  def _state_dict(self) -> dict:
-    return dict(self._identity, grain=self._iterator.get_state(), stats=self.stats.as_dict())
+  def _state_after(self, stats: webdataset.ReadStats) -> dict:
+    """The state now (grain's, after the last batch taken from it), with `stats` as its counts."""
+    return dict(self._identity, grain=self._iterator.get_state(), stats=stats.as_dict())
 
   def get_state(self) -> dict:
     """A JSON-able dict: grain's state after the last batch returned, what it is valid for, the counts."""
@@ -225,8 +226,7 @@ class TrainStream:
     stats.samples += self.local_batch
     for problem, count in item['skipped'].items():
       setattr(stats, problem, getattr(stats, problem) + count)
-    return item['batch'], dict(self._identity, grain=self._iterator.get_state(), stats=stats.as_dict()), stats, \
-        item['named']
+    return item['batch'], self._state_after(stats), stats, item['named']
 
   def __iter__(self):
     return self

@@ -71,7 +71,7 @@ class TwoTowers(nn.Module):
     levers = dict(remat=cfg.remat, scan_layers=cfg.scan_layers)  # Memory and compile time; same function.
     self.image_tower = encoders.ViT(cfg.image.patch_size, cfg.image.width, cfg.image.depth, cfg.image.num_heads,
                            cfg.image.mlp_dim, dtype=dtype, masked_patches=self.mvm_codebook_size > 0,
-                           pool=cfg.image.get('pool', 'cls'), **levers)
+                           pool=cfg.image.pool, **levers)
     text_tower = {'pre_ln': encoders.TextTransformer, 'bert': bert.BertTextTransformer}[cfg.text.architecture]
     self.text_tower = text_tower(self.vocab_size, cfg.text.max_len, cfg.text.width, cfg.text.depth,
                                  cfg.text.num_heads, cfg.text.mlp_dim, dtype=dtype, **levers)
@@ -80,7 +80,7 @@ class TwoTowers(nn.Module):
     if cfg.video.temporal == 'transformer':
       self.temporal = video.TemporalTransformer(cfg.video.num_frames, cfg.video.depth, video.temporal_heads(cfg),
                                                 cfg.image.mlp_dim, dtype=dtype, **levers,
-                                                cells_per_frame=cfg.video.get('patch_grid', 0) ** 2)
+                                                cells_per_frame=cfg.video.patch_grid ** 2)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     if self.sigmoid_loss:
@@ -111,7 +111,7 @@ class TwoTowers(nn.Module):
     if pixels.ndim == 5:  # The frames as one batch of images through the shared tower, then aggregated.
       batch, num_frames = pixels.shape[:2]
       frames, tokens = self.image_tower(pixels.reshape((batch * num_frames,) + pixels.shape[2:]))
-      grid = self.config.video.get('patch_grid', 0)
+      grid = self.config.video.patch_grid
       cells = video.patch_cells(tokens, grid).reshape(batch, num_frames, grid * grid, -1) if grid else None
       pooled = video.aggregate(frames.reshape(batch, num_frames, -1), self.temporal, cells)
     else:

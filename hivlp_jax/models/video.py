@@ -34,7 +34,7 @@ def validate_config(model_config: ml_collections.ConfigDict) -> None:
     if video[name] < 1:
       raise errors.InputError(f'config.model.video.{name}={video[name]!r} must be >= 1.')
   grid = model_config.image_size // model_config.image.patch_size
-  patch_grid = video.get('patch_grid', 0)
+  patch_grid = video.patch_grid
   if patch_grid < 0 or (patch_grid and (grid % patch_grid or video.temporal != 'transformer')):
     raise errors.InputError(f'config.model.video.patch_grid={patch_grid!r} must be 0, or with '
                             f"temporal='transformer' divide the {grid} x {grid} patch grid of the image tower.")
