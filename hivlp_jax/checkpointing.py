@@ -102,6 +102,13 @@ class Checkpoints:
       raise errors.RunStateError(f'The data order saved in {directory} cannot be read ({e}). Resume with the '
                                  'process count that saved it, or start a new --workdir.') from None
 
+  def record_finished(self) -> None:
+    """Records the checksums of saves that have committed, without waiting for one in flight, so that a run
+    killed between two saves leaves its newest checkpoint verifiable. One process only: with several, the
+    record waits for the next save (each process may see its own save finish at another time)."""
+    if self._unrecorded and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+      self._record_checksums()
+
   def wait(self) -> None:
     """Blocks until every save has committed, and records its checksums."""
     self._record_checksums()

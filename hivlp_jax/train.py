@@ -197,6 +197,7 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
       writer.write_scalars(step, _summary(pending_metrics, config.batch_size, time.perf_counter() - window_start,
                                           stream))
       pending_metrics, window_start = [], time.perf_counter()
+      checkpoints.record_finished()
       nonfinite_run = int(state.nonfinite_steps[0])
       if nonfinite_run >= config.max_consecutive_nonfinite_steps:
         checkpoints.wait()

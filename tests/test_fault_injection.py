@@ -186,6 +186,21 @@ def test_refuses_to_checkpoint_a_nonfinite_state(tmp_path):
   assert checkpoints.all_steps() == []
 
 
+def test_a_committed_save_is_recorded_before_the_next_one(tmp_path):
+  """A run killed between two saves must leave its newest checkpoint verifiable: the log step records it."""
+  checkpoints = checkpointing.Checkpoints(str(tmp_path), 2)
+  checkpoints.save(4, {'w': np.arange(3, dtype=np.float32)})
+  record = tmp_path / checkpointing.CHECKSUMS / '4.json'
+  deadline = time.monotonic() + 60
+  while checkpoints.manager.is_saving_in_progress() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not record.exists()  # Nothing has recorded it yet ...
+  checkpoints.record_finished()
+  assert set(files.read_json(record)) == set(checkpointing.step_checksums(checkpoints.directory / '4'))
+  checkpoints.verify(4)  # ... and now it is checked at restore.
+  checkpoints.close()
+
+
 def test_resume_after_skipped_steps_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
   """Step 2's update is NaN (skipped); stopped at 3 and resumed, the run equals a straight one."""
   config = _config(data_dir)
