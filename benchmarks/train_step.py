@@ -15,10 +15,20 @@ matmul in the model's dtype on the same devices, or --peak_tflops (a chip's publ
 is XLA's memory analysis of the compiled step on one device (pmap compiles one program per device):
 arguments (state, batch), outputs, temporaries (the activations kept for the backward pass live here),
 and the outputs aliased to donated arguments. compile_s is lowering plus compilation of the step.
+
+--profile_steps=N traces N more steps with jax.profiler and reports where the step's time goes: the time of
+every executed HLO op (fusion), attributed to a model component by the op's source metadata (attention
+projections, attention core, MLP matmuls, GELU, layer norms, ..., forward or backward; the loss; the
+optimizer and the step's bookkeeping). On a CPU the ops of one step overlap on the intra-op threads, so the
+shares are of the summed op time, not of the wall-clock step.
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -46,6 +56,7 @@ flags.DEFINE_float('peak_tflops', 0, 'Per-device peak in TFLOP/s for fraction_of
                    'dense bf16); 0 measures a matmul in the model dtype instead.')
 flags.DEFINE_integer('frames', 0, 'Clips of this many frames per example in place of images (the video step; set '
                      '--config.model.video.num_frames to match for the temporal Transformer).')
+flags.DEFINE_integer('profile_steps', 0, 'Trace this many more steps and report the op time by model component.')
 flags.DEFINE_bool('memory_only', False, 'Compile and report the memory analysis only, no timed steps (for steps '
                   'too big to run on the machine at hand, e.g. base_b16 at batch 4096 on a CPU).')
 
@@ -93,6 +104,45 @@ def model_flops(config, state, batch) -> float:
   with encoders.xla_attention():  # Lowered for the CPU: cuDNN attention has no CPU rule.
     lowered = train_step.make_pmapped_train_step(reference, devices=cpu).lower(shapes, jax.tree.map(one_device, batch))
   return step_flops(lowered)
+
+
+# (pattern of an op's source location, component), first match wins; ops outside the model are the loss's
+# (differentiated: jvp) or the optimizer's and the step's bookkeeping (norms, finite guard, EMA, queues).
+COMPONENTS = (
+    (r'Attention_\d+/(query|key|value|out)/', 'attention projections'),
+    (r'Attention', 'attention core (QK, softmax, AV)'),
+    (r'MlpBlock_\d+/Dense', 'MLP matmuls'),
+    (r'MlpBlock', 'MLP GELU'),
+    (r'LayerNorm|/norm/', 'layer norms'),
+    (r'block\d+/add', 'residual adds'),
+    (r'embed|patch|Conv|posemb', 'embeddings'),
+)
+
+
+def component(op_name: str) -> str:
+  """The model component an HLO op's `op_name` metadata belongs to, and forward or backward."""
+  if 'TwoTowers' not in op_name:
+    return 'loss' if 'jvp(' in op_name else 'optimizer and step bookkeeping'
+  direction = 'backward' if 'transpose(' in op_name else 'forward'
+  name = next((name for pattern, name in COMPONENTS if re.search(pattern, op_name)), 'other model ops')
+  return f'{name}, {direction}'
+
+
+def time_by_component(compiled, run_steps, steps: int) -> dict:
+  """{component: ms of op time per step} of `steps` traced calls of `run_steps(steps)`."""
+  op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text(), re.M))
+  trace_dir = os.path.join(os.environ.get('TMPDIR', '/tmp'), f'train_step_trace_{os.getpid()}')
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  run_steps(steps)
+  jax.profiler.stop_trace()
+  trace_file = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.trace.json.gz')))[-1]
+  with gzip.open(trace_file) as f:
+    events = json.load(f)['traceEvents']
+  totals = collections.Counter()
+  for event in events:  # Complete events named after an op of the step; the runtime's own events are skipped.
+    if event.get('ph') == 'X' and event['name'] in op_names:
+      totals[component(op_names[event['name']])] += event['dur'] / 1e3 / steps
+  return dict(totals.most_common())
 
 
 def memory_per_device(compiled) -> dict:
@@ -157,9 +207,13 @@ def main(argv):
     print(f'{described}: per device: {mib or "no memory analysis"}')
     _append(result)
     return
-  for _ in range(FLAGS.warmup_steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  def run_steps(count):
+    nonlocal state
+    for _ in range(count):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+
+  run_steps(FLAGS.warmup_steps)
   times = []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
@@ -188,6 +242,12 @@ def main(argv):
       'fraction_of_peak': flops / median / peak, 'compile_s': compile_s,
       'memory_per_device': memory,
   }
+  if FLAGS.profile_steps:
+    result['op_ms_per_step_by_component'] = by_component = time_by_component(compiled, run_steps, FLAGS.profile_steps)
+    total = sum(by_component.values())
+    print(f'Op time per step by component (summed over threads: {total:,.0f} ms):')
+    for name, ms in by_component.items():
+      print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}')
   print(json.dumps(result, indent=2))
   print(f'{described}: step {median:.4f} s; per device: {mib or "no memory analysis"}')
   _append(result)
