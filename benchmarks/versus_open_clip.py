@@ -12,6 +12,10 @@ nested head: a loss at each of dims 16-256, as users train it; --one_dim for a s
 and 2 simulated devices. open_clip's side is `open_clip.CLIP` with `ClipLoss` and torch's fused AdamW on
 torch's threads (one per core), eagerly and under `torch.compile` (its strongest CPU setting here).
 
+A side named with the suffix `+hugepages` runs with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (as launch/local.sh
+sets for CPU runs): malloc backs its large blocks with transparent huge pages, so memory that a step maps
+afresh costs a page fault per 2 MB instead of per 4 KB.
+
 Every side runs in its own process; each round runs every side once, in an order rotated by the round,
 so slow spells of a noisy machine fall on all sides alike. Reported: each side's median step (of --steps
 timed steps after --warmup) per round, the median over rounds, and this project's speed over open_clip's
@@ -39,8 +43,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 3, 'Rounds over every side, interleaved.')
 flags.DEFINE_integer('steps', 10, 'Timed steps per side and round.')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation, allocator warm-up).')
-flags.DEFINE_list('sides', ['jax_1_device', 'jax_2_devices', 'open_clip', 'open_clip_compiled'],
-                  'Sides to time: jax_<n>_device(s), open_clip, open_clip_compiled.')
+flags.DEFINE_list('sides', ['jax_2_devices', 'jax_2_devices+hugepages', 'open_clip', 'open_clip_compiled',
+                            'open_clip_compiled+hugepages'],
+                  'Sides to time: jax_<n>_device(s), open_clip, open_clip_compiled, each optionally +hugepages.')
 flags.DEFINE_string('open_clip_python', sys.executable, 'Python interpreter that has open_clip_torch installed.')
 flags.DEFINE_bool('one_dim', False, "This project's side with one full-dim loss instead of the nested head.")
 flags.DEFINE_string('out', 'benchmarks/results/versus_open_clip.json', 'Where to write the JSON.')
@@ -49,6 +54,7 @@ flags.DEFINE_string('side', '', 'Internal: time this one side in this process an
 # The matched shapes (see the docstring).
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, TOKENS, VOCAB, EMBED, BATCH = 192, 4, 3, 768, 8, 32, 32, 1000, 256, 256
 LEARNING_RATE, BETAS, WEIGHT_DECAY, CLIP_NORM = 1e-3, (0.9, 0.98), 0.05, 1.0
+HUGEPAGES_SUFFIX = '+hugepages'
 
 
 def jax_overrides(one_dim: bool) -> list[str]:
@@ -141,9 +147,12 @@ def time_side(side: str) -> dict:
 def run_side(side: str) -> dict:
   """`side` timed in a fresh process (open_clip's in --open_clip_python)."""
   python = FLAGS.open_clip_python if side.startswith('open_clip') else sys.executable
-  command = [python, os.path.abspath(__file__), f'--side={side}', f'--steps={FLAGS.steps}',
+  base, hugepages = side.removesuffix(HUGEPAGES_SUFFIX), side.endswith(HUGEPAGES_SUFFIX)
+  from hivlp_jax import host_memory  # pylint: disable=g-import-not-at-top  (the open_clip side's Python may lack it)
+  env = host_memory.with_hugepages(os.environ, enabled=hugepages)
+  command = [python, os.path.abspath(__file__), f'--side={base}', f'--steps={FLAGS.steps}',
              f'--warmup={FLAGS.warmup}'] + (['--one_dim'] if FLAGS.one_dim else [])
-  run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+  run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO, env=env)
   lines = [line for line in run.stdout.splitlines() if line.startswith('RESULT ')]
   if run.returncode or not lines:
     raise RuntimeError(f'{" ".join(command)} failed:\n{run.stderr[-3000:]}')
