@@ -19,8 +19,9 @@ and the outputs aliased to donated arguments. compile_s is lowering plus compila
 --profile_steps=N traces N more steps with jax.profiler and reports where the step's time goes: the time of
 every executed HLO op (fusion), attributed to a model component by the op's source metadata (attention
 projections, attention core, MLP matmuls, GELU, layer norms, ..., forward or backward; the loss; the
-optimizer and the step's bookkeeping). On a CPU the ops of one step overlap on the intra-op threads, so the
-shares are of the summed op time, not of the wall-clock step.
+optimizer and the step's bookkeeping). On a CPU with several cores the ops overlap on the intra-op threads
+and an op's time includes waiting for a busy one; under `taskset -c 0` they run one at a time and their times
+add up to the step (docs/results.md).
 """
 
 import collections
@@ -31,6 +32,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -131,13 +133,13 @@ def component(op_name: str) -> str:
 def time_by_component(compiled, run_steps, steps: int) -> dict:
   """{component: ms of op time per step} of `steps` traced calls of `run_steps(steps)`."""
   op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text(), re.M))
-  trace_dir = os.path.join(os.environ.get('TMPDIR', '/tmp'), f'train_step_trace_{os.getpid()}')
-  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-  run_steps(steps)
-  jax.profiler.stop_trace()
-  trace_file = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.trace.json.gz')))[-1]
-  with gzip.open(trace_file) as f:
-    events = json.load(f)['traceEvents']
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    run_steps(steps)
+    jax.profiler.stop_trace()
+    trace_file = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.trace.json.gz')))[-1]
+    with gzip.open(trace_file) as f:
+      events = json.load(f)['traceEvents']
   totals = collections.Counter()
   for event in events:  # Complete events named after an op of the step; the runtime's own events are skipped.
     if event.get('ph') == 'X' and event['name'] in op_names:
@@ -245,7 +247,7 @@ def main(argv):
   if FLAGS.profile_steps:
     result['op_ms_per_step_by_component'] = by_component = time_by_component(compiled, run_steps, FLAGS.profile_steps)
     total = sum(by_component.values())
-    print(f'Op time per step by component (summed over threads: {total:,.0f} ms):')
+    print(f'Op time per step by component ({total:,.0f} ms in all):')
     for name, ms in by_component.items():
       print(f'  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}')
   print(json.dumps(result, indent=2))
