@@ -243,6 +243,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
         raise errors.NonFiniteError(f'The visual tokenizer loss is {summary["loss"]} at step {step}; lower '
                                  'config.visual_tokenizer.learning_rate.')
       pending_metrics, window_start = [], time.perf_counter()
+      checkpoints.record_finished()
     if step % vt.checkpoint_every_steps == 0 or last:
       checkpoints.save(step, replication.unreplicate(state))
   checkpoints.close()
