@@ -12,9 +12,9 @@ nested head: a loss at each of dims 16-256, as users train it; --one_dim for a s
 and 2 simulated devices. open_clip's side is `open_clip.CLIP` with `ClipLoss` and torch's fused AdamW on
 torch's threads (one per core), eagerly and under `torch.compile` (its strongest CPU setting here).
 
-A side named with the suffix `+hugepages` runs with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (as launch/local.sh
-sets for CPU runs): malloc backs its large blocks with transparent huge pages, so memory that a step maps
-afresh costs a page fault per 2 MB instead of per 4 KB.
+A side named with the suffix `+hugepages` runs with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (as
+`HIVLP_HUGEPAGES=1 launch/local.sh` sets for CPU runs): malloc backs its large blocks with transparent huge
+pages, so memory that a step maps afresh costs a page fault per 2 MB instead of per 4 KB.
 
 Every side runs in its own process; each round runs every side once, in an order rotated by the round,
 so slow spells of a noisy machine fall on all sides alike. Reported: each side's median step (of --steps

@@ -5,7 +5,10 @@ XLA's CPU runtime maps fresh memory for a step's temporaries on every call. In 4
 by transparent huge pages (glibc >= 2.35 reads `glibc.malloc.hugetlb=1` from GLIBC_TUNABLES at process
 start; older ones ignore it), one fault per 2 MB, and the step runs 1.44x faster (docs/results.md). glibc
 reads the variable only when a process starts, so it is set for child processes, not the current one.
-No jax import: tests/conftest.py uses this before jax is loaded.
+
+Opt-in (`HIVLP_HUGEPAGES=1 launch/local.sh`), not the default: with it set for the whole test suite, one
+run lost an xdist worker to a SIGABRT inside a pmapped train step (test_train.py), whose message pytest's
+capture swallowed; the same tests alone passed, and the cause is not known.
 """
 
 from typing import Mapping

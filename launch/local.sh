@@ -12,10 +12,13 @@ python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 backend=$(TF_CPP_MIN_LOG_LEVEL=3 "$python" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo cpu)
 if [ "$backend" = cpu ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${HIVLP_CPU_DEVICES:-2}"
-  # XLA's CPU step maps fresh memory for its temporaries on every call: in 4 KB pages that is ~275k page
-  # faults per step of the 3.9M-parameter model. Transparent huge pages for malloc (glibc >= 2.35; older ones
-  # ignore it) cut them 14x and the step time 1.44x (docs/results.md, "Against open_clip").
-  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+  # HIVLP_HUGEPAGES=1: XLA's CPU step maps fresh memory for its temporaries on every call, ~275k page faults
+  # per step of the 3.9M-parameter model in 4 KB pages. Transparent huge pages for malloc (glibc >= 2.35)
+  # cut them 14x and the step time 1.44x (docs/results.md, "Against open_clip"). Opt-in: one test-suite
+  # run with it on lost a worker to an unexplained abort (hivlp_jax/host_memory.py).
+  if [ "${HIVLP_HUGEPAGES:-0}" = 1 ]; then
+    export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+  fi
 fi
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 exec "$python" -m hivlp_jax.main --config="$config" --workdir="$workdir" "$@"

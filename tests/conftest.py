@@ -20,10 +20,6 @@ def xla_flags(devices: int) -> str:
 os.environ.setdefault('XLA_FLAGS', xla_flags(4))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-# Huge pages for malloc, as launch/local.sh sets for CPU runs (hivlp_jax/host_memory.py): for the xdist
-# workers and the subprocesses started after this.
-from hivlp_jax import host_memory  # pylint: disable=g-import-not-at-top  (no jax in it)
-os.environ.update(host_memory.with_hugepages(os.environ))
 # XLA's compile of the train step dominates the suite's time, and many tests compile the same programs (each
 # run builds its own pmap): the persistent cache compiles each once, for subprocesses too (they inherit it).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(os.path.dirname(
