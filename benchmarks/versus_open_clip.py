@@ -40,16 +40,22 @@ from absl import flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('rounds', 3, 'Rounds over every side, interleaved.')
-flags.DEFINE_integer('steps', 10, 'Timed steps per side and round.')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation, allocator warm-up).')
-flags.DEFINE_list('sides', ['jax_2_devices', 'jax_2_devices+hugepages', 'open_clip', 'open_clip_compiled',
-                            'open_clip_compiled+hugepages'],
-                  'Sides to time: jax_<n>_device(s), open_clip, open_clip_compiled, each optionally +hugepages.')
-flags.DEFINE_string('open_clip_python', sys.executable, 'Python interpreter that has open_clip_torch installed.')
-flags.DEFINE_bool('one_dim', False, "This project's side with one full-dim loss instead of the nested head.")
-flags.DEFINE_string('out', 'benchmarks/results/versus_open_clip.json', 'Where to write the JSON.')
-flags.DEFINE_string('side', '', 'Internal: time this one side in this process and print its result.')
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a script, so the tests can import the module beside
+  other benchmarks that define flags of the same names."""
+  flags.DEFINE_integer('rounds', 3, 'Rounds over every side, interleaved.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps per side and round.')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps first (compilation, allocator warm-up).')
+  flags.DEFINE_list('sides', ['jax_2_devices', 'jax_2_devices+hugepages', 'open_clip', 'open_clip_compiled',
+                              'open_clip_compiled+hugepages'],
+                    'Sides to time: jax_<n>_device(s), open_clip, open_clip_compiled, each optionally +hugepages.')
+  flags.DEFINE_string('open_clip_python', sys.executable, 'Python interpreter that has open_clip_torch installed.')
+  flags.DEFINE_bool('one_dim', False, "This project's side with one full-dim loss instead of the nested head.")
+  flags.DEFINE_string('out', 'benchmarks/results/versus_open_clip.json', 'Where to write the JSON.')
+  flags.DEFINE_string('side', '', 'Internal: time this one side in this process and print its result.')
+
 
 # The matched shapes (see the docstring).
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, TOKENS, VOCAB, EMBED, BATCH = 192, 4, 3, 768, 8, 32, 32, 1000, 256, 256
@@ -212,4 +218,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
