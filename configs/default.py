@@ -144,8 +144,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_consecutive_nonfinite_steps = 10
 
   # Start from another run's checkpoint (pre-train, then fine-tune; hivlp_jax/init_from_run.py): its workdir
-  # ('' : from scratch), its step (0: the newest), and whether the momentum towers start from its own.
-  config.init = ml_collections.ConfigDict(dict(workdir='', step=0, ema=False))
+  # ('' : from scratch), its step (0: the newest), whether the momentum towers start from its own, and the
+  # top-level parameter groups to copy: () all of them; ('image_tower', 'image_head') leaves the text tower
+  # as initialised, so the two runs' vocabularies may differ.
+  config.init = ml_collections.ConfigDict(dict(workdir='', step=0, ema=False, parts=()))
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = 'test'

@@ -7,7 +7,9 @@ ones, array by array, by name. What does not fit is reported, never silently dro
     the text positions are cut, or extended with the new run's initial rows;
   - any other array of another shape (a new head size, another depth's extra blocks): left as initialised;
   - arrays only the new model has: left as initialised; arrays only the old one had: unused.
-The token ids must mean the same tokens: the two runs must use the same vocabulary file contents.
+The token ids must mean the same tokens: the two runs must use the same vocabulary file contents, unless
+`config.init.parts` names the parameter groups to copy without 'text_tower' (('image_tower', 'image_head'):
+start a video run's frames from an image-text run with another vocabulary). (): every group.
 `config.init.ema` also starts the momentum towers from the old run's (else they copy the new parameters).
 """
 
@@ -34,11 +36,16 @@ def _fit_position_embedding(name: str, old: np.ndarray, new: np.ndarray) -> np.n
   return np.concatenate([old[:, :rows], np.asarray(new)[:, rows:]], axis=1)
 
 
-def merge(old_params, new_params) -> tuple[dict, pretrained.LoadReport]:
-  """`new_params` with every array of `old_params` that fits copied in (see the module docstring)."""
+def merge(old_params, new_params, parts: tuple[str, ...] = ()) -> tuple[dict, pretrained.LoadReport]:
+  """`new_params` with every array of `old_params` that fits copied in (see the module docstring); with
+  `parts`, only the arrays of those top-level groups (the others are left as initialised, not reported)."""
   old, new = pretrained.flat_unscanned(old_params), pretrained.flat_unscanned(new_params)
+  if parts:
+    old = {name: value for name, value in old.items() if name.split('/')[0] in parts}
   report = pretrained.LoadReport()
   for name, target in new.items():
+    if parts and name.split('/')[0] not in parts:
+      continue
     if name not in old:
       report.left_new.append(name)
       continue
@@ -80,11 +87,17 @@ def load(config: ml_collections.ConfigDict, params) -> tuple[dict, Any, pretrain
   ema_params is the source run's momentum towers, merged the same way, when config.init.ema is set and it
   has them; else None (the caller starts them from the returned params).
   """
-  workdir, step = config.init.workdir, config.init.step or None
+  workdir, step, parts = config.init.workdir, config.init.step or None, tuple(config.init.parts)
   if not files.path(workdir).is_dir():
     raise errors.MissingInputError(f'config.init.workdir={workdir} does not exist: give a training run\'s workdir.')
+  unknown = sorted(set(parts) - set(params))
+  if unknown:
+    raise errors.InputError(f'config.init.parts={parts}: {unknown} are not parameter groups of this model; '
+                            f'it has {sorted(params)}.')
   record = files.path(workdir) / config_lib.CONFIG_FILE
-  if record.exists():
+  if parts and 'text_tower' not in parts:
+    logging.info('config.init.parts=%s: the text tower is not copied, so the vocabularies may differ.', parts)
+  elif record.exists():
     check_vocabulary(config, checkpointing.read_config_record(record))
   else:
     logging.warning('config.init.workdir=%s has no %s: its vocabulary cannot be checked against this run\'s.',
@@ -93,7 +106,7 @@ def load(config: ml_collections.ConfigDict, params) -> tuple[dict, Any, pretrain
     old, step = checkpointing.restore_params(workdir, step=step, step_name='config.init.step')
   except errors.MissingInputError as e:
     raise errors.MissingInputError(f'config.init.workdir={workdir}: {e}') from None
-  params, report = merge(old, params)
+  params, report = merge(old, params, parts)
   logging.info('Parameters started from step %d of %s: %s', step, workdir, report)
   if report.reshaped or any('(saved' in name for name in report.left_new):
     logging.warning('From %s, fitted: %s; left as initialised (other shape): %s', workdir, report.reshaped,
@@ -106,5 +119,5 @@ def load(config: ml_collections.ConfigDict, params) -> tuple[dict, Any, pretrain
       logging.warning('config.init.ema: step %d of %s has no momentum towers; they start from the parameters.',
                       step, workdir)
     else:
-      ema, _ = merge(old_ema, params)
+      ema, _ = merge(old_ema, params, parts)
   return params, ema, report

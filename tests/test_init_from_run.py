@@ -108,3 +108,23 @@ def test_a_longer_text_and_a_missing_run_or_vocabulary_are_handled(source_run, d
   pipeline.get_tokenizer(config)
   with pytest.raises(errors.InputError, match=r'was trained with the vocabulary .*vocab\d+\.txt, this run uses'):
     init_from_run.load(config, params)
+
+
+def test_parts_copy_only_their_groups_and_need_no_common_vocabulary(source_run, data_dir):
+  config = tiny_config(data_dir)
+  config.init.workdir = source_run
+  config.data.vocab_size = 150  # Another vocabulary than the source's: fine while the text tower stays new.
+  model = train_step.create_model(config, pipeline.get_tokenizer(config).vocab_size)
+  fresh = jax.device_get(train_step.init_params(config, model, jax.random.key(0)))
+  config.init.parts = ('image_tower', 'image_head')
+  params, _, report = init_from_run.load(config, fresh)
+  saved, _ = checkpointing.restore_params(source_run)
+  for part in config.init.parts:
+    jax.tree.map(np.testing.assert_array_equal, params[part], saved[part])
+  jax.tree.map(np.testing.assert_array_equal, params['text_tower'], fresh['text_tower'])
+  assert report.loaded and all(name.split('/')[0] in config.init.parts for name in report.loaded)
+  assert not np.array_equal(saved['image_tower']['pos_embedding'], fresh['image_tower']['pos_embedding'])
+
+  config.init.parts = ('image_tower', 'vision')
+  with pytest.raises(errors.InputError, match=r"config.init.parts=.*\['vision'\] are not parameter groups"):
+    init_from_run.load(config, fresh)
