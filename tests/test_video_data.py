@@ -15,6 +15,7 @@ from hivlp_jax import retrieval
 from hivlp_jax import train
 from hivlp_jax.data import embedded_videos
 from hivlp_jax.data import frames
+from hivlp_jax.data import moving_scenes
 from hivlp_jax.data import pipeline
 from hivlp_jax.data import tokenizer as tokenizer_lib
 from tests.conftest import tiny_config
@@ -143,6 +144,28 @@ def test_order_metrics_read_chance_for_an_order_blind_model_and_one_for_a_perfec
   chance = video_order.order_metrics(blind, texts, ids, reverse_of)
   assert chance['t2v_order'] == 0.5 and chance['v2t_order'] == 0.5  # Every comparison a tie: half credit.
   assert chance['t2v_r1'] == 0.0  # Each caption ties its clip with the reverse: a tie counts against it.
+
+  half_blind = perfect.copy()
+  half_blind[1] = half_blind[0]  # Only the first pair embeds as one clip.
+  kinds = np.array(['motion', 'motion', 'size', 'size', 'colour'])
+  by_kind = video_order.order_metrics(half_blind, np.repeat(perfect, 3, axis=0), ids, reverse_of, kinds)
+  assert by_kind['t2v_order_motion'] == 0.5 and by_kind['v2t_order_motion'] == 0.5
+  assert by_kind['t2v_order_size'] == 1.0 and by_kind['v2t_order_size'] == 1.0
+  assert by_kind['pairs_motion'] == by_kind['pairs_size'] == 1 and 'pairs_colour' not in by_kind  # Clip 4 alone.
+  assert by_kind['t2v_order'] == 0.75
+
+
+def test_reversal_kind_names_what_tells_a_clip_from_its_reverse():
+  mover = moving_scenes.MovingObject('circle', 'red', 'small', 'left', 'slow', 'red', 'small', (0.5, 0.5), (0.5, 0.3))
+  assert moving_scenes.reversal_kind([mover]) == 'motion'
+  assert moving_scenes.reversal_kind([mover, mover._replace(end_size='large')]) == 'size'
+  assert moving_scenes.reversal_kind([mover._replace(end_colour='blue')]) == 'colour'
+  clips = moving_scenes.generate_clips('test', 200)
+  kinds = {moving_scenes.reversal_kind(c.objects) for c in clips}
+  assert kinds == set(moving_scenes.REVERSAL_KINDS)
+  for clip in clips:  # A reversed clip differs from its forward one in the same way.
+    if clip.reverse_of >= 0:
+      assert moving_scenes.reversal_kind(clip.objects) == moving_scenes.reversal_kind(clips[clip.reverse_of].objects)
 
 
 def test_grouped_train_order_keeps_each_clip_next_to_its_reverse():

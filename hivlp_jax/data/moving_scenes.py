@@ -91,6 +91,18 @@ def reverse_clip(objects: Sequence[MovingObject]) -> tuple[MovingObject, ...]:
   return tuple(reverse_object(o) for o in objects)
 
 
+# What tells a clip from its reverse: an object's size or colour changes (so the first frame differs from the
+# last even without motion), or only the motion does (its direction, which a model must see across frames).
+REVERSAL_KINDS = ('motion', 'size', 'colour')
+
+
+def reversal_kind(objects: Sequence[MovingObject]) -> str:
+  """One of REVERSAL_KINDS (a clip has at most one change)."""
+  if any(o.size != o.end_size for o in objects):
+    return 'size'
+  return 'colour' if any(o.colour != o.end_colour for o in objects) else 'motion'
+
+
 def description(objects: Sequence[MovingObject]) -> str:
   """Canonical text of what the captions say, independent of object order and start positions."""
   return ';'.join(sorted(f'{o.shape}:{o.size}>{o.end_size}:{o.colour}>{o.end_colour}:{o.direction}:{o.speed}'
