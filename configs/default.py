@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
       depth=2,  # Blocks of the temporal Transformer.
       num_heads=0,  # Its attention heads; 0: the image tower's.
       num_frames=8,  # Frames per clip: the temporal Transformer learns this many frame positions.
-      patch_grid=0))  # g > 0: the temporal Transformer also sees each frame's patches pooled to g x g cells.
+      patch_grid=0,  # g > 0: the temporal Transformer also sees each frame's patches pooled to g x g cells.
+      frame_differences=False))  # The Transformer also sees the T - 1 frame differences (motion direction).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.dim_weights = (1.0, 1.0, 1.0, 1.0, 1.0)  # One per nested dim.

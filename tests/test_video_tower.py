@@ -84,6 +84,35 @@ def test_patch_cells_pool_the_patch_grid_and_the_transformer_reads_them():
   assert np.abs(one - other).max() > 1e-2
 
 
+def test_frame_differences_go_through_the_image_tower_to_the_transformer():
+  clips = _clips(2, NUM_FRAMES).astype(np.float32)
+  np.testing.assert_array_equal(video.with_differences(clips)[:, NUM_FRAMES:], clips[:, 1:] - clips[:, :-1])
+  config = _video_config('transformer')
+  config.model.video.frame_differences = True
+  model, params = _model_and_params(config)
+  width = config.model.image.width
+  assert params['temporal']['difference_pos_embedding'].shape == (1, NUM_FRAMES - 1, width)
+  clips = _clips(4, NUM_FRAMES)
+
+  def by_hand(m, clips):  # The same composition, spelled out: frames and differences through the image tower.
+    pixels = encoders.preprocess_images(clips, config.model.image_size)
+    frames = m.image_tower(pixels.reshape((-1,) + pixels.shape[2:]))[0].reshape(4, NUM_FRAMES, width)
+    diffs = pixels[:, 1:] - pixels[:, :-1]
+    differences = m.image_tower(diffs.reshape((-1,) + diffs.shape[2:]))[0].reshape(4, NUM_FRAMES - 1, width)
+    return m.image_head(m.temporal(frames, None, differences))
+
+  expected = model.apply({'params': params}, clips, method=by_hand)
+  np.testing.assert_allclose(_embed(model, params, clips), expected, rtol=1e-5, atol=1e-5)
+  # The differences are read: other differences with the same frames give another clip feature.
+  temporal = video.TemporalTransformer(NUM_FRAMES, 1, 4, 32, frame_differences=True)
+  rng = np.random.default_rng(1)
+  frames = rng.normal(size=(2, NUM_FRAMES, 16)).astype(np.float32)
+  differences = rng.normal(size=(2, 2, NUM_FRAMES - 1, 16)).astype(np.float32)  # Two draws.
+  variables = temporal.init(jax.random.key(0), frames, None, differences[0])
+  one, other = (temporal.apply(variables, frames, None, d) for d in differences)
+  assert np.abs(one - other).max() > 1e-2
+
+
 def test_image_model_parameter_tree_is_unchanged():
   """The image model's params are the towers, heads and temperature alone, as before videos existed: the
   reference is built from the parts, without the model class. The temporal Transformer adds `temporal` only."""
@@ -148,6 +177,7 @@ def test_video_train_steps_on_4_devices_match_1_device(variant):
     ('num_frames', 0, r'config.model.video.num_frames=0 must be >= 1'),
     ('num_heads', 3, r'config.model.video.num_heads=3 must be >= 0 .* divide config.model.image.width=64'),
     ('patch_grid', 3, r"config.model.video.patch_grid=3 must be 0, or with temporal='transformer' divide the 4 x 4"),
+    ('frame_differences', True, r"frame_differences=True needs temporal='transformer', patch_grid=0 .*\(now 'mean'"),
 ])
 def test_bad_video_fields_are_named(field, value, message):
   config = _video_config()

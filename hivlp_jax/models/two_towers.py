@@ -80,7 +80,8 @@ class TwoTowers(nn.Module):
     if cfg.video.temporal == 'transformer':
       self.temporal = video.TemporalTransformer(cfg.video.num_frames, cfg.video.depth, video.temporal_heads(cfg),
                                                 cfg.image.mlp_dim, dtype=dtype, **levers,
-                                                cells_per_frame=cfg.video.patch_grid ** 2)
+                                                cells_per_frame=cfg.video.patch_grid ** 2,
+                                                frame_differences=cfg.video.frame_differences)
     self.image_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     self.text_head = matryoshka.NestedProjection(cfg.embed_dim, dtype=dtype)
     if self.sigmoid_loss:
@@ -110,10 +111,14 @@ class TwoTowers(nn.Module):
     aggregated over its frames) and embedding float32 [B, embed_dim]."""
     if pixels.ndim == 5:  # The frames as one batch of images through the shared tower, then aggregated.
       batch, num_frames = pixels.shape[:2]
-      frames, tokens = self.image_tower(pixels.reshape((batch * num_frames,) + pixels.shape[2:]))
+      if self.config.video.frame_differences:
+        pixels = video.with_differences(pixels)
+      images, tokens = self.image_tower(pixels.reshape((-1,) + pixels.shape[2:]))
+      images = images.reshape(batch, pixels.shape[1], -1)
+      frames, differences = images[:, :num_frames], images[:, num_frames:]  # No differences: [B, 0, W].
       grid = self.config.video.patch_grid
       cells = video.patch_cells(tokens, grid).reshape(batch, num_frames, grid * grid, -1) if grid else None
-      pooled = video.aggregate(frames.reshape(batch, num_frames, -1), self.temporal, cells)
+      pooled = video.aggregate(frames, self.temporal, cells, differences)
     else:
       pooled, _ = self.image_tower(pixels)
     return pooled, self.image_head(pooled).astype(jnp.float32)
