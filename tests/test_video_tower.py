@@ -153,6 +153,7 @@ def test_video_train_steps_on_4_devices_match_1_device(variant):
   config = _video_config('transformer')
   if variant == 'in_batch':
     config.accumulation_steps = 2  # Micro-batches of clips as well.
+    config.model.video.frame_differences = True  # As configs/video_default.py trains.
   else:
     config.contrastive.update(dict(queue_size=32, kl_weight=0.5, distill_weight=0.4, filter_noisy_pairs=True,
                                    filter_k=1.0, filter_warmup_steps=0))
@@ -169,6 +170,9 @@ def test_video_train_steps_on_4_devices_match_1_device(variant):
   assert all(np.isfinite(m['loss']) and m['nonfinite'] == 0 for m in history1)
   # The temporal Transformer trains with the towers.
   assert not np.allclose(hosts1[-1].params['temporal']['pos_embedding'], initial.params['temporal']['pos_embedding'])
+  if config.model.video.frame_differences:
+    assert not np.allclose(hosts1[-1].params['temporal']['difference_pos_embedding'],
+                           initial.params['temporal']['difference_pos_embedding'])
 
 
 @pytest.mark.parametrize('field, value, message', [
