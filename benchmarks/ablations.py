@@ -100,9 +100,7 @@ def extra_overrides() -> dict:
 def run_main(workdir: str, overrides: dict, mode: str = 'train') -> None:
   """The training job (or the visual tokenizer stage) in `workdir`, resuming a started one."""
   env = dict(os.environ)
-  # The collective timeout as launch/local.sh sets it: a busy host must not abort a run of the sweep.
-  env.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={FLAGS.devices} '
-                 '--xla_cpu_collective_call_terminate_timeout_seconds=600')
+  env.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={FLAGS.devices}')
   command = [sys.executable, '-m', 'hivlp_jax.main', f'--mode={mode}', f'--config={FLAGS.config}',
              f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
   print(' '.join(command[1:]), flush=True)

@@ -12,9 +12,6 @@ python=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 backend=$(TF_CPP_MIN_LOG_LEVEL=3 "$python" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo cpu)
 if [ "$backend" = cpu ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${HIVLP_CPU_DEVICES:-2}"
-  # XLA aborts the process when a simulated device reaches a collective 40 s after the others, which a busy
-  # host can cause (seen once): wait up to 10 minutes instead, as a slow device is not a deadlock.
-  export XLA_FLAGS="$XLA_FLAGS --xla_cpu_collective_call_terminate_timeout_seconds=600"
   # HIVLP_HUGEPAGES=1: XLA's CPU step maps fresh memory for its temporaries on every call, ~275k page faults
   # per step of the 3.9M-parameter model in 4 KB pages. Transparent huge pages for malloc (glibc >= 2.35)
   # cut them 14x and the step time 1.44x (docs/results.md, "Against open_clip"). Opt-in: one test-suite
