@@ -39,12 +39,12 @@ def _fit_position_embedding(name: str, old: np.ndarray, new: np.ndarray) -> np.n
 def merge(old_params, new_params, parts: tuple[str, ...] = ()) -> tuple[dict, pretrained.LoadReport]:
   """`new_params` with every array of `old_params` that fits copied in (see the module docstring); with
   `parts`, only the arrays of those top-level groups (the others are left as initialised, not reported)."""
+  in_parts = lambda name: not parts or name.split('/')[0] in parts
   old, new = pretrained.flat_unscanned(old_params), pretrained.flat_unscanned(new_params)
-  if parts:
-    old = {name: value for name, value in old.items() if name.split('/')[0] in parts}
+  old = {name: value for name, value in old.items() if in_parts(name)}
   report = pretrained.LoadReport()
   for name, target in new.items():
-    if parts and name.split('/')[0] not in parts:
+    if not in_parts(name):
       continue
     if name not in old:
       report.left_new.append(name)
