@@ -26,6 +26,7 @@ from hivlp_jax import evaluators
 from hivlp_jax import files
 from hivlp_jax import masking
 from hivlp_jax import replication
+from hivlp_jax import steps_in_flight
 from hivlp_jax import train_step
 from hivlp_jax import workdir_lock
 from hivlp_jax.data import pipeline
@@ -186,9 +187,13 @@ def _train_and_evaluate(config, workdir, stop_after_step, signals: StopSignals,
   def save(step):  # A streamed run's checkpoint holds the data state that follows it.
     checkpoints.save(step, replication.unreplicate_state(state), None if stream is None else stream.get_state())
 
+  in_flight = steps_in_flight.StepsInFlight()
   for step in range(start_step + 1, end_step + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = p_train_step(state, next(batches))
+      batch = next(batches)
+      in_flight.wait()
+      state, metrics = p_train_step(state, batch)
+    in_flight.add(metrics)
     pending_metrics.append(metrics)
     report_progress(step)
     stop, out_of_time = signals.stop_requested(deadline is not None and time.monotonic() > deadline)

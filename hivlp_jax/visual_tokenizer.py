@@ -28,6 +28,7 @@ from hivlp_jax import errors
 from hivlp_jax import files
 from hivlp_jax import optim
 from hivlp_jax import replication
+from hivlp_jax import steps_in_flight
 from hivlp_jax.data import embedded_scenes
 from hivlp_jax.data import pipeline
 from hivlp_jax.models import dvae
@@ -228,10 +229,13 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
   logging.info('Training the visual tokenizer from step %d to %d on %d devices.', start_step,
                vt.num_train_steps, jax.device_count())
   pending_metrics, window_start = [], time.perf_counter()
+  in_flight = steps_in_flight.StepsInFlight()
   for step in range(start_step + 1, vt.num_train_steps + 1):
     with jax.profiler.StepTraceAnnotation('tokenizer', step_num=step):
       images = next(batches)['image']  # [local devices, b, H, W, 3] -> [len(devices), ...]
+      in_flight.wait()
       state, metrics = p_train_step(state, {'image': images.reshape((len(devices), -1) + images.shape[2:])})
+    in_flight.add(metrics)
     pending_metrics.append(metrics)
     report_progress(step)
     last = step == vt.num_train_steps

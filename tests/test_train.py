@@ -15,9 +15,11 @@ from hivlp_jax import errors
 from hivlp_jax import evaluate
 from hivlp_jax import replication
 from hivlp_jax import settings
+from hivlp_jax import steps_in_flight
 from hivlp_jax import train
 from hivlp_jax import train_step
 from tests.conftest import tiny_config
+from tests.test_steps_in_flight import RecordingStepsInFlight
 
 
 def _random_batch(config, global_batch, vocab_size, seed=0):
@@ -108,11 +110,18 @@ def test_nonfinite_step_is_skipped_and_counted(data_dir):
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_run_writes_every_mode_to_metrics_json_and_tensorboard(data_dir, tmp_path):
-  """The default evaluation of a whole run (resume == uninterrupted: tests/test_fault_injection.py)."""
+def test_a_run_writes_every_mode_to_metrics_json_and_tensorboard(data_dir, tmp_path, monkeypatch):
+  """The default evaluation of a whole run (resume == uninterrupted: tests/test_fault_injection.py).
+
+  On the CPU the loop dispatches a step only once the one before it has finished on every device: queued
+  steps deadlock XLA's CPU collectives (hivlp_jax/steps_in_flight.py)."""
   config = tiny_config(data_dir)
   workdir = str(tmp_path / 'run')
+  RecordingStepsInFlight.instances.clear()
+  monkeypatch.setattr(steps_in_flight, 'StepsInFlight', RecordingStepsInFlight)
   results = train.train_and_evaluate(config, workdir)
+  [in_flight] = RecordingStepsInFlight.instances
+  assert len(in_flight.added) == 6 and in_flight.unfinished_after_wait == [0] * 6
   assert results['two_stage_dim32_k50']['t2i_p50_ms'] > 0 and 't2i_shortlist_recall' in results['two_stage_dim32_k50']
   with open(os.path.join(workdir, 'metrics.json')) as f:
     saved = json.load(f)

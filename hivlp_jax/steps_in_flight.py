@@ -1,0 +1,42 @@
+"""A bound on how many pmapped train steps are queued at once, so XLA's CPU collectives cannot deadlock.
+
+On the CPU backend, every simulated device runs its part of a pmapped step, and a collective (all_gather,
+psum) waits inside a worker of XLA's intra-op thread pool until every device has arrived. With several
+steps queued, a device's next step starts as a continuation on that pool, waiting for the previous
+step's buffers. When the pool's few workers (one per core) all hold devices waiting in a collective, the
+devices that have yet to arrive find no worker, and XLA aborts after 40 s ("Termination timeout for all
+gather ... exceeded"; a longer timeout only hangs longer). `benchmarks/cpu_collectives_in_flight.py`
+shows it: with unbounded dispatch a small pmapped all_gather step aborts within seconds on a loaded
+2-core machine; with one step in flight it ran for minutes. Accelerators have no such pool, so they
+keep two steps queued: the next is dispatched while the current one runs.
+
+Use: fetch the next batch (host work overlaps the running step), `wait()`, dispatch, `add(metrics)`.
+"""
+
+import collections
+
+import jax
+
+
+def default_limit() -> int:
+  """1 on the CPU backend (its collectives deadlock with more; see above), 2 on accelerators."""
+  return 1 if jax.default_backend() == 'cpu' else 2
+
+
+class StepsInFlight:
+  """Blocks before a dispatch until fewer than `limit` of the dispatched steps are unfinished."""
+
+  def __init__(self, limit: int | None = None):
+    self.limit = default_limit() if limit is None else limit
+    if self.limit < 1:
+      raise ValueError(f'StepsInFlight(limit={limit}): the limit must be at least 1.')
+    self._outputs = collections.deque()
+
+  def wait(self):
+    """Returns once fewer than `limit` steps are unfinished; call right before dispatching the next."""
+    while len(self._outputs) >= self.limit:
+      jax.block_until_ready(self._outputs.popleft())
+
+  def add(self, outputs):
+    """Records a just-dispatched step by outputs it does not donate (its metrics), to wait on later."""
+    self._outputs.append(outputs)
