@@ -243,7 +243,8 @@ def test_queue_wraps_around_and_keeps_slots_aligned(num_devices):
     # Image row = +id, text row = -id in every coordinate, so a slot's two rows name their pair.
     image_keys = np.repeat(pair_ids[:, None], embed_dim, axis=1).astype(np.float32)
     split = lambda x: x.reshape((num_devices, -1) + x.shape[1:])
-    state = enqueue(state, split(image_keys), split(-image_keys), split(keep))
+    # One step in flight: queued pmapped collectives can deadlock on the CPU (hivlp_jax/steps_in_flight.py).
+    state = jax.block_until_ready(enqueue(state, split(image_keys), split(-image_keys), split(keep)))
   host = queues.shards_to_global(state, devices)
   image, text, filled, position = _simulate_sharded_ring(queue_size, num_devices, batches, keeps)
   np.testing.assert_array_equal(np.asarray(host.image), np.repeat(image[:, None], embed_dim, axis=1))
