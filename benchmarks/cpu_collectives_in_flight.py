@@ -10,6 +10,14 @@ the shape of the train step) for --seconds. `--limits`: how many steps may be qu
 --busy_processes spin beside it, so the host is loaded as it is beside a second job. A try that hits
 XLA's "Termination timeout for all gather ... exceeded" (40 s after the last device stopped arriving)
 aborts; the table says how many tries of each limit did, and after how many steps.
+
+What the bound costs the real training loop (`--train_config`): each try trains that config from scratch
+in a fresh process for --train_steps steps (`hivlp_jax.main --stop_after_step`, no evaluation) with the
+limit in place of `steps_in_flight.default_limit()`, and reports the examples/s the loop logs after its
+first window (compilation):
+
+  python benchmarks/cpu_collectives_in_flight.py --train_config=configs/default.py --limits=1,2 \
+      --repeats=3 --busy_processes=0 --out=docs/steps_in_flight_cost.json
 """
 
 import json
@@ -18,10 +26,12 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
 from absl import flags
+import numpy as np
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +45,9 @@ def define_flags():
   flags.DEFINE_integer('busy_processes', 2, 'Spinning processes beside the tries (a loaded host).')
   flags.DEFINE_integer('nice', 0, 'Niceness of the tries (19: starved beside the busy processes).')
   flags.DEFINE_string('out', '', 'JSON results (default: none, the table only).')
+  flags.DEFINE_string('train_config', '', 'Measure the training loop of this config instead (examples/s).')
+  flags.DEFINE_integer('train_steps', 120, 'Steps of each training try (--train_config).')
+  flags.DEFINE_integer('log_every', 20, 'Steps per logged examples/s window (--train_config).')
 
 
 CHILD = r'''
@@ -77,24 +90,41 @@ print(f'DONE {steps}', flush=True)
 '''
 
 
+TRAIN_CHILD = r'''
+import sys
+from absl import app
+from hivlp_jax import config_lib, main, steps_in_flight
+limit = int(sys.argv.pop(1))
+steps_in_flight.default_limit = lambda: limit or 1_000_000
+app.run(main.main, flags_parser=config_lib.parse_flags)
+'''
+
+
 def _spin():
   while True:
     pass
 
 
-def run_try(limit: int) -> dict:
+def run_try(limit: int, workdir: str) -> dict:
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={FLAGS.devices}',
              JAX_PLATFORMS='cpu')
+  if FLAGS.train_config:
+    args = ['-c', TRAIN_CHILD, str(limit), f'--config={FLAGS.train_config}', f'--workdir={workdir}',
+            f'--stop_after_step={FLAGS.train_steps}', f'--config.log_every_steps={FLAGS.log_every}',
+            f'--config.checkpoint_every_steps={FLAGS.train_steps}']
+  else:
+    args = ['-c', CHILD, str(limit), str(FLAGS.seconds), str(FLAGS.batch)]
   start = time.perf_counter()
-  result = subprocess.run(['nice', '-n', str(FLAGS.nice), sys.executable, '-c', CHILD, str(limit),
-                           str(FLAGS.seconds), str(FLAGS.batch)], env=env, capture_output=True, text=True,
-                          timeout=FLAGS.seconds + 600)
+  result = subprocess.run(['nice', '-n', str(FLAGS.nice), sys.executable] + args, env=env, capture_output=True,
+                          text=True, timeout=FLAGS.seconds + 1800)
   output = result.stdout + result.stderr
   steps = [int(s) for s in re.findall(r'(?:STEPS|DONE) (\d+)', output)]
+  speeds = [float(s) for s in re.findall(r'examples_per_sec=([0-9.]+)', output)]
   return {'limit': limit, 'returncode': result.returncode, 'seconds': round(time.perf_counter() - start, 1),
-          'completed': 'DONE' in result.stdout,
+          'completed': 'DONE' in result.stdout or (bool(FLAGS.train_config) and result.returncode == 0),
           'collective_timeout': 'Termination timeout' in output,
-          'steps_before_end': max(steps, default=0)}
+          'steps_before_end': max(steps, default=0),
+          'examples_per_sec_after_first_window': speeds[1:]}
 
 
 def main(argv):
@@ -105,15 +135,26 @@ def main(argv):
     spinner.start()
   tries = []
   try:
-    for repeat in range(FLAGS.repeats):
-      for limit in limits:
-        tries.append(dict(run_try(limit), repeat=repeat))
-        print(json.dumps(tries[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as root:
+      for repeat in range(FLAGS.repeats):
+        for limit in limits:
+          tries.append(dict(run_try(limit, os.path.join(root, f'{limit}_{repeat}')), repeat=repeat))
+          print(json.dumps(tries[-1]), flush=True)
   finally:
     for spinner in spinners:
       spinner.terminate()
+  if FLAGS.train_config:
+    print(f'\n{FLAGS.train_config}, {FLAGS.devices} simulated devices, {FLAGS.train_steps} steps a try\n')
+    print('| steps in flight | median examples/s | per try (median of its windows after the first) |')
+    print('|---|---|---|')
+    for limit in limits:
+      per_try = [float(np.median(t['examples_per_sec_after_first_window'])) for t in tries
+                 if t['limit'] == limit and t['examples_per_sec_after_first_window']]
+      print(f"| {limit or 'unbounded'} | {np.median(per_try) if per_try else float('nan'):.1f} | "
+            f"{', '.join(f'{x:.1f}' for x in per_try)} |")
+  length = f'{FLAGS.train_steps} steps of {FLAGS.train_config}' if FLAGS.train_config else f'{FLAGS.seconds:g} s'
   print(f'\n{FLAGS.devices} simulated devices, {FLAGS.busy_processes} busy processes beside, nice '
-        f'{FLAGS.nice}, {FLAGS.seconds:g} s a try\n')
+        f'{FLAGS.nice}, {length} a try\n')
   print('| steps in flight | tries | aborted (collective timeout) | steps before each end |')
   print('|---|---|---|---|')
   for limit in limits:
@@ -124,7 +165,8 @@ def main(argv):
   if FLAGS.out:
     from hivlp_jax import files  # pylint: disable=g-import-not-at-top
     files.write_json(FLAGS.out, {'flags': {k: FLAGS[k].value for k in (
-        'limits', 'repeats', 'seconds', 'devices', 'batch', 'busy_processes', 'nice')},
+        'limits', 'repeats', 'seconds', 'devices', 'batch', 'busy_processes', 'nice', 'train_config',
+        'train_steps', 'log_every')},
         'cpu_count': os.cpu_count(), 'tries': tries})
 
 

@@ -102,3 +102,13 @@ def test_hugepages_cut_the_page_faults_of_fresh_large_blocks():
     faults[enabled] = int(run.stdout)
   assert faults[False] > 8 * 16_000 * 0.9  # 4 KB pages: 16,384 faults per 64 MB block.
   assert faults[True] < faults[False] / 10, faults
+
+
+def test_collectives_benchmark_loops_a_bounded_pmapped_step_and_records_each_try(tmp_path):
+  out = tmp_path / 'in_flight.json'
+  subprocess.run([sys.executable, 'benchmarks/cpu_collectives_in_flight.py', '--limits=1', '--repeats=1',
+                  '--seconds=3', '--busy_processes=0', '--devices=2', f'--out={out}'], cwd=REPO, check=True,
+                 capture_output=True, timeout=600)
+  [attempt] = json.loads(out.read_text())['tries']
+  assert attempt['limit'] == 1 and attempt['completed'] and attempt['returncode'] == 0
+  assert not attempt['collective_timeout'] and attempt['steps_before_end'] >= 20
