@@ -7,12 +7,9 @@ start; older ones ignore it), one fault per 2 MB, and the step runs 1.44x faster
 reads the variable only when a process starts, so it is set for child processes, not the current one.
 
 Opt-in (`HIVLP_HUGEPAGES=1 launch/local.sh`), not the default: with it set for the whole test suite, one
-run lost an xdist worker to a SIGABRT inside a pmapped train step (test_train.py). The abort, caught later
-with its message, is XLA's CPU collective giving up: 'Termination timeout for all gather ... of 40 seconds
-exceeded', three of four simulated devices waiting for a fourth whose thread never comes (every XLA pool
-thread asleep). It also happens without huge pages: tests/test_train.py in a starved process (nice 19 beside
-a training sweep) aborted so in 1 of 3 runs without them and 3 of 7 with them, so huge pages are not shown
-to cause it; whether they make it likelier is not measured.
+run lost an xdist worker to a SIGABRT inside a pmapped train step (test_train.py). That abort is not theirs:
+XLA's CPU collectives deadlock when several pmapped steps are queued, with or without huge pages, and the
+training loop now keeps one step in flight on the CPU (hivlp_jax/steps_in_flight.py, docs/results.md).
 """
 
 from typing import Mapping

@@ -178,11 +178,6 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     files.write_json(files.path(workdir) / MODEL_FILE, dict(model=model_kwargs(config)))
 
 
-def _save_codes(path, codes: np.ndarray) -> None:
-  if jax.process_index() == 0:
-    files.save_npy(path, codes.astype(np.int32))
-
-
 def mean_image(images: np.ndarray, model: dvae.DiscreteVAE) -> np.ndarray:
   """The mean of uint8 images [N, H, W, 3] in the model's pixel space: float32 [image_size, image_size, 3]."""
   # Preprocessing is affine and resizing linear, so this is also the mean of the preprocessed images.
@@ -269,7 +264,7 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=Non
     writer.write_scalars(final_step, {f'eval/{k}': results[k] for k in
                                       ('reconstruction_mse', 'mean_image_mse', 'perplexity', 'codes_used')})
     files.write_json(files.path(workdir) / 'metrics.json', results)
-  _save_codes(files.path(workdir) / 'codes-train.npy', train_codes)
+    files.save_npy(files.path(workdir) / 'codes-train.npy', train_codes.astype(np.int32))
   writer.flush()
   logging.info('Visual tokenizer at step %d: %s', final_step, json.dumps(results))
   return results
@@ -357,6 +352,7 @@ def load_codes(config: ml_collections.ConfigDict, split: str = 'train', num_imag
   params_replicated = replication.replicate(params)
   codes, _, _ = run_eval(model, params_replicated, images, np.zeros((model.image_size,) * 2 + (3,), np.float32),
                          _eval_batch_size(config))
-  codes = check_codes(codes, config, num_images, source)
-  _save_codes(path, codes)
+  codes = check_codes(codes, config, num_images, source)  # int32
+  if jax.process_index() == 0:
+    files.save_npy(path, codes)
   return codes

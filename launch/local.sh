@@ -14,8 +14,7 @@ if [ "$backend" = cpu ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${HIVLP_CPU_DEVICES:-2}"
   # HIVLP_HUGEPAGES=1: XLA's CPU step maps fresh memory for its temporaries on every call, ~275k page faults
   # per step of the 3.9M-parameter model in 4 KB pages. Transparent huge pages for malloc (glibc >= 2.35)
-  # cut them 14x and the step time 1.44x (docs/results.md, "Against open_clip"). Opt-in: a test-suite run
-  # with it on lost a worker to an XLA collective abort, also seen without it (hivlp_jax/host_memory.py).
+  # cut them 14x and the step time 1.44x (docs/results.md, "Against open_clip"). Opt-in (hivlp_jax/host_memory.py).
   if [ "${HIVLP_HUGEPAGES:-0}" = 1 ]; then
     export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
   fi
