@@ -40,6 +40,8 @@ ENTRY_POINTS = {
     'benchmarks/eval_memory.py': ['--images', '--captions_per_image', '--dim', '--cases', '--out'],
     'benchmarks/gallery_eval.py': ['--images', '--queries', '--dim', '--two_stage', '--out'],
     'benchmarks/video_order.py': ['--workdirs', '--dims', '--out'],
+    'benchmarks/cpu_collectives_in_flight.py': ['--limits', '--repeats', '--seconds', '--devices', '--busy_processes',
+                                                '--train_config', '--train_steps', '--out'],
 }
 # Documented shell scripts: checked for syntax (`bash -n`; running them trains or needs a cluster), and
 # every Python tool they start must be one of ENTRY_POINTS.
