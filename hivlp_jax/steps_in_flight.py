@@ -1,15 +1,14 @@
-"""A bound on how many pmapped train steps are queued at once, so XLA's CPU collectives cannot deadlock.
+"""A bound on how many pmapped train steps are queued at once, so XLA's CPU collectives do not deadlock.
 
-On the CPU backend, every simulated device runs its part of a pmapped step, and a collective (all_gather,
-psum) waits inside a worker of XLA's intra-op thread pool until every device has arrived. With several
-steps queued, a device's next step starts as a continuation on that pool, waiting for the previous
-step's buffers. When the pool's few workers (one per core) all hold devices waiting in a collective, the
-devices that have yet to arrive find no worker, and XLA aborts after 40 s ("Termination timeout for all
-gather ... exceeded"; a longer timeout only hangs longer). `benchmarks/cpu_collectives_in_flight.py`
-shows it: with unbounded dispatch a small pmapped all_gather step aborted within its first 40 steps on a
-loaded 2-core machine in every try; with one or two steps in flight no try aborted (60-100 s each).
-Accelerators run their collectives on device streams, not on this pool, so they keep two steps queued:
-the next is dispatched while one runs.
+On the CPU backend every simulated device runs its part of a pmapped step on XLA's thread pools, and a
+collective (all_gather, psum) waits in a pool worker until every device has arrived. With many steps
+queued, some devices never arrive: XLA aborts after 40 s ("Termination timeout for all gather ...
+exceeded"); a longer timeout only hangs longer, with every pool thread asleep. XLA's CPU client means to
+run one collective launch at a time; why that does not prevent this is not known (an XLA bug, it seems).
+`benchmarks/cpu_collectives_in_flight.py` shows it: with unbounded dispatch a small pmapped all_gather step
+aborted within its first 40 steps on a loaded 2-core machine in every try; with one or two steps in flight
+no try aborted (60-100 s each). Accelerators run their collectives on device streams, not on these pools,
+so they keep two steps queued: the next is dispatched while one runs.
 
 Use: fetch the next batch (host work overlaps the running step), `wait()`, dispatch, `add(metrics)`.
 """
