@@ -127,6 +127,18 @@ def run_try(limit: int, workdir: str) -> dict:
           'examples_per_sec_after_first_window': speeds[1:]}
 
 
+def _print_abort_table(limits, tries):
+  print(f'\n{FLAGS.devices} simulated devices, {FLAGS.busy_processes} busy processes beside, nice '
+        f'{FLAGS.nice}, {FLAGS.seconds:g} s a try\n')
+  print('| steps in flight | tries | aborted (collective timeout) | steps before each end |')
+  print('|---|---|---|---|')
+  for limit in limits:
+    mine = [t for t in tries if t['limit'] == limit]
+    aborted = sum(t['collective_timeout'] for t in mine)
+    ends = ', '.join(f"{t['steps_before_end']}{'' if t['completed'] else ' (abort)'}" for t in mine)
+    print(f"| {limit or 'unbounded'} | {len(mine)} | {aborted} | {ends} |")
+
+
 def main(argv):
   del argv
   limits = [int(x) for x in FLAGS.limits]
@@ -145,23 +157,16 @@ def main(argv):
       spinner.terminate()
   if FLAGS.train_config:
     print(f'\n{FLAGS.train_config}, {FLAGS.devices} simulated devices, {FLAGS.train_steps} steps a try\n')
-    print('| steps in flight | median examples/s | per try (median of its windows after the first) |')
-    print('|---|---|---|')
+    print('| steps in flight | median examples/s | per try (median of its windows after the first) | aborted |')
+    print('|---|---|---|---|')
     for limit in limits:
-      per_try = [float(np.median(t['examples_per_sec_after_first_window'])) for t in tries
-                 if t['limit'] == limit and t['examples_per_sec_after_first_window']]
+      mine = [t for t in tries if t['limit'] == limit]
+      per_try = [float(np.median(t['examples_per_sec_after_first_window'])) for t in mine
+                 if t['examples_per_sec_after_first_window']]
       print(f"| {limit or 'unbounded'} | {np.median(per_try) if per_try else float('nan'):.1f} | "
-            f"{', '.join(f'{x:.1f}' for x in per_try)} |")
-  length = f'{FLAGS.train_steps} steps of {FLAGS.train_config}' if FLAGS.train_config else f'{FLAGS.seconds:g} s'
-  print(f'\n{FLAGS.devices} simulated devices, {FLAGS.busy_processes} busy processes beside, nice '
-        f'{FLAGS.nice}, {length} a try\n')
-  print('| steps in flight | tries | aborted (collective timeout) | steps before each end |')
-  print('|---|---|---|---|')
-  for limit in limits:
-    mine = [t for t in tries if t['limit'] == limit]
-    aborted = sum(t['collective_timeout'] for t in mine)
-    ends = ', '.join(f"{t['steps_before_end']}{'' if t['completed'] else ' (abort)'}" for t in mine)
-    print(f"| {limit or 'unbounded'} | {len(mine)} | {aborted} | {ends} |")
+            f"{', '.join(f'{x:.1f}' for x in per_try)} | {sum(t['collective_timeout'] for t in mine)} |")
+  else:
+    _print_abort_table(limits, tries)
   if FLAGS.out:
     from hivlp_jax import files  # pylint: disable=g-import-not-at-top
     files.write_json(FLAGS.out, {'flags': {k: FLAGS[k].value for k in (
