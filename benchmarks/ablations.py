@@ -5,7 +5,7 @@ r"""Named training variants x seeds at equal steps and batch: mean ± std (min-m
 
 Sweeps (`--sweep`; `--variants` picks a subset, in order):
   cots:       COTS components added in turn, and each alone on top of its prerequisite (clean data).
-  cots_noisy: the instance/task-level variants a, b, c1, d with --noisy_fraction swapped training captions.
+  cots_noisy: the instance/task-level variants a, b, c1, d, b+filter with --noisy_fraction swapped training captions.
   mrl:        the nested (Matryoshka) head against one full-dim loss read at a truncated prefix or through
               PCA fitted on training embeddings, and against models trained at one low dim alone.
 Each run is the ordinary training job (`python -m hivlp_jax.main`) in ROOT/<variant>/seed_<s>, so a killed
@@ -82,6 +82,7 @@ def sweeps(full_dim: int) -> dict[str, dict[str, Variant]]:
           'b': Variant('(a) + momentum queue', {**noisy, **QUEUE}),
           'c1': Variant('(b) + KL alignment 1', {**noisy, **QUEUE, **kl(1.0)}),
           'd': Variant('(c1) + momentum filter', {**noisy, **QUEUE, **kl(1.0), **FILTER}),
+          'b+filter': Variant('(b) + momentum filter alone', {**noisy, **QUEUE, **FILTER}),
       },
       'mrl': {
           'nested': Variant('nested head, a loss at every nested dim', {}, project=True),
